@@ -1,0 +1,203 @@
+"""The call engine: one attempt on the fast path, retries and the deadline off it.
+
+The first attempt touches no retry machinery: pick, await, record.  Only a failure
+enters :func:`_retrying`, which asks the pure :meth:`Retry.decide` what to do next
+(give up / sleep this long / try another endpoint), checks the shared budget, and
+drives it.  ``asyncio.CancelledError`` is never retried and never counted as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._errors import (
+    Attempt,
+    AttemptsExhausted,
+    BalancerClosed,
+    DeadlineExceeded,
+    NoEndpointAvailable,
+)
+from ._state import EndpointState
+
+if TYPE_CHECKING:
+    from ._balancer import Balancer
+    from ._endpoint import Endpoint
+
+R = TypeVar("R")
+Fn = Callable[..., Awaitable[R]]
+
+_NOT_RETRYABLE = "not retryable"
+
+
+async def run(
+    lb: Balancer,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: object,
+) -> R:
+    """Run ``fn(endpoint, *args, **kwargs)`` through the balancer (no deadline)."""
+    if lb._closed:
+        raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+    lb._calls += 1
+    now = lb._now()
+    budget = lb._budget
+    if budget is not None:
+        budget.deposit(now)
+    s, probe = lb._acquire(key, None, now)
+    try:
+        result = await fn(s.endpoint, *args, **kwargs)
+    except Exception as exc:
+        lb._failed(s, now, exc, probe)
+        if lb._retry is None:
+            lb._calls_failed += 1
+            raise
+        first = Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now)
+    except BaseException:
+        lb._cancelled(s, probe)
+        raise
+    else:
+        lb._succeeded(s, now, probe)
+        return result
+    return await _retrying(lb, fn, args, kwargs, key, [first], {s}, now, None)
+
+
+async def run_with_deadline(
+    lb: Balancer,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: object,
+    timeout: float,
+) -> R:
+    """:func:`run` under an overall deadline covering every attempt and backoff."""
+    attempts: list[Attempt] = []
+    deadline = lb._now() + timeout
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await _run_traced(lb, fn, args, kwargs, key, attempts, deadline)
+    except TimeoutError as exc:
+        if scope.expired():
+            lb._calls_failed += 1
+            raise DeadlineExceeded(timeout, attempts) from (attempts[-1].error if attempts else exc)
+        raise
+
+
+async def _run_traced(
+    lb: Balancer,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: object,
+    attempts: list[Attempt],
+    deadline: float,
+) -> R:
+    if lb._closed:
+        raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+    lb._calls += 1
+    now = lb._now()
+    budget = lb._budget
+    if budget is not None:
+        budget.deposit(now)
+    s, probe = lb._acquire(key, None, now)
+    try:
+        result = await fn(s.endpoint, *args, **kwargs)
+    except Exception as exc:
+        lb._failed(s, now, exc, probe)
+        attempts.append(Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now))
+        if lb._retry is None:
+            lb._calls_failed += 1
+            raise
+    except BaseException:
+        lb._cancelled(s, probe)
+        raise
+    else:
+        lb._succeeded(s, now, probe)
+        return result
+    return await _retrying(lb, fn, args, kwargs, key, attempts, {s}, now, deadline)
+
+
+def _other_healthy(lb: Balancer, tried: set[EndpointState]) -> bool:
+    """Is there an untried endpoint that is pickable on its own merit (not by panic)?"""
+    for s in lb._pickable:
+        if s in tried:
+            continue
+        b = s.breaker
+        if b is None or b.state == "closed":
+            return True
+    return False
+
+
+async def _retrying(
+    lb: Balancer,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: object,
+    attempts: list[Attempt],
+    tried: set[EndpointState],
+    started: float,
+    deadline: float | None,
+) -> R:
+    retry = lb._retry
+    assert retry is not None
+    budget = lb._budget
+    err = attempts[-1].error
+    while True:
+        now = lb._now()
+        decision = retry.decide(
+            err,
+            len(attempts),
+            elapsed=now - started,
+            deadline_left=None if deadline is None else deadline - now,
+            rng=lb._rng,
+        )
+        if not decision.retry:
+            lb._calls_failed += 1
+            if decision.reason == _NOT_RETRYABLE:
+                if len(attempts) > 1:
+                    err.add_note(
+                        "lbclient: earlier attempts: " + "; ".join(str(a) for a in attempts[:-1])
+                    )
+                raise err
+            raise AttemptsExhausted(attempts, decision.reason) from err
+        if lb._panic and not _other_healthy(lb, tried):
+            # Every endpoint we could still try is ejected: retrying would only add load
+            # to a fleet that is already failing (the retry storm budgets exist to stop).
+            lb._calls_failed += 1
+            raise AttemptsExhausted(
+                attempts, "no healthy endpoint left to retry on (panic mode)"
+            ) from err
+        if budget is not None and not budget.try_withdraw():
+            lb._retries_denied += 1
+            lb._calls_failed += 1
+            raise AttemptsExhausted(attempts, "retry budget exhausted") from err
+        if decision.delay > 0:
+            await lb._clock.sleep(decision.delay)
+        now = lb._now()
+        try:
+            s, probe = lb._acquire(key, tried, now)
+        except NoEndpointAvailable as exc:
+            lb._calls_failed += 1
+            raise AttemptsExhausted(attempts, f"no endpoint available to retry: {exc}") from err
+        s.retries_sent += 1
+        lb._retries += 1
+        tried.add(s)
+        try:
+            result = await fn(s.endpoint, *args, **kwargs)
+        except Exception as exc:
+            lb._failed(s, now, exc, probe)
+            attempts.append(Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now))
+            err = exc
+            continue
+        except BaseException:
+            lb._cancelled(s, probe)
+            raise
+        lb._succeeded(s, now, probe)
+        return result
+
+
+def endpoint_of(s: EndpointState) -> Endpoint:
+    return s.endpoint

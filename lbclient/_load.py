@@ -1,0 +1,42 @@
+"""Load metrics: the numbers pickers compare.  Lower is better; all are divided by weight.
+
+A load metric is a plain function ``(state, now) -> float``; pick algorithms (P2C,
+argmin) take one as a parameter, so "what is load" and "how to choose" stay separate
+axes (Finagle's ``Balancer`` x ``Load`` split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._state import EndpointState
+
+__all__ = ["SERVER_LOAD_TTL", "LoadMetric", "inflight_load", "peak_ewma_load"]
+
+LoadMetric = Callable[[EndpointState, float], float]
+
+SERVER_LOAD_TTL = 2.0
+"""Seconds a server-reported load (e.g. ``x-queue-depth``) is trusted after it arrived."""
+
+
+def _outstanding(s: EndpointState, now: float) -> float:
+    q: float = s.inflight
+    sl = s.server_load
+    # The server's own queue depth counts every client's requests, ours included.
+    if sl is not None and sl > q and now - s.server_load_at < SERVER_LOAD_TTL:
+        q = sl
+    return q
+
+
+def inflight_load(s: EndpointState, now: float) -> float:
+    """Outstanding requests per unit of weight (``least_connections``, ``power_of_two``)."""
+    return _outstanding(s, now) / s.weight
+
+
+def peak_ewma_load(s: EndpointState, now: float) -> float:
+    """Expected wait: peak-EWMA latency x (outstanding + 1), per unit of weight.
+
+    The ``+ 1`` prices the request being placed, so an idle slow replica still costs
+    its latency (Finagle ``PeakEwma``, Linkerd's ``PeakEwma`` load).
+    """
+    return s.ewma(now) * (_outstanding(s, now) + 1.0) / s.weight

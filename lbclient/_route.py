@@ -1,0 +1,163 @@
+"""The three faces of a balanced call: ``@lb.route``, ``lb.call(fn, ...)`` and
+``async with lb.pick() as endpoint``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _call
+from ._endpoint import Endpoint
+from ._errors import BalancerClosed, ConfigError
+
+if TYPE_CHECKING:
+    from ._balancer import Balancer
+    from ._state import EndpointState
+
+__all__ = ["PickedEndpoint", "make_route"]
+
+
+def _timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"timeout must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)
+
+
+def make_route(
+    lb: Balancer,
+    fn: Callable[..., Any],
+    key: Callable[..., object] | None,
+    timeout: float | None,
+    idle_timeout: float | None = None,
+) -> Callable[..., Any]:
+    """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
+    if key is not None and not callable(key):
+        raise ConfigError(f"route key must be a callable taking the call's arguments, got {key!r}")
+    deadline = _timeout(timeout)
+    if deadline is None and lb._retry is not None:
+        deadline = lb._retry.timeout
+    if inspect.isasyncgenfunction(fn):
+        from ._stream import make_stream_route
+
+        return make_stream_route(lb, fn, key, deadline, _timeout(idle_timeout))
+    if not inspect.iscoroutinefunction(fn) and not callable(fn):
+        raise ConfigError(f"@lb.route needs an async function, got {fn!r}")
+    if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects are fine
+    ):
+        raise ConfigError(
+            f"@lb.route needs an 'async def' function (or async generator), got {fn!r}"
+        )
+    hedged = lb._hedge is not None
+    if hedged:
+        from ._hedge import run_hedged
+
+        async def hedged_call(*args: Any, **kwargs: Any) -> Any:
+            k = key(*args, **kwargs) if key is not None else None
+            return await run_hedged(lb, fn, args, kwargs, k, deadline)
+
+        return functools.wraps(fn)(hedged_call)
+    if deadline is not None:
+        run_deadline = _call.run_with_deadline
+
+        async def deadline_call(*args: Any, **kwargs: Any) -> Any:
+            k = key(*args, **kwargs) if key is not None else None
+            return await run_deadline(lb, fn, args, kwargs, k, deadline)
+
+        return functools.wraps(fn)(deadline_call)
+    if key is not None:
+        run = _call.run
+
+        async def keyed_call(*args: Any, **kwargs: Any) -> Any:
+            return await run(lb, fn, args, kwargs, key(*args, **kwargs))
+
+        return functools.wraps(fn)(keyed_call)
+    if lb._retry is None:
+        return functools.wraps(fn)(_fast_route(lb, fn))
+    run = _call.run
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await run(lb, fn, args, kwargs, None)
+
+    return functools.wraps(fn)(call)
+
+
+def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """The hot path with no retry, hedge, key or deadline: inlined for the last µs."""
+    acquire = lb._acquire
+    now_fn = lb._now
+    succeeded = lb._succeeded
+    failed = lb._failed
+    cancelled = lb._cancelled
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if lb._closed:
+            raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+        lb._calls += 1
+        now = now_fn()
+        s, probe = acquire(None, None, now)
+        try:
+            result = await fn(s.endpoint, *args, **kwargs)
+        except Exception as exc:
+            failed(s, now, exc, probe)
+            lb._calls_failed += 1
+            raise
+        except BaseException:
+            cancelled(s, probe)
+            raise
+        succeeded(s, now, probe)
+        return result
+
+    return call
+
+
+class PickedEndpoint:
+    """``async with lb.pick(key=...) as endpoint:`` -- one attempt, for code that cannot be
+    decorated.  An exception leaving the block counts as that endpoint's failure (and is
+    re-raised); ``CancelledError`` only releases the slot.  No retry or hedge: a block
+    cannot be re-run for you -- use ``lb.call`` or ``@lb.route`` for those.
+    """
+
+    __slots__ = ("_key", "_lb", "_probe", "_state", "_t0")
+
+    def __init__(self, lb: Balancer, key: object) -> None:
+        self._lb = lb
+        self._key = key
+        self._state: EndpointState | None = None
+        self._probe = 0
+        self._t0 = 0.0
+
+    async def __aenter__(self) -> Endpoint:
+        lb = self._lb
+        lb._check_open()
+        if self._state is not None:
+            raise RuntimeError("this lb.pick() context is already in use; call lb.pick() again")
+        lb._calls += 1
+        self._t0 = lb._now()
+        budget = lb._budget
+        if budget is not None:
+            budget.deposit(self._t0)
+        self._state, self._probe = lb._acquire(self._key, None, self._t0)
+        return self._state.endpoint
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        s, lb = self._state, self._lb
+        if s is None:
+            return
+        if exc is None:
+            lb._succeeded(s, self._t0, self._probe)
+        elif isinstance(exc, Exception):
+            lb._failed(s, self._t0, exc, self._probe)
+            lb._calls_failed += 1
+        else:
+            lb._cancelled(s, self._probe)

@@ -1,0 +1,147 @@
+"""Per-endpoint runtime state: mutable, slotted, kept apart from the immutable `Endpoint`.
+
+One :class:`EndpointState` lives as long as its endpoint is a member of the pool; when
+membership changes, survivors keep theirs (statistics, EWMA, breaker).  Only the
+balancer mutates it, always on the event loop thread, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Any
+
+from ._endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from ._breaker import BreakerState
+
+__all__ = ["EndpointState"]
+
+_RING = 256  # recent latencies kept per endpoint for p50/p99 (power of two)
+_exp = math.exp
+
+
+class EndpointState:
+    """What the balancer knows about one endpoint right now.
+
+    ``cost`` is the peak-EWMA latency estimate in seconds (Finagle's ``PeakEwma``): a
+    sample above the estimate replaces it at once (peak-sensitive), a sample below is
+    blended in with weight ``1 - exp(-dt/decay)`` (time-decayed, so it does not matter
+    how many samples arrive per second).  Reading it decays it towards zero with idle
+    time, so a slow endpoint that got no traffic is eventually tried again.
+    """
+
+    __slots__ = (
+        "_lat",
+        "_lat_i",
+        "available",
+        "breaker",
+        "chunks",
+        "cost",
+        "decay",
+        "draining",
+        "endpoint",
+        "failures",
+        "hedges_sent",
+        "hedges_won",
+        "idle",
+        "inflight",
+        "last_failure",
+        "peak_inflight",
+        "requests",
+        "retries_sent",
+        "server_load",
+        "server_load_at",
+        "stamp",
+        "started",
+        "stream_time",
+        "ttft",
+        "url",
+        "weight",
+    )
+
+    def __init__(self, endpoint: Endpoint, *, now: float, decay: float, cost: float) -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        self.weight = endpoint.weight  # effective weight (slow start scales it)
+        self.inflight = 0
+        self.peak_inflight = 0
+        self.requests = 0
+        self.failures = 0
+        self.retries_sent = 0
+        self.hedges_sent = 0
+        self.hedges_won = 0
+        self.cost = cost
+        self.stamp = now
+        self.decay = decay
+        self.started = now
+        self.last_failure = -math.inf
+        self.draining = False
+        self.available = True
+        self.breaker: BreakerState | None = None
+        self.server_load: float | None = None
+        self.server_load_at = 0.0
+        self.ttft: float | None = None
+        self.chunks = 0
+        self.stream_time = 0.0
+        self.idle: asyncio.Event | None = None
+        self._lat = [0.0] * _RING
+        self._lat_i = 0
+
+    # -- load metrics (read on every pick: keep them tiny) -------------------------------
+
+    def ewma(self, now: float) -> float:
+        """Peak-EWMA latency in seconds, decayed for the time since the last sample."""
+        dt = now - self.stamp
+        if dt <= 0.0:
+            return self.cost
+        return self.cost * _exp(-dt / self.decay)
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def observe(self, rtt: float, now: float) -> None:
+        """Record one latency sample (seconds) into the EWMA and the recent-latency ring."""
+        cost = self.cost
+        if rtt > cost:
+            self.cost = rtt
+        else:
+            dt = now - self.stamp
+            w = _exp(-dt / self.decay) if dt > 0.0 else 1.0
+            # Even back-to-back samples must move the estimate a little.
+            if w > 0.97:
+                w = 0.97
+            self.cost = cost * w + rtt * (1.0 - w)
+        self.stamp = now
+        i = self._lat_i
+        self._lat[i & (_RING - 1)] = rtt
+        self._lat_i = i + 1
+
+    def penalize(self, rtt: float, now: float) -> None:
+        """Raise the EWMA as if a response took ``rtt`` (a failure); not a latency sample."""
+        if rtt > self.cost:
+            self.cost = rtt
+        self.stamp = now
+
+    def reset_cost(self, cost: float, now: float) -> None:
+        """Start the estimate afresh (an endpoint back from ejection)."""
+        self.cost = cost
+        self.stamp = now
+
+    def recent_latencies(self) -> list[float]:
+        """The most recent latency samples (up to 256), oldest first is not guaranteed."""
+        n = min(self._lat_i, _RING)
+        return self._lat[:n] if self._lat_i <= _RING else list(self._lat)
+
+    def release(self) -> None:
+        """Give back one in-flight slot (never below zero) and wake drain waiters when idle."""
+        if self.inflight > 0:
+            self.inflight -= 1
+        if self.inflight == 0 and self.idle is not None:
+            self.idle.set()
+
+    def info(self) -> dict[str, Any]:  # for debugging reprs
+        return {"url": self.url, "inflight": self.inflight, "cost": self.cost}
+
+    def __repr__(self) -> str:
+        return f"<EndpointState {self.url} inflight={self.inflight} cost={self.cost * 1e3:.1f}ms>"

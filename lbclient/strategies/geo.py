@@ -1,0 +1,104 @@
+"""``geo``: the endpoint with the lowest estimated total latency for this client.
+
+    score = network(client region, endpoint region)
+            + processing x (outstanding + 1) / weight
+
+``network`` comes from the balancer's :class:`~lbclient.GeoTable` (the playbook's
+cross-region table by default) and is refined by measurement: it is never taken to be
+more than the latency actually observed for that endpoint.  ``processing`` is the
+endpoint's peak-EWMA latency less the network part (before any sample: the pool's
+median).  Multiplying processing -- not network -- by the queue is the playbook's
+utilization penalty made exact: a replica with 3 requests queued costs 4 service times.
+
+So the local region wins while it is healthy and unsaturated; as its queues grow, the
+next-closest region becomes cheaper and takes the overflow; a dead region's endpoints
+are ejected (breaker) or score their failures, and traffic fails over whole.
+
+Cost per pick: one P2C draw inside each region, then the best across regions -- O(number
+of regions), not O(endpoints).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Collection, Sequence
+
+import attrs
+
+from .._geo import GeoTable
+from .._load import SERVER_LOAD_TTL
+from .._state import EndpointState
+from ._base import PickContext
+
+NAME = "geo"
+
+
+class _GeoPicker:
+    __slots__ = ("_groups", "_net", "_now", "_prior", "_random")
+
+    def __init__(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
+        table = ctx.geo or GeoTable.default()
+        groups: dict[str | None, list[EndpointState]] = defaultdict(list)
+        for s in states:
+            groups[s.endpoint.region].append(s)
+        self._groups = [tuple(g) for _, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+        if ctx.region is None:  # no client region: geography is unknown, only latency counts
+            self._net = {id(s): 0.0 for s in states}
+        else:
+            self._net = {id(s): table.latency(ctx.region, s.endpoint.region) for s in states}
+        now = ctx.clock.now()
+        sampled = [s.ewma(now) for s in states if s.requests > 0]
+        self._prior = statistics.median(sampled) if sampled else 0.0
+        self._now: Callable[[], float] = ctx.clock.now
+        self._random = ctx.rng.random
+
+    def score(self, s: EndpointState, now: float) -> float:
+        net = self._net[id(s)]
+        if s.requests > 0:
+            total = s.ewma(now)
+            if total < net:  # measured beats the table: trust the measurement
+                net = total
+            proc = total - net
+        else:
+            proc = self._prior
+        q: float = s.inflight
+        sl = s.server_load
+        if sl is not None and sl > q and now - s.server_load_at < SERVER_LOAD_TTL:
+            q = sl
+        return net + proc * (q + 1.0) / s.weight
+
+    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        now = self._now()
+        rnd = self._random
+        best: EndpointState | None = None
+        best_score = 0.0
+        for group in self._groups:
+            cands = [s for s in group if s not in exclude] if exclude else group
+            n = len(cands)
+            if n == 0:
+                continue
+            if n == 1:
+                c = cands[0]
+                sc = self.score(c, now)
+            else:
+                i = int(rnd() * n)
+                j = int(rnd() * (n - 1))
+                if j >= i:
+                    j += 1
+                a, b = cands[i], cands[j]
+                sa, sb = self.score(a, now), self.score(b, now)
+                c, sc = (b, sb) if sb < sa else (a, sa)
+            if best is None or sc < best_score:
+                best, best_score = c, sc
+        return best
+
+
+@attrs.frozen
+class Geo:
+    """Lowest estimated total latency: network distance + processing x queue."""
+
+    name: str = attrs.field(default=NAME, init=False)
+
+    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _GeoPicker:
+        return _GeoPicker(states, ctx)

@@ -1,0 +1,57 @@
+"""``weighted_round_robin``: weights honoured exactly, picks interleaved (EDF scheduling).
+
+Each endpoint has a virtual deadline that advances by ``1/weight`` per pick; the earliest
+deadline goes next (the earliest-deadline-first scheduler of Envoy's weighted round
+robin).  Over any window an endpoint of weight 3 gets 3x the picks of weight 1, spread
+out rather than in bursts, like nginx's smooth WRR -- but O(log n) per pick instead of
+O(n), so it stays fast at 10,000 endpoints.  Blind to load, like ``round_robin``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Sequence
+
+import attrs
+
+from .._state import EndpointState
+from ._base import PickContext
+
+NAME = "weighted_round_robin"
+
+
+class _EdfPicker:
+    __slots__ = ("_heap", "_states", "_step")
+
+    def __init__(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
+        self._states = tuple(states)
+        self._step = [1.0 / s.weight for s in self._states]
+        # A random phase per endpoint in [0, 1/w): processes do not all start on the same
+        # replica, and equal weights still get exact round-robin spacing.
+        self._heap = [(ctx.rng.random() * st, i) for i, st in enumerate(self._step)]
+        heapq.heapify(self._heap)
+
+    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        heap = self._heap
+        deadline, i = heap[0]
+        s = self._states[i]
+        heapq.heapreplace(heap, (deadline + self._step[i], i))
+        if exclude and s in exclude:
+            for _ in range(len(heap) - 1):
+                deadline, i = heap[0]
+                heapq.heapreplace(heap, (deadline + self._step[i], i))
+                s = self._states[i]
+                if s not in exclude:
+                    return s
+            return None
+        return s
+
+
+@attrs.frozen
+class WeightedRoundRobin:
+    """Smooth weighted round robin by earliest deadline first: exact shares, interleaved."""
+
+    name: str = attrs.field(default=NAME, init=False)
+
+    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _EdfPicker:
+        return _EdfPicker(states, ctx)
