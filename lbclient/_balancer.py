@@ -307,7 +307,7 @@ class Balancer:
     def _state_of(self, url: str) -> EndpointState:
         key = url.rstrip("/") if isinstance(url, str) else url
         try:
-            return self._members[key]  # type: ignore[index]
+            return self._members[key]
         except (KeyError, TypeError):
             raise UnknownEndpoint(f"no endpoint {url!r} in the pool") from None
 

@@ -261,9 +261,9 @@ class BreakerState:
             state.on_success(now, probe)   # or on_failure(now, probe) / on_ignored(now, probe)
 
     **The probe token.** ``on_pick`` returns ``NOT_PROBE`` (``0``, falsy) for an ordinary
-    call and, for a trial call admitted while half-open, a positive int naming that half-
-    open episode (so ``if probe:`` means "this call was admitted as a probe"). Hand it back
-    unchanged to the outcome method; any value that is not the current episode's int (``0``,
+    call and, for a trial call admitted while half-open, a positive int naming that
+    half-open episode (so ``if probe:`` means "this call was admitted as a probe"). Hand it
+    back unchanged to the outcome method; any value that is not the current episode's int (``0``,
     ``None``, an old token, anything else) is treated as an ordinary call. Only an outcome
     carrying the *current* episode's token gives a verdict (closes or reopens) and frees a
     probe slot. So a call sent while the circuit was closed that finishes after it went
@@ -275,8 +275,9 @@ class BreakerState:
     a real observation of the replica's health).
 
     Attributes (read-only for everyone but this class): ``state``, ``trips`` (total
-    transitions to open), ``streak`` (trips since the growth last reset: the next
-    cooldown is ``policy.base_cooldown(streak)``), ``consecutive_failures`` (failures
+    transitions to open), ``streak`` (trips since the growth last reset, no longer
+    counted once the cooldown reaches ``max_cooldown``: the next cooldown is
+    ``policy.base_cooldown(streak)``), ``consecutive_failures`` (failures
     counted since the last success or close, probes included), ``opened_at`` /
     ``reopen_at`` (of the current or last open period; ``-inf`` before any),
     ``last_failure_at`` (``-inf`` before any), ``probes_in_flight``.

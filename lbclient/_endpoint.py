@@ -40,15 +40,20 @@ def _weight(value: object) -> float:
     return w
 
 
-def _label(name: str) -> Any:
-    def convert(value: object) -> str | None:
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"endpoint {name} must be a non-empty str or None, got {value!r}")
-        return value.strip()
+def _label(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"endpoint {name} must be a non-empty str or None, got {value!r}")
+    return value.strip()
 
-    return convert
+
+def _region(value: object) -> str | None:
+    return _label("region", value)
+
+
+def _zone(value: object) -> str | None:
+    return _label("zone", value)
 
 
 def _metadata(value: object) -> Mapping[str, Any]:
@@ -80,8 +85,8 @@ class Endpoint:
 
     url: str = attrs.field(converter=_url)
     weight: float = attrs.field(default=1.0, converter=_weight, kw_only=True)
-    region: str | None = attrs.field(default=None, converter=_label("region"), kw_only=True)
-    zone: str | None = attrs.field(default=None, converter=_label("zone"), kw_only=True)
+    region: str | None = attrs.field(default=None, converter=_region, kw_only=True)
+    zone: str | None = attrs.field(default=None, converter=_zone, kw_only=True)
     metadata: Mapping[str, Any] = attrs.field(
         factory=dict, converter=_metadata, kw_only=True, hash=False, eq=False
     )

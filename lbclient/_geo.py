@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -29,7 +29,7 @@ DEFAULT_LATENCY_MS: Mapping[frozenset[str], float] = types.MappingProxyType(
 """Round-trip milliseconds between AWS regions (playbook figures)."""
 
 
-def _ms(name: str) -> object:
+def _ms(name: str) -> Callable[[object, object, object], None]:
     def check(_i: object, _a: object, value: object) -> None:
         if (
             isinstance(value, bool)
@@ -71,8 +71,8 @@ class GeoTable:
     latency_ms: Mapping[frozenset[str], float] = attrs.field(
         factory=lambda: DEFAULT_LATENCY_MS, converter=_pairs
     )
-    same_region_ms: float = attrs.field(default=10.0, validator=_ms("same_region_ms"))  # type: ignore[arg-type]
-    unknown_ms: float = attrs.field(default=200.0, validator=_ms("unknown_ms"))  # type: ignore[arg-type]
+    same_region_ms: float = attrs.field(default=10.0, validator=_ms("same_region_ms"))
+    unknown_ms: float = attrs.field(default=200.0, validator=_ms("unknown_ms"))
 
     @classmethod
     def default(cls) -> GeoTable:

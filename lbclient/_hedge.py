@@ -54,9 +54,27 @@ def _seconds_or_none(name: str, *, allow_zero: bool = False) -> Callable[[object
         if not ok:
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{name} must be a number of seconds {bound} or None, got {value!r}")
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
 
     return convert
+
+
+def _delay(value: object) -> float | None:
+    return _seconds_or_none("delay")(value)
+
+
+def _min_delay(value: object) -> float:
+    out = _seconds_or_none("min_delay", allow_zero=True)(value)
+    if out is None:
+        raise ConfigError("min_delay must be a number of seconds >= 0, got None")
+    return out
+
+
+def _initial_delay(value: object) -> float:
+    out = _seconds_or_none("initial_delay")(value)
+    if out is None:
+        raise ConfigError("initial_delay must be a number of seconds > 0, got None")
+    return out
 
 
 def _fraction(name: str, lo_open: bool = True) -> Callable[[object, object, object], None]:
@@ -108,13 +126,11 @@ class Hedge:
       it is recomputed every 32 calls, so the hot path never sorts.
     """
 
-    delay: float | None = attrs.field(default=None, converter=_seconds_or_none("delay"))
+    delay: float | None = attrs.field(default=None, converter=_delay)
     max_extra: float = attrs.field(default=0.05, validator=_fraction("max_extra"))
     quantile: float | None = attrs.field(default=None)
-    min_delay: float = attrs.field(
-        default=0.005, converter=_seconds_or_none("min_delay", allow_zero=True)
-    )
-    initial_delay: float = attrs.field(default=1.0, converter=_seconds_or_none("initial_delay"))
+    min_delay: float = attrs.field(default=0.005, converter=_min_delay)
+    initial_delay: float = attrs.field(default=1.0, converter=_initial_delay)
     warmup: int = attrs.field(default=32, validator=_warmup)
     max_hedges: int = attrs.field(default=1, validator=_max_hedges)
     window: int = attrs.field(default=512)
@@ -440,7 +456,7 @@ async def _hedged(
         raise
     if race.winner is not None:
         hedger.window.add(lb._now() - now)
-        return race.result  # type: ignore[no-any-return]
+        return race.result
     race.done = True
     _cancel_all(race)
     if lb._retry is None:

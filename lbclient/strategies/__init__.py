@@ -98,5 +98,5 @@ for _cls in (
     ConsistentHash,
     Geo,
 ):
-    register(_cls().name, _cls)
+    register(_cls().name, _cls)  # type: ignore[arg-type]
 del _cls

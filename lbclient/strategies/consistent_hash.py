@@ -19,7 +19,7 @@ A pick without a key (``key=None``) falls back to ``peak_ewma``.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import attrs
 
@@ -88,7 +88,7 @@ def _balance(value: object) -> float | None:
     return float(value)
 
 
-def _positive_int(name: str) -> object:
+def _positive_int(name: str) -> Callable[[object, object, object], None]:
     def check(_inst: object, _attr: object, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -109,9 +109,9 @@ class ConsistentHash:
       bound corrects.
     """
 
-    vnodes: int = attrs.field(default=100, validator=_positive_int("vnodes"))  # type: ignore[arg-type]
+    vnodes: int = attrs.field(default=100, validator=_positive_int("vnodes"))
     balance_factor: float | None = attrs.field(default=1.25, converter=_balance)
-    max_ring_size: int = attrs.field(default=65536, validator=_positive_int("max_ring_size"))  # type: ignore[arg-type]
+    max_ring_size: int = attrs.field(default=65536, validator=_positive_int("max_ring_size"))
     name: str = attrs.field(default=NAME, init=False)
 
     def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _RingPicker:

@@ -519,7 +519,7 @@ def test_policy_defaults_and_repr() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         b.failures = 3  # type: ignore[misc]
     with pytest.raises(TypeError):
-        Breaker(5)  # type: ignore[misc]
+        Breaker(5)  # type: ignore[call-arg]
 
 
 def test_base_cooldown() -> None:
