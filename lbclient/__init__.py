@@ -33,6 +33,7 @@ from ._errors import (
 from ._events import BreakerEvent, Event, Listener, MembershipEvent, PanicEvent
 from ._geo import GeoTable
 from ._hedge import Hedge
+from ._locality import Locality
 from ._retry import Retry
 from ._stats import BalancerStats, EndpointStats
 
@@ -58,6 +59,7 @@ __all__ = [
     "Hedge",
     "LBError",
     "Listener",
+    "Locality",
     "MembershipEvent",
     "MonotonicClock",
     "NoEndpointAvailable",

@@ -25,6 +25,7 @@ from ._endpoint import Endpoint, to_endpoint
 from ._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
 from ._events import Event, MembershipEvent, PanicEvent
 from ._geo import GeoTable
+from ._locality import Locality, LocalityPicker, nearest_tier
 from ._route import PickedEndpoint, make_route
 from ._state import EndpointState
 from ._stats import BalancerStats, EndpointStats, _quantile
@@ -33,6 +34,8 @@ from .strategies import PickContext, Picker, Totals
 if TYPE_CHECKING:
     from ._breaker import Breaker
     from ._budget import Budget
+    from ._discovery import Discovery
+    from ._health import HealthCheck
     from ._hedge import Hedge
     from ._retry import Retry
 
@@ -61,6 +64,7 @@ log = logging.getLogger("lbclient")
 _DEFAULT_COST = 0.05  # seconds: the latency prior of a pool with no samples yet
 _FAILURE_PENALTY = 4.0  # a failure counts as this many times the current latency estimate
 _MAX_PENALTY = 10.0  # seconds: the penalty stops growing here (it decays from there)
+_MIN_RAMP = 0.1  # slow start begins at 10% of the weight (Envoy's min_weight_percent)
 
 
 def _check_policy(name: str, value: object, cls_path: str) -> None:
@@ -139,6 +143,13 @@ class Balancer:
     * ``on_event`` -- called with every breaker, panic and membership event (also logged
       on the ``lbclient`` logger).
     * ``ewma_decay`` -- seconds for the latency EWMA to forget (default 10 s, as Finagle).
+    * ``slow_start`` -- seconds over which an endpoint added later, or back from ejection,
+      ramps from 10% to its full weight (Envoy's ``slow_start_window``; default off).
+    * ``locality`` -- keep traffic in ``region`` while it is healthy (``True`` or a
+      :class:`Locality`); spills to the next-closest region otherwise.
+    * ``health`` -- active health checks (:class:`HealthCheck`), default off.
+    * ``discovery`` -- a provider that refreshes the endpoint set (DNS, a callable...);
+      ``endpoints`` may then be empty.
     * ``clock`` / ``rng`` -- injectable time and randomness (an int seeds a Random).
     """
 
@@ -154,14 +165,44 @@ class Balancer:
         geo: GeoTable | None = None,
         on_event: Callable[[Event], None] | None = None,
         ewma_decay: float = 10.0,
+        slow_start: float | None = None,
+        locality: Locality | bool | None = None,
+        health: HealthCheck | None = None,
+        discovery: Discovery | None = None,
         clock: Clock | None = None,
         rng: random.Random | int | None = None,
     ) -> None:
         if isinstance(endpoints, str | Endpoint) or not isinstance(endpoints, Iterable):
             raise ConfigError(f"endpoints must be a list of URLs or Endpoints, got {endpoints!r}")
         eps = [to_endpoint(e) for e in endpoints]
-        if not eps:
-            raise ConfigError("endpoints must not be empty: got []")
+        if not eps and discovery is None:
+            raise ConfigError("endpoints must not be empty (or give discovery=): got []")
+        if slow_start is not None and (
+            isinstance(slow_start, bool)
+            or not isinstance(slow_start, int | float)
+            or not math.isfinite(slow_start)
+            or slow_start <= 0
+        ):
+            raise ConfigError(
+                f"slow_start must be a number of seconds > 0 or None, got {slow_start!r}"
+            )
+        if locality is True:
+            locality = Locality()
+        elif locality is False:
+            locality = None
+        if locality is not None and not isinstance(locality, Locality):
+            raise ConfigError(
+                f"locality must be True, False, None or an lbclient.Locality, got {locality!r}"
+            )
+        if locality is not None and region is None:
+            raise ConfigError("locality needs the client's own region: pass region=")
+        if health is not None and not callable(getattr(health, "check_loop", None)):
+            raise ConfigError(f"health must be an lbclient.HealthCheck or None, got {health!r}")
+        if discovery is not None and not callable(getattr(discovery, "resolve", None)):
+            raise ConfigError(
+                f"discovery must have an async resolve() method (lbclient.DnsDiscovery, "
+                f"lbclient.CallableDiscovery, ...), got {discovery!r}"
+            )
         if region is not None and (not isinstance(region, str) or not region.strip()):
             raise ConfigError(f"region must be a non-empty str or None, got {region!r}")
         if geo is not None and not isinstance(geo, GeoTable):
@@ -204,6 +245,11 @@ class Balancer:
         self._ctx = PickContext(
             clock=self._clock, rng=self._rng, totals=self._totals, region=self._region, geo=geo
         )
+        self._slow_start = None if slow_start is None else float(slow_start)
+        self._locality: Locality | None = locality
+        self._health = health
+        self._discovery = discovery
+        self._started = False
         self._members: dict[str, EndpointState] = {}
         self._picker: Picker | None = None
         self._pickable: tuple[EndpointState, ...] = ()
@@ -231,7 +277,9 @@ class Balancer:
                 raise ConfigError(f"duplicate endpoint url {ep.url!r}")
             seen.add(ep.url)
             self._members[ep.url] = self._new_state(ep)
+            self._members[ep.url].ramp_from = None  # the initial pool needs no slow start
         self._rebuild()
+        self._next_refresh = -math.inf  # the first pick starts background work, if any
 
     # -- membership ------------------------------------------------------------------------
 
@@ -241,6 +289,9 @@ class Balancer:
         # it wins most comparisons) but not absurdly so (a zero estimate would flood it).
         cost = self._typical_cost(now)
         s = EndpointState(ep, now=now, decay=self._decay, cost=cost)
+        if self._slow_start is not None:
+            s.ramp_from = now
+            s.weight = ep.weight * _MIN_RAMP
         if self._breaker is not None:
             from ._breaker import BreakerState
 
@@ -299,6 +350,118 @@ class Balancer:
             self._dirty = True
             self._emit(MembershipEvent(url=s.url, action="undrain", at=self._now()))
 
+    def report_load(self, endpoint: Endpoint | str, load: float | str | None) -> None:
+        """Tell the balancer the replica's own load, e.g. its ``x-queue-depth`` header.
+
+        ``peak_ewma``, ``power_of_two``, ``least_*`` and ``geo`` then use the larger of our
+        in-flight count and this value for the next 2 seconds -- it sees the other
+        clients' requests too.  Unknown endpoints and unparsable values are ignored (a
+        bad header must never fail a call)::
+
+            lb.report_load(endpoint, r.headers.get("x-queue-depth"))
+        """
+        if load is None:
+            return
+        url = endpoint.url if isinstance(endpoint, Endpoint) else endpoint
+        s = self._members.get(url)
+        if s is None:
+            return
+        try:
+            value = float(load)
+        except (TypeError, ValueError):
+            return
+        if math.isfinite(value) and value >= 0:
+            s.server_load = value
+            s.server_load_at = self._now()
+
+    def sync(self, endpoints: Iterable[Endpoint | str]) -> None:
+        """Make the pool exactly ``endpoints`` (what discovery calls on every refresh).
+
+        New URLs are added, missing ones are drained and removed once idle, survivors
+        keep their statistics (a changed weight or region is taken over).
+        """
+        self._check_open()
+        wanted: dict[str, Endpoint] = {}
+        for e in endpoints:
+            ep = to_endpoint(e)
+            wanted[ep.url] = ep
+        for url, ep in wanted.items():
+            s = self._members.get(url)
+            if s is None:
+                self.add(ep)
+                continue
+            if s.draining:
+                self.undrain(url)
+            if s.endpoint != ep:
+                ratio = s.weight / s.endpoint.weight
+                s.endpoint = ep
+                s.weight = ep.weight * ratio
+                self._dirty = True
+        for url in [u for u in self._members if u not in wanted]:
+            s = self._members[url]
+            if s.inflight == 0:
+                self.remove(url)
+            elif not s.draining:
+                drain = self.drain(url)
+                self._spawn(self._remove_when_idle(url, drain))
+
+    async def _remove_when_idle(self, url: str, drain: _Drain) -> None:
+        await drain
+        s = self._members.get(url)
+        if s is not None and s.draining:
+            self.remove(url)
+
+    def set_health(self, url: str, healthy: bool) -> None:
+        """Mark an endpoint up or down (what active health checks call).
+
+        Down: no new picks (with a breaker: it opens).  Up again: with a breaker, the
+        next call is a half-open probe; without one, it is pickable at once.
+        """
+        s = self._state_of(url)
+        now = self._now()
+        b = s.breaker
+        if not healthy:
+            if not s.health_down:
+                s.health_down = True
+                self._dirty = True
+                if b is not None:
+                    b.force_open(now)
+        elif s.health_down:
+            s.health_down = False
+            self._dirty = True
+            if b is not None:
+                b.allow_probe(now)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_background(self) -> None:
+        """Start discovery and health checks once an event loop runs."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not in a loop yet: the next pick will try again
+        self._started = True
+        if self._discovery is not None:
+            from ._discovery import discovery_loop
+
+            self._spawn(discovery_loop(self, self._discovery))
+        if self._health is not None:
+            self._spawn(self._health.check_loop(self))
+
+    async def start(self) -> None:
+        """Start background work (discovery, health checks) and wait for the first
+        discovery result.  ``async with`` does this; otherwise the first call does."""
+        self._check_open()
+        if self._discovery is not None and not self._started:
+            from ._discovery import refresh_once
+
+            await refresh_once(self, self._discovery)
+        if not self._started:
+            self._start_background()
+
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
         """Every member, draining ones included, in insertion order."""
@@ -320,9 +483,23 @@ class Balancer:
         pickable: list[EndpointState] = []
         ejected: list[EndpointState] = []
         next_refresh = math.inf
+        if not self._started and self._next_refresh == -math.inf:
+            self._start_background()
+        ramp = self._slow_start
         for s in members:
+            if s.ramp_from is not None and ramp is not None:
+                # Slow start: weight grows linearly from 10% to 100% over the window.
+                f = (now - s.ramp_from) / ramp
+                if f >= 1.0:
+                    s.ramp_from = None
+                    s.weight = s.endpoint.weight
+                else:
+                    s.weight = s.endpoint.weight * max(_MIN_RAMP, f)
+                    next_refresh = min(next_refresh, now + ramp / 10)
             b = s.breaker
-            if b is None or b.available(now):
+            if s.health_down:
+                ejected.append(s)
+            elif b is None or b.available(now):
                 pickable.append(s)
             else:
                 ejected.append(s)
@@ -332,10 +509,11 @@ class Balancer:
                     next_refresh = nc
         panic = False
         healthy = len(pickable)
-        if ejected and self._breaker is not None:
+        if ejected and (self._breaker is not None or self._health is not None):
             # Never eject more than max_ejection of the pool (Envoy's panic threshold):
             # past it, serve from the ejected endpoints that failed least recently.
-            need = max(1, math.ceil((1.0 - self._breaker.max_ejection) * len(members)))
+            max_ejection = self._breaker.max_ejection if self._breaker is not None else 0.5
+            need = max(1, math.ceil((1.0 - max_ejection) * len(members)))
             if healthy < need:
                 panic = True
                 ejected.sort(key=lambda s: s.last_failure)
@@ -349,6 +527,17 @@ class Balancer:
             self._emit(PanicEvent(entered=panic, at=now, pickable=healthy, total=len(members)))
         self._pickable = tuple(pickable)
         self._picker = self._strategy.picker(self._pickable, self._ctx) if pickable else None
+        loc = self._locality
+        if loc is not None and pickable and self._picker is not None:
+            table = self._geo or GeoTable.default()
+            distance = {
+                s.endpoint.region: table.latency(self._region, s.endpoint.region) for s in members
+            }
+            tier = nearest_tier(pickable, members, distance, loc.min_healthy)
+            if len(tier) < len(pickable):
+                self._picker = LocalityPicker(
+                    self._strategy.picker(tier, self._ctx), self._picker, loc.spill_inflight
+                )
         self._next_refresh = next_refresh
         self._dirty = False
 
@@ -422,6 +611,9 @@ class Balancer:
                     # Back from ejection: forget the failure penalty, restart at the pool's
                     # typical latency (or what this probe just measured, if higher).
                     s.reset_cost(max(now - t0, self._typical_cost(now, s)), now)
+                    if self._slow_start is not None:
+                        s.ramp_from = now
+                        s.weight = s.endpoint.weight * _MIN_RAMP
 
     def _failed(self, s: EndpointState, t0: float, exc: BaseException, probe: int) -> bool:
         """Record a failed attempt; returns whether it counted against the endpoint."""
@@ -582,7 +774,7 @@ class Balancer:
         self._tasks.clear()
 
     async def __aenter__(self) -> Balancer:
-        self._check_open()
+        await self.start()
         return self
 
     async def __aexit__(

@@ -419,6 +419,14 @@ class BreakerState:
         self._close(now, reason)
         return True
 
+    def allow_probe(self, now: float) -> bool:
+        """Let an open breaker through to half-open now (a passing health check): the
+        next pick is a probe.  Returns whether anything changed."""
+        if self.state != OPEN:
+            return False
+        self.reopen_at = now
+        return True
+
     def next_change(self, now: float) -> float | None:
         """When this breaker changes availability on its own: ``reopen_at`` while open
         (it turns half-open then; may already be past, meaning "refresh now"), else

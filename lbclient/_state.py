@@ -43,12 +43,14 @@ class EndpointState:
         "draining",
         "endpoint",
         "failures",
+        "health_down",
         "hedges_sent",
         "hedges_won",
         "idle",
         "inflight",
         "last_failure",
         "peak_inflight",
+        "ramp_from",
         "requests",
         "retries_sent",
         "server_load",
@@ -78,6 +80,8 @@ class EndpointState:
         self.started = now
         self.last_failure = -math.inf
         self.draining = False
+        self.health_down = False
+        self.ramp_from: float | None = None  # slow start: when the ramp began
         self.available = True
         self.breaker: BreakerState | None = None
         self.server_load: float | None = None

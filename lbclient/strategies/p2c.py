@@ -15,6 +15,7 @@ clients from herding onto the same replica.  This is the picker of Finagle
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 
 import attrs
@@ -22,6 +23,8 @@ import attrs
 from .._load import LoadMetric, inflight_load, peak_ewma_load
 from .._state import EndpointState
 from ._base import PickContext
+
+_exp = math.exp
 
 POWER_OF_TWO = "power_of_two"
 PEAK_EWMA = "peak_ewma"
@@ -79,6 +82,56 @@ class P2CPicker:
         return b if self._load(b, now) < self._load(a, now) else a
 
 
+class _P2CInflight(P2CPicker):
+    """P2C on in-flight per weight, with the metric inlined on the common path."""
+
+    __slots__ = ()
+
+    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        n = self._n
+        if exclude or n == 1:
+            return super().pick(key, exclude)
+        rnd = self._random
+        i = int(rnd() * n)
+        j = int(rnd() * (n - 1))
+        if j >= i:
+            j += 1
+        states = self._states
+        a, b = states[i], states[j]
+        if a.server_load is not None or b.server_load is not None:
+            now = self._now()
+            return b if inflight_load(b, now) < inflight_load(a, now) else a
+        return b if b.inflight * a.weight < a.inflight * b.weight else a
+
+
+class _P2CPeakEwma(P2CPicker):
+    """P2C on peak-EWMA x (in-flight + 1) per weight, inlined on the common path."""
+
+    __slots__ = ()
+
+    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        n = self._n
+        if exclude or n == 1:
+            return super().pick(key, exclude)
+        rnd = self._random
+        i = int(rnd() * n)
+        j = int(rnd() * (n - 1))
+        if j >= i:
+            j += 1
+        states = self._states
+        a, b = states[i], states[j]
+        if a.server_load is not None or b.server_load is not None:
+            now = self._now()
+            return b if peak_ewma_load(b, now) < peak_ewma_load(a, now) else a
+        now = self._now()
+        # peak_ewma_load inlined: cost decayed for idle time, x (in-flight + 1) / weight.
+        dt = now - a.stamp
+        la = (a.cost * _exp(-dt / a.decay) if dt > 0.0 else a.cost) * (a.inflight + 1) / a.weight
+        dt = now - b.stamp
+        lb = (b.cost * _exp(-dt / b.decay) if dt > 0.0 else b.cost) * (b.inflight + 1) / b.weight
+        return b if lb < la else a
+
+
 @attrs.frozen
 class PowerOfTwo:
     """P2C on in-flight requests per unit of weight."""
@@ -86,7 +139,7 @@ class PowerOfTwo:
     name: str = attrs.field(default=POWER_OF_TWO, init=False)
 
     def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> P2CPicker:
-        return P2CPicker(states, ctx, inflight_load)
+        return _P2CInflight(states, ctx, inflight_load)
 
 
 @attrs.frozen
@@ -96,4 +149,4 @@ class PeakEwma:
     name: str = attrs.field(default=PEAK_EWMA, init=False)
 
     def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> P2CPicker:
-        return P2CPicker(states, ctx, peak_ewma_load)
+        return _P2CPeakEwma(states, ctx, peak_ewma_load)

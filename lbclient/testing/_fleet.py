@@ -850,20 +850,29 @@ class ReplicaFleet:
     """N fake OpenAI-compatible replicas on 127.0.0.1, in the current event loop.
 
     ``configs`` gives one :class:`ReplicaConfig` per replica (index = position);
-    ``seed`` seeds each replica's own :class:`random.Random` (from the seed and the
-    index, so results are reproducible; ``None`` for fresh entropy).
+    ``seed`` seeds each replica's own :class:`random.Random` from the seed and the
+    index, so a run is reproducible (default 0; ``None`` for fresh entropy).  Each
+    replica is its own ``aiohttp.web`` server (one ``AppRunner`` and one site each) on
+    an ephemeral port.
 
-    >>> async with ReplicaFleet([ReplicaConfig(capacity=2), ReplicaConfig(speed=0.5)]) as fleet:
-    ...     async with aiohttp.ClientSession() as http:
-    ...         async with http.post(fleet.urls[0] + "/v1/chat/completions",
-    ...                              json={"model": "m", "messages": []}) as resp:
-    ...             assert resp.headers["x-replica"] == "replica-0"
-    ...     fleet[1].set(error_rate=0.5)   # inject faults while running
-    ...     await fleet[0].down()          # connection refused, connections dropped
-    ...     await fleet[0].up()            # same port again
+    ::
+
+        async with ReplicaFleet([ReplicaConfig(capacity=2), ReplicaConfig(speed=0.5)]) as fleet:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(fleet.urls[0] + "/v1/chat/completions",
+                                     json={"model": "m", "messages": []}) as resp:
+                    assert resp.headers["x-replica"] == "replica-0"
+            fleet[1].set(error_rate=0.5)      # inject faults while running
+            fleet.set_all(network_latency=0.01)
+            await fleet[0].down()             # connection refused, connections dropped
+            await fleet[0].up()               # the same port again
+            print(fleet.totals())             # counters summed over the fleet
+
+        fleet = ReplicaFleet.uniform(3, capacity=2, base_latency=0.01)  # same config x3
 
     Use it as an async context manager, or call :meth:`start` and :meth:`aclose`.
     :meth:`aclose` returns quickly even with requests hanging (they are dropped).
+    The fleet and the clients testing it may share one event loop; nothing blocks.
     """
 
     def __init__(self, configs: Iterable[ReplicaConfig], *, seed: int | None = 0) -> None:

@@ -24,7 +24,9 @@ BODY = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    # A generous default timeout turns a leaked slot or a stuck request into a failure
+    # rather than a hung test run.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         yield session
 
 

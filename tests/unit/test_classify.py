@@ -110,7 +110,7 @@ class UnsupportedProtocol(TransportError):
     pass
 
 
-def aiohttp_error(status: int, headers: Mapping[str, str] | None = None) -> Exception:
+def aiohttp_error(status: int, headers: Any = None) -> Exception:
     info = aiohttp.RequestInfo(
         URL("http://10.0.0.1:8000/v1/chat/completions"),
         "POST",
@@ -131,6 +131,11 @@ def test_status_from_real_aiohttp_error() -> None:
     headers = headers_of(exc)
     assert headers is not None and headers["Retry-After"] == "2"
     assert retry_after(exc) == 2.0
+
+
+def test_aiohttp_multidict_headers_are_case_insensitive() -> None:
+    exc = aiohttp_error(429, CIMultiDictProxy(CIMultiDict({"retry-after": "7"})))
+    assert retry_after(exc) == 7.0
 
 
 def test_status_from_httpx_and_openai_shapes() -> None:
@@ -258,8 +263,9 @@ def test_connection_errors(exc: BaseException) -> None:
     "exc",
     [
         TimeoutError(),
-        asyncio.TimeoutError(),
         aiohttp.ServerTimeoutError(),
+        aiohttp.ConnectionTimeoutError(),
+        aiohttp.SocketTimeoutError(),
         ReadTimeout(),
         APITimeoutError(),
     ],
@@ -460,12 +466,12 @@ def test_to_classifier_rejects(value: Any, named: str) -> None:
         (lambda: retry_if_status(), "got none"),
         (lambda: retry_if_status(99), "99"),
         (lambda: retry_if_status(600), "600"),
-        (lambda: retry_if_status("503"), "'503'"),
+        (lambda: retry_if_status("503"), "'503'"),  # type: ignore[arg-type]
         (lambda: retry_if_status(True), "True"),
         (lambda: retry_if_exception(), "got none"),
-        (lambda: retry_if_exception(ValueError()), "ValueError()"),
-        (lambda: retry_if(42), "42"),
-        (lambda: retry_if(ValueError), "ValueError"),
+        (lambda: retry_if_exception(ValueError()), "ValueError()"),  # type: ignore[arg-type]
+        (lambda: retry_if(42), "42"),  # type: ignore[arg-type]
+        (lambda: retry_if(ValueError), "ValueError"),  # type: ignore[arg-type]
         (lambda: Classifier(42), "42"),  # type: ignore[arg-type]
     ],
 )

@@ -66,7 +66,7 @@ def test_defaults_and_repr() -> None:
 
 def test_keyword_only_frozen_and_evolvable() -> None:
     with pytest.raises(TypeError):
-        Retry(3)  # type: ignore[misc]
+        Retry(3)  # type: ignore[call-arg]
     policy = Retry(attempts=2, timeout=5)
     assert policy.timeout == 5.0 and isinstance(policy.timeout, float)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):

@@ -1,0 +1,113 @@
+"""Hypothesis strategies and small builders shared by lbclient's tests.
+
+Import as ``from strategies import ...`` (``tests/conftest.py`` puts this directory on
+``sys.path``).  Builders make runtime objects without an event loop: ``states()`` for
+pickers tested directly, ``ctx()`` for their :class:`PickContext`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from hypothesis import strategies as st
+
+import lbclient
+from lbclient import strategies as lbstrategies
+from lbclient._state import EndpointState
+from lbclient.strategies import PickContext, Totals
+from lbclient.testing import FakeClock
+
+__all__ = [
+    "DECAY",
+    "PRIOR",
+    "bad_weights",
+    "ctx",
+    "endpoint_lists",
+    "operations",
+    "state_of",
+    "states",
+    "strategy_names",
+    "url",
+    "urls",
+    "weight_lists",
+    "weights",
+]
+
+DECAY = 10.0
+"""Seconds: the EWMA decay the builders use (the Balancer default)."""
+PRIOR = 0.05
+"""Seconds: the latency prior of a fresh state (the Balancer's default cost)."""
+
+
+# -- builders ---------------------------------------------------------------------------
+
+
+def url(i: int) -> str:
+    return f"http://10.0.0.{i}:8000"
+
+
+def state_of(endpoint: lbclient.Endpoint | str, *, now: float = 0.0) -> EndpointState:
+    ep = endpoint if isinstance(endpoint, lbclient.Endpoint) else lbclient.Endpoint(endpoint)
+    return EndpointState(ep, now=now, decay=DECAY, cost=PRIOR)
+
+
+def states(weights: Sequence[float]) -> list[EndpointState]:
+    """One fresh state per weight, urls ``http://10.0.0.<i>:8000``."""
+    return [state_of(lbclient.Endpoint(url(i), weight=w)) for i, w in enumerate(weights)]
+
+
+def ctx(
+    seed: int = 0, *, clock: FakeClock | None = None, totals: Totals | None = None
+) -> PickContext:
+    return PickContext(
+        clock=clock if clock is not None else FakeClock(),
+        rng=random.Random(seed),
+        totals=totals if totals is not None else Totals(),
+    )
+
+
+# -- strategies -------------------------------------------------------------------------
+
+weights = st.integers(min_value=1, max_value=8).map(float)
+"""Endpoint weights: small whole numbers (exact shares are easy to state)."""
+
+bad_weights = st.one_of(
+    st.sampled_from([0, -1, 0.0, -0.5, float("nan"), float("inf"), float("-inf"), "2", None]),
+    st.booleans(),
+    st.floats(max_value=0.0),
+)
+"""Values ``Endpoint(weight=...)`` must reject with a ConfigError."""
+
+strategy_names = st.sampled_from(lbstrategies.names())
+"""Every registered strategy name."""
+
+
+def weight_lists(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[list[float]]:
+    return st.lists(weights, min_size=min_size, max_size=max_size)
+
+
+def urls(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[list[str]]:
+    """Distinct endpoint URLs."""
+    return st.lists(
+        st.integers(min_value=1, max_value=250), min_size=min_size, max_size=max_size, unique=True
+    ).map(lambda ns: [url(n) for n in ns])
+
+
+def endpoint_lists(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[list[lbclient.Endpoint]]:
+    """Endpoints with distinct URLs and random weights."""
+    return urls(min_size, max_size).flatmap(
+        lambda us: st.lists(weights, min_size=len(us), max_size=len(us)).map(
+            lambda ws: [lbclient.Endpoint(u, weight=w) for u, w in zip(us, ws, strict=True)]
+        )
+    )
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["acquire", "succeed", "fail", "cancel", "drain", "undrain"]),
+        st.integers(min_value=0, max_value=63),
+    ),
+    max_size=60,
+)
+"""A random sequence of balancer operations; the int picks the target (mod pool size)."""
