@@ -18,6 +18,7 @@ from ._balancer import Balancer, DrainResult
 from ._breaker import Breaker
 from ._classify import Classifier, retry_if, retry_if_exception, retry_if_status
 from ._clock import Clock, MonotonicClock
+from ._discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from ._endpoint import Endpoint
 from ._errors import (
     Attempt,
@@ -32,6 +33,7 @@ from ._errors import (
 )
 from ._events import BreakerEvent, Event, Listener, MembershipEvent, PanicEvent
 from ._geo import GeoTable
+from ._health import HealthCheck
 from ._hedge import Hedge
 from ._locality import Locality
 from ._retry import Retry
@@ -47,15 +49,19 @@ __all__ = [
     "BalancerStats",
     "Breaker",
     "BreakerEvent",
+    "CallableDiscovery",
     "Classifier",
     "Clock",
     "ConfigError",
     "DeadlineExceeded",
+    "Discovery",
+    "DnsDiscovery",
     "DrainResult",
     "Endpoint",
     "EndpointStats",
     "Event",
     "GeoTable",
+    "HealthCheck",
     "Hedge",
     "LBError",
     "Listener",
@@ -65,6 +71,7 @@ __all__ = [
     "NoEndpointAvailable",
     "PanicEvent",
     "Retry",
+    "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
     "__version__",

@@ -149,7 +149,8 @@ class Balancer:
       :class:`Locality`); spills to the next-closest region otherwise.
     * ``health`` -- active health checks (:class:`HealthCheck`), default off.
     * ``discovery`` -- a provider that refreshes the endpoint set (DNS, a callable...);
-      ``endpoints`` may then be empty.
+      ``endpoints`` may then be empty -- use ``async with`` (or ``await lb.start()``) so
+      the first resolution completes before the first call.
     * ``clock`` / ``rng`` -- injectable time and randomness (an int seeds a Random).
     """
 
@@ -790,6 +791,8 @@ class Balancer:
     def stats(self) -> BalancerStats:
         """An immutable snapshot of every endpoint and the call totals."""
         now = self._now()
+        if (self._dirty or now >= self._next_refresh) and not self._closed:
+            self._rebuild()  # so ``pickable`` reflects health/breaker changes already made
         eps = []
         for s in self._members.values():
             lat = sorted(s.recent_latencies())

@@ -94,7 +94,9 @@ def urls(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[list[str]]:
     ).map(lambda ns: [url(n) for n in ns])
 
 
-def endpoint_lists(min_size: int = 1, max_size: int = 8) -> st.SearchStrategy[list[lbclient.Endpoint]]:
+def endpoint_lists(
+    min_size: int = 1, max_size: int = 8
+) -> st.SearchStrategy[list[lbclient.Endpoint]]:
     """Endpoints with distinct URLs and random weights."""
     return urls(min_size, max_size).flatmap(
         lambda us: st.lists(weights, min_size=len(us), max_size=len(us)).map(

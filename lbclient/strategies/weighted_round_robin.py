@@ -21,10 +21,11 @@ NAME = "weighted_round_robin"
 
 
 class _EdfPicker:
-    __slots__ = ("_heap", "_states", "_step")
+    __slots__ = ("_heap", "_random", "_states", "_step")
 
     def __init__(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
         self._states = tuple(states)
+        self._random = ctx.rng.random
         self._step = [1.0 / s.weight for s in self._states]
         # A random phase per endpoint in [0, 1/w): processes do not all start on the same
         # replica, and equal weights still get exact round-robin spacing.
@@ -35,16 +36,23 @@ class _EdfPicker:
         heap = self._heap
         deadline, i = heap[0]
         s = self._states[i]
-        heapq.heapreplace(heap, (deadline + self._step[i], i))
         if exclude and s in exclude:
-            for _ in range(len(heap) - 1):
-                deadline, i = heap[0]
-                heapq.heapreplace(heap, (deadline + self._step[i], i))
-                s = self._states[i]
-                if s not in exclude:
-                    return s
-            return None
+            return self._excluding(exclude)
+        heapq.heapreplace(heap, (deadline + self._step[i], i))
         return s
+
+    def _excluding(self, exclude: Collection[EndpointState]) -> EndpointState | None:
+        # Retries and hedges only (rare): a weighted random choice among the rest, which
+        # leaves the schedule of everyone else untouched.
+        rest = [s for s in self._states if s not in exclude]
+        if not rest:
+            return None
+        x = self._random() * sum(s.weight for s in rest)
+        for s in rest:
+            x -= s.weight
+            if x < 0:
+                return s
+        return rest[-1]
 
 
 @attrs.frozen

@@ -42,7 +42,9 @@ def test_repr_names_the_public_class() -> None:
     ep = lbclient.Endpoint("http://10.0.1.11:8000/", weight=2.0, region="eu-west-1")
     assert repr(ep) == "lbclient.Endpoint('http://10.0.1.11:8000', weight=2.0, region='eu-west-1')"
     assert repr(lbclient.Endpoint("http://a")) == "lbclient.Endpoint('http://a')"
-    assert "metadata={'gpu': 'h100'}" in repr(lbclient.Endpoint("http://a", metadata={"gpu": "h100"}))
+    assert "metadata={'gpu': 'h100'}" in repr(
+        lbclient.Endpoint("http://a", metadata={"gpu": "h100"})
+    )
 
 
 def test_frozen_and_evolvable() -> None:
@@ -82,9 +84,12 @@ def test_any_finite_positive_weight_is_accepted(w: float) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(host=st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
-       port=st.none() | st.integers(1, 65535), scheme=st.sampled_from(["http", "https"]),
-       slash=st.booleans())
+@given(
+    host=st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+    port=st.none() | st.integers(1, 65535),
+    scheme=st.sampled_from(["http", "https"]),
+    slash=st.booleans(),
+)
 def test_valid_urls_round_trip(host: str, port: int | None, scheme: str, slash: bool) -> None:
     base = f"{scheme}://{host}" + ("" if port is None else f":{port}")
     ep = lbclient.Endpoint(base + ("/" if slash else ""))
@@ -97,8 +102,18 @@ def test_valid_urls_round_trip(host: str, port: int | None, scheme: str, slash: 
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://x", "http://", "https://", "10.0.0.1:8000", "x", "", "   ", "http://h:99999",
-     "http://h:port", "grpc://h:1"],
+    [
+        "ftp://x",
+        "http://",
+        "https://",
+        "10.0.0.1:8000",
+        "x",
+        "",
+        "   ",
+        "http://h:99999",
+        "http://h:port",
+        "grpc://h:1",
+    ],
 )
 def test_bad_url(url: str) -> None:
     with pytest.raises(lbclient.ConfigError, match=named(url)) as info:
@@ -113,7 +128,9 @@ def test_url_not_a_str(url: Any) -> None:
 
 
 def test_scheme_message_says_what_is_allowed() -> None:
-    with pytest.raises(lbclient.ConfigError, match=r"'ftp://x' must start with http:// or https://"):
+    with pytest.raises(
+        lbclient.ConfigError, match=r"'ftp://x' must start with http:// or https://"
+    ):
         lbclient.Endpoint("ftp://x")
     with pytest.raises(lbclient.ConfigError, match=r"'http://' has no host"):
         lbclient.Endpoint("http://")

@@ -1,0 +1,119 @@
+"""Type-checked usage of lbclient's public API: ``mypy --strict tests/typing/api.py``
+must pass (``tests/test_public_api.py`` runs it).  Never executed; it only has to
+type-check.  Each assignment with an annotation asserts what the API returns."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+
+import lbclient
+from lbclient.strategies import ConsistentHash
+from lbclient.testing import FakeClock, ReplicaConfig, ReplicaFleet
+
+lb = lbclient.Balancer(
+    ["http://10.0.1.10:8000", lbclient.Endpoint("http://10.0.1.11:8000", weight=2.0)],
+    strategy="peak_ewma",
+    retry=lbclient.Retry(attempts=3, retry_on=lbclient.retry_if_status(429, 503)),
+    breaker=lbclient.Breaker(),
+    hedge=None,
+    region="eu-west-1",
+    ewma_decay=10.0,
+    clock=lbclient.MonotonicClock(),
+    rng=random.Random(0),
+)
+hashed = lbclient.Balancer(
+    ["http://a"], strategy=ConsistentHash(vnodes=50), clock=FakeClock(), rng=1
+)
+
+
+# -- @lb.route: the endpoint argument disappears, the rest of the signature stays ---------
+
+
+@lb.route
+async def complete(endpoint: lbclient.Endpoint, prompt: str, *, max_tokens: int = 16) -> str:
+    return f"{endpoint.url}: {prompt} ({max_tokens})"
+
+
+@lb.route(timeout=5.0)
+async def score(endpoint: lbclient.Endpoint, x: int) -> float:
+    return float(x) * endpoint.weight
+
+
+@hashed.route(key=lambda payload: payload["user"])
+async def chat(endpoint: lbclient.Endpoint, payload: dict[str, str]) -> dict[str, str]:
+    return {"url": endpoint.url, **payload}
+
+
+@lb.route
+async def stream(endpoint: lbclient.Endpoint, n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"{endpoint.url}:{i}"
+
+
+async def f(endpoint: lbclient.Endpoint, x: int) -> str:
+    return endpoint.url * x
+
+
+async def use() -> None:
+    s: str = await complete("hi")
+    s = await complete("hi", max_tokens=4)
+    v: float = await score(3)
+    d: dict[str, str] = await chat({"user": "u1"})
+    chunks: list[str] = [c async for c in stream(3)]
+    r: str = await lb.call(f, 2)
+    r = await lb.call(f, 2, key="user-1")
+    async with lb.pick() as ep:
+        url: str = ep.url
+        w: float = ep.weight
+    async with lb.pick(key="tenant") as ep2:
+        region: str | None = ep2.region
+
+    # membership
+    added: lbclient.Endpoint = lb.add("http://10.0.1.12:8000")
+    result: lbclient.DrainResult = await lb.drain(added.url, timeout=1.0)
+    idle: bool = result.idle
+    n: int = result.in_flight
+    lb.undrain(added.url)
+    removed: lbclient.Endpoint = lb.remove(added.url)
+    eps: tuple[lbclient.Endpoint, ...] = lb.endpoints
+
+    # stats
+    stats: lbclient.BalancerStats = lb.stats()
+    one: lbclient.EndpointStats = stats.endpoint("http://10.0.1.10:8000")
+    flight: int = one.in_flight + stats.in_flight
+    p99: float | None = one.p99_ms
+
+    # errors
+    try:
+        await complete("x")
+    except lbclient.AttemptsExhausted as exc:
+        attempts: tuple[lbclient.Attempt, ...] = exc.attempts
+        last: BaseException | None = exc.last_error
+        del attempts, last
+    except lbclient.DeadlineExceeded as exc2:
+        t: float = exc2.timeout
+        del t
+    except lbclient.LBError:
+        pass
+
+    async with lbclient.Balancer(["http://b"]) as other:
+        closed: bool = other.closed
+    await lb.aclose()
+
+    async with ReplicaFleet([ReplicaConfig(speed=0.5, capacity=2)], seed=1) as fleet:
+        urls: list[str] = fleet.urls
+        served: int = fleet[0].counters.served
+
+    del s, v, d, chunks, r, url, w, region, idle, n, removed, eps, one, flight, p99
+    del closed, urls, served
+
+
+def events(event: lbclient.Event) -> None:
+    if isinstance(event, lbclient.MembershipEvent):
+        action: str = event.action
+        print(action)
+
+
+watched = lbclient.Balancer(["http://c"], on_event=events)
+clock: lbclient.Clock = FakeClock()
