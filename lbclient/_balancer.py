@@ -257,6 +257,7 @@ class Balancer:
         self._dirty = True
         self._next_refresh = math.inf
         self._panic = False
+        self._probes_due: list[EndpointState] = []
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         # call-level counters
@@ -278,7 +279,9 @@ class Balancer:
                 raise ConfigError(f"duplicate endpoint url {ep.url!r}")
             seen.add(ep.url)
             self._members[ep.url] = self._new_state(ep)
-            self._members[ep.url].ramp_from = None  # the initial pool needs no slow start
+            st = self._members[ep.url]
+            st.ramp_from = None  # the initial pool needs no slow start
+            st.weight = ep.weight
         self._rebuild()
         self._next_refresh = -math.inf  # the first pick starts background work, if any
 
@@ -333,7 +336,9 @@ class Balancer:
             lb.remove(url)
         """
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not timeout >= 0  # also rejects NaN
         ):
             raise ConfigError(f"drain timeout must be a number of seconds >= 0, got {timeout!r}")
         s = self._state_of(url)
@@ -526,6 +531,12 @@ class Balancer:
         if panic != self._panic:
             self._panic = panic
             self._emit(PanicEvent(entered=panic, at=now, pickable=healthy, total=len(members)))
+        # Half-open endpoints with a free probe slot get the next pick outright: a
+        # load-aware strategy would otherwise avoid them (their EWMA still carries the
+        # failure penalty) and the breaker would never learn they recovered.
+        self._probes_due = [
+            s for s in pickable if s.breaker is not None and s.breaker.state == "half_open"
+        ]
         self._pickable = tuple(pickable)
         self._picker = self._strategy.picker(self._pickable, self._ctx) if pickable else None
         loc = self._locality
@@ -551,7 +562,13 @@ class Balancer:
         picker = self._picker
         if picker is None:
             raise NoEndpointAvailable(self._why_empty())
-        s = picker.pick(key, exclude)
+        s = None
+        if self._probes_due:
+            s = self._probes_due.pop()
+            if (exclude and s in exclude) or s.breaker is None or s.breaker.state != "half_open":
+                s = None
+        if s is None:
+            s = picker.pick(key, exclude)
         if s is None:
             s = picker.pick(key, None)
             if s is None:
@@ -576,6 +593,14 @@ class Balancer:
             if s.requests and s is not skip and s.available and s.failures < s.requests
         )
         return costs[len(costs) // 2] if costs else _DEFAULT_COST
+
+    def _acquire_first(self, key: object, now: float) -> tuple[EndpointState, int]:
+        """The first pick of a call: a failure to pick is a failed call."""
+        try:
+            return self._acquire(key, None, now)
+        except NoEndpointAvailable:
+            self._calls_failed += 1
+            raise
 
     def _why_empty(self) -> str:
         if self._closed:

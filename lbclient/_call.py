@@ -46,7 +46,7 @@ async def run(
     budget = lb._budget
     if budget is not None:
         budget.deposit(now)
-    s, probe = lb._acquire(key, None, now)
+    s, probe = lb._acquire_first(key, now)
     try:
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:
@@ -101,7 +101,7 @@ async def _run_traced(
     budget = lb._budget
     if budget is not None:
         budget.deposit(now)
-    s, probe = lb._acquire(key, None, now)
+    s, probe = lb._acquire_first(key, now)
     try:
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:

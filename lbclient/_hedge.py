@@ -390,7 +390,7 @@ async def _hedged(
     race = _Race(caller)
     if holder is not None:
         holder.append(race.attempts)
-    s, probe = lb._acquire(key, None, now)
+    s, probe = lb._acquire_first(key, now)
     race.tried.add(s)
     loop = asyncio.get_running_loop()
     delay = hedger.current_delay()

@@ -115,10 +115,9 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
         if lb._dirty or now >= lb._next_refresh:
             lb._rebuild()
         picker = lb._picker
-        if picker is None:
-            raise NoEndpointAvailable(lb._why_empty())
-        s = picker.pick(None, None)
+        s = None if picker is None else picker.pick(None, None)
         if s is None:
+            lb._calls_failed += 1
             raise NoEndpointAvailable(lb._why_empty())
         n = s.inflight + 1
         s.inflight = n
@@ -189,7 +188,7 @@ class PickedEndpoint:
         budget = lb._budget
         if budget is not None:
             budget.deposit(self._t0)
-        self._state, self._probe = lb._acquire(self._key, None, self._t0)
+        self._state, self._probe = lb._acquire_first(self._key, self._t0)
         return self._state.endpoint
 
     async def __aexit__(

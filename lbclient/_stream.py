@@ -159,7 +159,11 @@ async def _stream_call(
 
     committed: _StreamAttempt | None = None
     try:
-        launch(None, False)
+        try:
+            launch(None, False)
+        except NoEndpointAvailable:
+            lb._calls_failed += 1
+            raise
         next_hedge = (
             started + hedger.current_delay() if hedger is not None and hedges_left else None
         )
