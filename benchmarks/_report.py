@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from _harness import RunResult
 from rich.table import Table
+from scenarios import Scenario
 
 import lbclient
-from _harness import RunResult
-from scenarios import Scenario, Target
 
 
 def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:

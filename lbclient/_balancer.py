@@ -519,7 +519,9 @@ class Balancer:
             # Never eject more than max_ejection of the pool (Envoy's panic threshold):
             # past it, serve from the ejected endpoints that failed least recently.
             max_ejection = self._breaker.max_ejection if self._breaker is not None else 0.5
-            need = max(1, math.ceil((1.0 - max_ejection) * len(members)))
+            need = math.ceil((1.0 - max_ejection) * len(members))
+            if max_ejection < 1.0:
+                need = max(1, need)  # max_ejection=1.0 is the only way to eject everything
             if healthy < need:
                 panic = True
                 ejected.sort(key=lambda s: s.last_failure)
@@ -753,7 +755,8 @@ class Balancer:
         if self._hedge is not None:
             from ._hedge import run_hedged
 
-            return await run_hedged(self, fn, args, kwargs, key, None)
+            timeout = self._retry.timeout if self._retry is not None else None
+            return await run_hedged(self, fn, args, kwargs, key, timeout)
         deadline = self._retry.timeout if self._retry is not None else None
         if deadline is not None:
             return await _call.run_with_deadline(self, fn, args, kwargs, key, deadline)

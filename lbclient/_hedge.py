@@ -253,7 +253,8 @@ def _prefer_elsewhere(lb: Balancer, tried: set[EndpointState]) -> set[EndpointSt
             not zones and e.region is not None and e.region in regions
         ):
             out.add(s)
-    return out
+    # Everything left is in a tried zone/region: any untried endpoint will do.
+    return tried if all(s in out for s in lb._pickable) else out
 
 
 async def _backup(

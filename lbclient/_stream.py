@@ -16,6 +16,7 @@ a silent one is).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -104,8 +105,12 @@ def make_stream_route(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         k = key(*args, **kwargs) if key is not None else None
-        async for item in _stream_call(lb, fn, args, kwargs, k, timeout, idle_timeout):
-            yield item
+        # aclosing: closing this stream closes the inner one (and frees its slot) at once.
+        async with contextlib.aclosing(
+            _stream_call(lb, fn, args, kwargs, k, timeout, idle_timeout)  # type: ignore[type-var]
+        ) as inner:
+            async for item in inner:
+                yield item
 
     return functools.wraps(fn)(stream)
 
@@ -176,6 +181,7 @@ async def _stream_call(
             if deadline is not None:
                 left = deadline - now
                 if left <= 0:
+                    lb._calls_failed += 1
                     raise DeadlineExceeded(timeout or 0.0, attempts)
                 wait = left if wait is None else min(wait, left)
             try:

@@ -41,7 +41,7 @@ async def fleet() -> AsyncIterator[ReplicaFleet]:
         ReplicaConfig(
             region=region,
             network_latency=net,
-            base_latency=0.05,
+            base_latency=0.02,
             sigma=0.1,
             name=f"{region}-{i}",
         )
@@ -138,7 +138,8 @@ async def run_scenario(
         rng=1,
     )
     load = Load(lb, http)
-    for _ in range(4):  # open the connections before measuring
+    # Open the connections and let the latency estimates settle before measuring.
+    for _ in range(30):
         await load.complete()
     load.start()
     try:
@@ -181,33 +182,29 @@ async def run_scenario(
         assert not load.errors, load.errors[:3]
 
 
-GEO_RECOVERY_BUGS = (
-    "BUG: with slow_start set, the initial pool sits at 10% weight forever "
-    "(lbclient/_balancer.py Balancer.__init__ resets ramp_from but not weight), which geo "
-    "divides processing by: local 0.01 + proc/0.1 loses to an unsampled us-west-2 at "
-    "0.07 s, so phase 1 is ~5% local.  Even with that fixed, geo never returns to the "
-    "local region in time: a failed local replica is priced out after 1-2 failures "
-    "(failure penalty = 4x its cost) so its breaker never trips and no half-open probe "
-    "happens; only the 10 s EWMA decay of that penalty brings it back, ~5 s (up to ~50 s "
-    "for a 10 s penalty) later, while us-west-2 looks load-free (measured 50-60 ms < the "
-    "table's 70 ms => processing 0)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=GEO_RECOVERY_BUGS)
-async def test_geo_fails_over_to_the_next_region_and_back(
-    fleet: ReplicaFleet, http: aiohttp.ClientSession
-) -> None:
-    await run_scenario(fleet, http, strategy="geo", locality=False, slow_start=1.0)
-
-
 async def test_geo_fails_over_to_the_next_region_without_failures(
     fleet: ReplicaFleet, http: aiohttp.ClientSession
 ) -> None:
-    # Phases 1 and 2 only, without slow start (see the xfail test above for why).
+    # Phases 1 and 2 (the return is the xfail test below).
     await run_scenario(
-        fleet, http, strategy="geo", locality=False, slow_start=None, check_return=False
+        fleet, http, strategy="geo", locality=False, slow_start=1.0, check_return=False
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: geo does not return to the local region after it recovers: a failing "
+    "local replica is priced out after its first failure (lbclient/_balancer.py _failed: "
+    "`s.penalize(...)` makes its EWMA 4x its latency, ~100 ms, above us-west-2's ~55 ms), "
+    "so it never reaches Breaker(failures=5), never goes open / half-open and gets no "
+    "probe; only the ewma_decay=10 s decay of the penalty brings it back, >= 5 s after "
+    "the outage here (~55 s after a 10 s penalty).  Meanwhile us-west-2 scores as "
+    "load-free (measured < table => processing 0, see tests/unit/test_geo.py)",
+)
+async def test_geo_returns_to_the_local_region_after_recovery(
+    fleet: ReplicaFleet, http: aiohttp.ClientSession
+) -> None:
+    await run_scenario(fleet, http, strategy="geo", locality=False, slow_start=1.0)
 
 
 async def test_peak_ewma_with_locality_fails_over_and_back(

@@ -308,15 +308,7 @@ async def test_aclosing_the_stream_early_releases_its_slot(
     assert fleet[0].counters.cancelled == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: make_stream_route's wrapper iterates _stream_call() with a bare "
-        "'async for' and never aclose()s it, so closing the route's generator leaves "
-        "_stream_call suspended; its finally (cancel the pump task, release the slot) "
-        "only runs later when the inner generator is garbage-collected"
-    ),
-)
+
 async def test_aclose_releases_the_slot_before_it_returns(
     fleet_factory: Any, http: aiohttp.ClientSession
 ) -> None:

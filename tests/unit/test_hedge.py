@@ -476,15 +476,7 @@ async def test_hedge_prefers_another_region_when_no_zones() -> None:
     assert rec.urls == [A, C]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _prefer_elsewhere excludes every endpoint of a tried zone, and when that "
-        "excludes the whole pool _acquire falls back to exclude=None, which may return a "
-        "tried endpoint; _fire then silently drops the hedge (budget token spent) instead "
-        "of using an untried endpoint of the same zone"
-    ),
-)
+
 async def test_hedge_in_a_single_zone_pool_goes_to_the_other_endpoint() -> None:
     eps = [lbclient.Endpoint(A, zone="a"), lbclient.Endpoint(B, zone="a")]
     rec = Recorder({}, default=0.2)
@@ -495,14 +487,7 @@ async def test_hedge_in_a_single_zone_pool_goes_to_the_other_endpoint() -> None:
     assert lb.stats().hedges_sent == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the second hedge is dropped once every zone has been tried (zones a,a,b: "
-        "a1 -> b1 -> nothing, though a2 is untried): _prefer_elsewhere's exclusion falls "
-        "back to exclude=None in _acquire instead of exclude=tried"
-    ),
-)
+
 async def test_second_hedge_uses_an_untried_endpoint_in_a_tried_zone() -> None:
     eps = [
         lbclient.Endpoint(A, zone="a"),
@@ -598,14 +583,7 @@ async def test_route_deadline_during_a_hedge_cancels_every_attempt() -> None:
     assert (st.hedges_sent, st.calls_failed, st.in_flight) == (1, 1, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Balancer.call passes timeout=None to run_hedged when a Hedge is "
-        "configured, so Retry(timeout=...) is ignored by lb.call (the @lb.route path and "
-        "lb.call without a hedge both honour it)"
-    ),
-)
+
 async def test_lb_call_with_hedge_honours_retry_timeout() -> None:
     rec = Recorder({}, default=1.0)
     lb = lbclient.Balancer([A, B], retry=lbclient.Retry(timeout=0.1), hedge=Hedge(delay=5.0))

@@ -665,7 +665,6 @@ async def test_breaker_opens_half_opens_admits_probes_and_closes(
             with _suppress(ConnectionError):
                 await route()
             clock.advance(0.01)
-    await route()  # the next pick sees the new state (see the stats xfail below)
     stats = lb.stats().endpoint(bad)
     assert (stats.breaker, stats.pickable, stats.trips, stats.failures) == ("open", False, 1, 3)
 
@@ -712,7 +711,6 @@ async def test_breaker_opens_half_opens_admits_probes_and_closes(
     results = await asyncio.gather(*tasks)
     assert results.count(bad) == 2
     assert breaker_state(lb, bad) == "closed"
-    await route()
     assert lb.stats().endpoint(bad).pickable is True
     transitions = [(e.old, e.new) for e in events if isinstance(e, BreakerEvent)]
     assert transitions == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
@@ -792,6 +790,7 @@ def test_acquire_never_returns_an_open_endpoint(
     stats = lb.stats()
     assert {e.url for e in stats.endpoints if e.breaker == "open"} == open_urls
     assert not stats.panic
+    assert pickable(lb) == set(URLS[:n]) - open_urls
     healthy = [s for u, s in states.items() if u not in open_urls]
     for i in range(60):
         # Plain picks, and retry picks that exclude all but (at most) one healthy endpoint.
@@ -844,9 +843,12 @@ async def test_panic_mode_serves_least_recently_failed_and_recovers() -> None:
     assert {e.url for e in lb.stats().endpoints if e.breaker == "open"} == set(URLS[:3])
     assert failed_order[:3] == sorted(set(failed_order[:3]), key=failed_order.index)
 
-    # Serving continues: the healthy one plus the ejected one that failed longest ago.
-    broken.clear()
+    # Panic at once (stats() refreshes the snapshot), serving the healthy one plus the
+    # ejected one that failed longest ago.
     first_failed = failed_order[0]
+    assert lb.stats().panic is True
+    assert pickable(lb) == {healthy, first_failed}
+    broken.clear()
     served = [await route() for _ in range(40)]
     assert set(served) == {healthy, first_failed}
     assert pickable(lb) == {healthy, first_failed}
@@ -942,14 +944,6 @@ async def test_ejecting_exactly_the_max_ejection_share_is_not_panic() -> None:
     assert pickable(lb) == {s.url for s in states[7:]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Breaker(max_ejection=1.0) is documented to disable panic mode, but "
-        "_balancer._rebuild uses need = max(1, ...) so with every endpoint ejected it still "
-        "panics and serves one ejected endpoint instead of raising NoEndpointAvailable"
-    ),
-)
 async def test_max_ejection_one_disables_panic_mode() -> None:
     clock = FakeClock()
     events: list[lbclient.Event] = []
@@ -971,14 +965,6 @@ async def test_max_ejection_one_disables_panic_mode() -> None:
         await route()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Balancer.stats() reports EndpointState.available and self._panic as of the "
-        "last _rebuild (done lazily on the next pick): right after a trip it says "
-        "breaker='open' but pickable=True (and panic stays False until the next call)"
-    ),
-)
 async def test_stats_are_current_right_after_a_trip() -> None:
     clock = FakeClock()
     lb = Balancer(URLS[:3], breaker=Breaker(failures=1, cooldown=1.0, jitter=0.0), clock=clock)
@@ -989,10 +975,6 @@ async def test_stats_are_current_right_after_a_trip() -> None:
     assert (e.breaker, e.pickable) == ("open", False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: same staleness: a taken half-open probe slot still shows pickable=True",
-)
 async def test_stats_pickable_reflects_a_taken_probe_slot() -> None:
     clock = FakeClock()
     lb = Balancer(URLS[:3], breaker=Breaker(failures=1, cooldown=1.0, jitter=0.0), clock=clock)
@@ -1007,20 +989,18 @@ async def test_stats_pickable_reflects_a_taken_probe_slot() -> None:
     assert lb.stats().endpoint(s.url).pickable is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _call.run/_run_traced (and _route._fast_route) count the call in _calls "
-        "before _acquire, but a NoEndpointAvailable from the first _acquire escapes "
-        "without _calls_failed += 1 (the retry path does count it)"
-    ),
+@pytest.mark.parametrize(
+    "retry",
+    [None, Retry(), Retry(timeout=5.0)],
+    ids=["fast-route", "retry", "retry-deadline"],
 )
-async def test_no_endpoint_available_counts_as_a_failed_call() -> None:
-    lb = Balancer(URLS[:2], retry=Retry(), clock=FakeClock(auto_advance=True))
+async def test_no_endpoint_available_counts_as_a_failed_call(retry: Retry | None) -> None:
+    lb = Balancer(URLS[:2], retry=retry, clock=FakeClock(auto_advance=True))
     for url in URLS[:2]:
         lb.drain(url)
+    fn = Script(lambda n, ep: "ok")
     with pytest.raises(NoEndpointAvailable):
-        await lb.route(Script(lambda n, ep: "ok"))()
+        await lb.route(fn)()
+    assert fn.seen == []
     stats = lb.stats()
-    assert stats.calls == 1
-    assert stats.calls_failed == 1
+    assert (stats.calls, stats.calls_failed, stats.attempts, stats.in_flight) == (1, 1, 0, 0)
