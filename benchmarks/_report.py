@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -190,6 +191,11 @@ def asdict_attrs(obj: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ plot
 
 
+def _latencies(r: RunResult, stream: bool) -> list[float]:
+    src = r.ttft_ms if stream and r.ttft_ms else r.latency_ms
+    return [src.get(q) or 0.0 for q in ("p50", "p99", "p99.9")]
+
+
 def plot(
     path: Path,
     scenarios: Sequence[Scenario],
@@ -202,6 +208,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = [sc for sc in scenarios if results.get(sc.name)]
     if not rows:
@@ -221,10 +228,7 @@ def plot(
         ax = axes[row][0]
         width = 0.8 / len(quantiles)
         for k, (q, color) in enumerate(zip(quantiles, colors, strict=True)):
-            vals = []
-            for r in runs:
-                src = r.ttft_ms if sc.stream and r.ttft_ms else r.latency_ms
-                vals.append(src.get(q) or 0.0)
+            vals = [_latencies(r, sc.stream)[k] for r in runs]
             xs = [i + (k - 1) * width for i in range(len(runs))]
             bars = ax.bar(xs, vals, width, label=q, color=color)
             for bar, v in zip(bars, vals, strict=True):
@@ -237,6 +241,12 @@ def plot(
                         fontsize=6,
                     )
         ax.set_yscale("log")
+        positive = [v for r in runs for v in _latencies(r, sc.stream) if v > 0]
+        if positive:
+            ax.set_ylim(bottom=10 ** math.floor(math.log10(min(positive) * 0.8)),
+                        top=max(positive) * 2.0)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(names, fontsize=8)
         what = "TTFT" if sc.stream else "latency"
@@ -244,7 +254,7 @@ def plot(
         ax.set_title(f"{sc.name}: {sc.title}", fontsize=9, loc="left")
         ax.grid(axis="y", which="both", alpha=0.25)
         if row == 0:
-            ax.legend(fontsize=8, ncol=3, loc="upper left")
+            fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=3, loc="upper right")
 
         ax2 = axes[row][1]
         succ = [r.success_pct for r in runs]

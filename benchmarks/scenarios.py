@@ -161,7 +161,8 @@ def _all_of(*checks: Callable[[Results], tuple[str, bool | None]]) -> Callable[.
             text, met = c(results)
             texts.append(text)
             oks.append(met)
-        met_all = None if any(m is None for m in oks) else all(oks)
+        ran = [m for m in oks if m is not None]  # a policy not run does not count
+        met_all = all(ran) if ran else None
         return "; ".join(texts), met_all
 
     return check

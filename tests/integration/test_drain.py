@@ -78,7 +78,7 @@ async def test_drain_waits_for_in_flight_calls_and_stops_new_picks(
         drained_at: list[float] = []
 
         async def wait_drained() -> DrainResult:
-            result = await drain
+            result: DrainResult = await drain
             drained_at.append(time.monotonic())
             return result
 

@@ -158,12 +158,12 @@ async def test_brownout_replica_is_ejected_and_every_call_succeeds(
     async with asyncio.timeout(30), ReplicaFleet.uniform(4, seed=2, **FAST) as fleet:
         bad = 1
         fleet[bad].set(error_rate=0.5)
-        trips: list[tuple[float, int, int]] = []
+        trips: list[tuple[str, int, int]] = []
 
         def on_event(event: lbclient.Event) -> None:
+            # Runs inline at the transition: snapshot the fleet's counters right then.
             if isinstance(event, BreakerEvent) and event.new == "open" and not trips:
-                assert event.url == fleet.urls[bad]
-                trips.append((time.monotonic(), fleet.total_received, fleet[bad].counters.received))
+                trips.append((event.url, fleet.total_received, fleet[bad].counters.received))
 
         # round_robin: the first attempt ignores latency, so only the breaker (not the
         # failure penalty of load-aware strategies) can keep traffic off the bad replica.
@@ -182,7 +182,8 @@ async def test_brownout_replica_is_ejected_and_every_call_succeeds(
         assert trips, "the brownout replica's breaker never tripped"
         opened = [e for e in lb.stats().endpoints if e.url == fleet.urls[bad] and e.trips >= 1]
         assert opened
-        _, total_at_trip, bad_at_trip = trips[0]
+        url, total_at_trip, bad_at_trip = trips[0]
+        assert url == fleet.urls[bad]
         after_total = fleet.total_received - total_at_trip
         after_bad = fleet[bad].counters.received - bad_at_trip
         assert after_total >= 300, after_total  # it tripped early: enough traffic after it

@@ -1,0 +1,465 @@
+"""What lbclient costs the client: per-call overhead, pick time vs pool size, and CPU per
+real HTTP request.
+
+::
+
+    python benchmarks/overhead.py              # ~2 minutes
+    python benchmarks/overhead.py --quick      # ~20 s, noisier
+    python benchmarks/overhead.py --iterations 2000 --repeats 1 --http-requests 200
+
+1. **Decorator overhead** -- µs per ``await f()`` where ``f`` is ``@lb.route`` on
+   ``async def noop(ep): return None``, for every registered strategy (10 endpoints) and
+   for ``peak_ewma`` with ``Retry()``, ``Breaker()``, both, and ``Hedge(delay=10.0)``
+   (armed on every call, never fires), against the floor ``await noop(None)``.  Calls
+   are awaited one after the other in one event loop; best of ``--repeats`` runs of
+   ``--iterations`` calls each; the garbage collector is paused while timing.
+2. **Pick time vs pool size** -- ns per ``picker.pick(key, None)`` (the strategy alone)
+   and per ``lb._acquire(...)`` + ``lb._release(...)`` (pick plus the bookkeeping of a
+   call) for pools of 10 .. 10,000 endpoints (4 regions, client in us-east-1).  The
+   Python loop around the call is included (~20-30 ns).  ``consistent_hash`` is timed
+   with keys (``key=None`` would fall back to ``peak_ewma``).
+3. **Client CPU per real HTTP request** -- ``time.process_time()`` per request for
+   requests at concurrency 8 to fake replicas (``base_latency=0.001``) running in a
+   *separate process*, so only the client's CPU is counted: raw aiohttp with
+   ``itertools.cycle`` vs the same function under ``@lb.route`` (``peak_ewma``).  Rounds
+   alternate between the two; the median round is reported.
+
+Results are printed as rich tables and saved to ``overhead.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError:  # pragma: no cover
+    sys.exit("benchmarks need rich: pip install 'lbclient[bench]'")
+
+import aiohttp
+
+import _report
+import lbclient
+from lbclient import strategies
+
+REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "ap-southeast-1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--iterations", type=int, default=200_000, help="calls per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (best kept)")
+    p.add_argument("--sizes", default="10,100,1000,10000", help="pool sizes for pick time")
+    p.add_argument("--pick-seconds", type=float, default=0.15, help="target time per pick run")
+    p.add_argument("--http-requests", type=int, default=3000, help="requests per CPU round")
+    p.add_argument("--http-rounds", type=int, default=3, help="CPU rounds per mode")
+    p.add_argument("--skip-http", action="store_true", help="skip the CPU-per-request part")
+    p.add_argument("--quick", action="store_true", help="fewer iterations (noisier)")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iterations = min(args.iterations, 20_000)
+        args.repeats = min(args.repeats, 3)
+        args.pick_seconds = min(args.pick_seconds, 0.05)
+        args.http_requests = min(args.http_requests, 1000)
+        args.http_rounds = min(args.http_rounds, 2)
+    return args
+
+
+def _urls(n: int) -> list[lbclient.Endpoint]:
+    return [
+        lbclient.Endpoint(
+            f"http://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:8000",
+            region=REGIONS[i % len(REGIONS)],
+        )
+        for i in range(n)
+    ]
+
+
+# --------------------------------------------------------------- 1. decorator overhead
+
+
+async def noop(ep: object) -> None:
+    return None
+
+
+async def _time_calls(fn: Callable[[], Awaitable[Any]], n: int, repeats: int) -> float:
+    """Best ns per ``await fn()`` over ``repeats`` runs of ``n`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                await fn()
+            dt = time.perf_counter_ns() - t0
+        finally:
+            gc.enable()
+        best = min(best, dt / n)
+    return best
+
+
+async def decorator_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
+    n, repeats = args.iterations, args.repeats
+    rows: list[dict[str, Any]] = []
+
+    async def floor() -> None:
+        await noop(None)
+
+    floor_ns = await _time_calls(floor, n, repeats)
+    rows.append({"variant": "await noop(None)  (floor)", "ns": floor_ns, "overhead_ns": 0.0})
+
+    def variants() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        out: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        for name in strategies.names():
+            out.append((name, {"strategy": name}, {}))
+        out.append(
+            ("consistent_hash, key=", {"strategy": "consistent_hash"}, {"key": lambda: "user-42"})
+        )
+        pe = {"strategy": "peak_ewma"}
+        out += [
+            ("peak_ewma + Retry()", {**pe, "retry": lbclient.Retry()}, {}),
+            ("peak_ewma + Breaker()", {**pe, "breaker": lbclient.Breaker()}, {}),
+            (
+                "peak_ewma + Retry() + Breaker()",
+                {**pe, "retry": lbclient.Retry(), "breaker": lbclient.Breaker()},
+                {},
+            ),
+            ("peak_ewma + Hedge(delay=10.0)", {**pe, "hedge": lbclient.Hedge(delay=10.0)}, {}),
+        ]
+        return out
+
+    for label, kwargs, route_kw in variants():
+        lb = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, **kwargs)
+        fn = lb.route(**route_kw)(noop) if route_kw else lb.route(noop)
+        ns = await _time_calls(fn, n, repeats)
+        st = lb.stats()
+        assert st.calls == n * repeats and st.in_flight == 0, st
+        await lb.aclose()
+        rows.append({"variant": label, "ns": ns, "overhead_ns": ns - floor_ns})
+    return rows
+
+
+# ----------------------------------------------------------------- 2. pick vs pool size
+
+
+def _time_loop(body: Callable[[int], None], seconds: float, repeats: int) -> tuple[float, int]:
+    """Best ns per ``body(n)`` iteration, with ``n`` calibrated to ~``seconds``."""
+    n = 64
+    while True:
+        t0 = time.perf_counter_ns()
+        body(n)
+        dt = time.perf_counter_ns() - t0
+        if dt >= seconds * 1e9 / 8 or n >= 1 << 22:
+            break
+        n *= 4
+    n = max(64, int(n * seconds * 1e9 / max(dt, 1)))
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter_ns()
+            body(n)
+            dt = time.perf_counter_ns() - t0
+        finally:
+            gc.enable()
+        best = min(best, dt / n)
+    return best, n
+
+
+def pick_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    keys = [f"user-{i}" for i in range(1024)]
+    rows: list[dict[str, Any]] = []
+    for name in strategies.names():
+        for size in sizes:
+            t0 = time.perf_counter()
+            lb = lbclient.Balancer(_urls(size), strategy=name, region="us-east-1", rng=1)
+            build_ms = (time.perf_counter() - t0) * 1000
+            picker = lb._picker
+            assert picker is not None
+            pick = picker.pick
+            acquire, release, now = lb._acquire, lb._release, lb._now
+            keyed = name == "consistent_hash"
+
+            def picks(n: int) -> None:
+                if keyed:
+                    for k in itertools.islice(itertools.cycle(keys), n):
+                        pick(k, None)
+                else:
+                    for _ in range(n):
+                        pick(None, None)
+
+            def acquires(n: int) -> None:
+                if keyed:
+                    for k in itertools.islice(itertools.cycle(keys), n):
+                        s, _ = acquire(k, None, now())
+                        release(s)
+                else:
+                    for _ in range(n):
+                        s, _ = acquire(None, None, now())
+                        release(s)
+
+            pick_ns, n_pick = _time_loop(picks, args.pick_seconds, args.repeats)
+            acq_ns, _ = _time_loop(acquires, args.pick_seconds, args.repeats)
+            rows.append(
+                {
+                    "strategy": name,
+                    "size": size,
+                    "pick_ns": pick_ns,
+                    "acquire_release_ns": acq_ns,
+                    "build_ms": build_ms,
+                    "iterations": n_pick,
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------- 3. client CPU per request
+
+_SERVER = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from lbclient.testing import ReplicaConfig, ReplicaFleet
+
+    async def main():
+        cfg = ReplicaConfig(base_latency=0.001, sigma=0.0, capacity=64)
+        async with ReplicaFleet([cfg] * 4, seed=1) as fleet:
+            print(json.dumps(fleet.urls), flush=True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, sys.stdin.read)   # until the parent closes it
+
+    asyncio.run(main())
+    """
+)
+
+
+async def _drive(call: Callable[[], Awaitable[Any]], n: int, concurrency: int) -> None:
+    left = itertools.count()
+
+    async def worker() -> None:
+        while next(left) < n:
+            await call()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def client_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        urls: list[str] = json.loads(proc.stdout.readline())
+        payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def post(url: str) -> bytes:
+                async with session.post(url + "/v1/chat/completions", json=payload) as r:
+                    r.raise_for_status()
+                    return await r.read()
+
+            cycle = itertools.cycle(urls)
+
+            async def raw() -> bytes:
+                return await post(next(cycle))
+
+            lb = lbclient.Balancer(urls, strategy="peak_ewma", rng=1)
+
+            @lb.route
+            async def balanced(endpoint: lbclient.Endpoint) -> bytes:
+                return await post(endpoint.url)
+
+            modes: dict[str, Callable[[], Awaitable[Any]]] = {
+                "raw aiohttp": raw,
+                "@lb.route peak_ewma": balanced,
+            }
+            n = args.http_requests
+            for fn in modes.values():  # warm the connection pool and the code paths
+                await _drive(fn, min(500, n), 8)
+            rounds: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+            for _ in range(args.http_rounds):
+                for mode, fn in modes.items():
+                    gc.collect()
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    await _drive(fn, n, 8)
+                    c1, w1 = time.process_time(), time.perf_counter()
+                    rounds[mode].append(
+                        {"cpu_us": (c1 - c0) / n * 1e6, "wall_us": (w1 - w0) / n * 1e6}
+                    )
+            await lb.aclose()
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    out: dict[str, Any] = {"requests_per_round": n, "concurrency": 8, "modes": {}}
+    for mode, rs in rounds.items():
+        out["modes"][mode] = {
+            "cpu_us_per_request": statistics.median(r["cpu_us"] for r in rs),
+            "wall_us_per_request": statistics.median(r["wall_us"] for r in rs),
+            "rounds": rs,
+        }
+    raw_cpu = out["modes"]["raw aiohttp"]["cpu_us_per_request"]
+    lb_cpu = out["modes"]["@lb.route peak_ewma"]["cpu_us_per_request"]
+    out["ratio"] = lb_cpu / raw_cpu if raw_cpu > 0 else None
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def decorator_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(
+        title="[b]Decorator overhead[/b] (no-op call, 10 endpoints, sequential awaits)",
+        title_justify="left",
+    )
+    t.add_column("variant")
+    t.add_column("µs / call", justify="right")
+    t.add_column("overhead µs", justify="right")
+    for r in rows:
+        t.add_row(r["variant"], f"{r['ns'] / 1000:.2f}", f"{r['overhead_ns'] / 1000:.2f}")
+    return t
+
+
+def pick_table(rows: list[dict[str, Any]]) -> Table:
+    sizes = sorted({r["size"] for r in rows})
+    t = Table(
+        title="[b]Pick time vs pool size[/b] (ns: picker.pick / acquire+release)",
+        title_justify="left",
+    )
+    t.add_column("strategy")
+    for size in sizes:
+        t.add_column(f"{size:,}", justify="right")
+    t.add_column(f"{sizes[-1]:,} / {sizes[0]:,}", justify="right")
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        by = {r["size"]: r for r in rows if r["strategy"] == name}
+        cells = [f"{by[s]['pick_ns']:,.0f} / {by[s]['acquire_release_ns']:,.0f}" for s in sizes]
+        ratio = by[sizes[-1]]["pick_ns"] / by[sizes[0]]["pick_ns"]
+        t.add_row(name, *cells, f"{ratio:.1f}x")
+    return t
+
+
+def http_table(http: dict[str, Any]) -> Table:
+    t = Table(
+        title=f"[b]Client CPU per real HTTP request[/b] ({http['requests_per_round']} "
+        f"requests x {len(next(iter(http['modes'].values()))['rounds'])} rounds, "
+        "concurrency 8, replicas in another process)",
+        title_justify="left",
+    )
+    t.add_column("mode")
+    t.add_column("CPU µs / request", justify="right")
+    t.add_column("wall µs / request", justify="right")
+    for mode, m in http["modes"].items():
+        t.add_row(mode, f"{m['cpu_us_per_request']:.0f}", f"{m['wall_us_per_request']:.0f}")
+    t.add_row("[b]ratio[/b]", f"[b]{http['ratio']:.3f}x[/b]", "")
+    return t
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    dec = {r["variant"]: r for r in result["decorator"]}
+    for name in ("power_of_two", "peak_ewma"):
+        if name in dec:
+            us = dec[name]["overhead_ns"] / 1000
+            out.append(
+                {
+                    "target": f"decorator overhead of {name} <= 3 µs",
+                    "measured": f"{us:.2f} µs",
+                    "met": us <= 3.0,
+                }
+            )
+    rows = result["pick"]
+    sizes = sorted({r["size"] for r in rows})
+    if len(sizes) > 1:
+        lo, hi = sizes[0], sizes[-1]
+        for name in dict.fromkeys(r["strategy"] for r in rows):
+            if name.startswith("least_"):
+                continue
+            by = {r["size"]: r["pick_ns"] for r in rows if r["strategy"] == name}
+            ratio = by[hi] / by[lo]
+            out.append(
+                {
+                    "target": f"{name}: pick time at {hi:,} <= 3x at {lo:,}",
+                    "measured": f"{by[lo]:.0f} -> {by[hi]:.0f} ns ({ratio:.2f}x)",
+                    "met": ratio <= 3.0,
+                }
+            )
+    http = result.get("http")
+    if http and http.get("ratio") is not None:
+        out.append(
+            {
+                "target": "client CPU per request through @lb.route <= 1.25x raw aiohttp",
+                "measured": f"{http['ratio']:.3f}x",
+                "met": http["ratio"] <= 1.25,
+            }
+        )
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    info = _report.machine_info()
+    console.print(
+        f"[b]lbclient overhead[/b] -- {info['cpu_count']} CPU(s), Python "
+        f"{sys.version.split()[0]}, load average {info.get('loadavg_at_start')}"
+    )
+    started = time.perf_counter()
+    result: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    with console.status("decorator overhead..."):
+        result["decorator"] = await decorator_overhead(args)
+    console.print(decorator_table(result["decorator"]))
+    with console.status("pick time vs pool size..."):
+        result["pick"] = pick_scaling(args)
+    console.print(pick_table(result["pick"]))
+    if not args.skip_http:
+        with console.status("client CPU per HTTP request..."):
+            result["http"] = await client_cpu(args)
+        console.print(http_table(result["http"]))
+    result["targets"] = targets(result)
+    console.print(_report.targets_table(result["targets"]))
+    result["wall_seconds"] = time.perf_counter() - started
+    path = args.out / "overhead.json"
+    _report.write_json(path, result)
+    console.print(f"wrote {path} in {result['wall_seconds']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
