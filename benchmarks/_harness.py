@@ -29,9 +29,9 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from scenarios import Scenario
@@ -102,7 +102,9 @@ def parse_policy(name: str) -> Policy:
         elif m in flags:
             flags[m] = True
         else:
-            raise ValueError(f"unknown policy modifier {m!r} in {name!r} (retry, breaker, hedge, all)")
+            raise ValueError(
+                f"unknown policy modifier {m!r} in {name!r} (retry, breaker, hedge, all)"
+            )
     return Policy(name, strategy, **flags)
 
 
@@ -272,7 +274,7 @@ class Client:
         loop = asyncio.get_running_loop()
         self.lb: lbclient.Balancer | None = None
         self.call: Callable[[dict[str, Any]], Awaitable[Any]]
-        self.stream: Callable[[dict[str, Any]], AsyncIterator[bytes]]
+        self.stream: Callable[[dict[str, Any]], AsyncGenerator[bytes, None]]
         if policy.strategy is None:
             cycle = itertools.cycle(urls)
 
@@ -281,7 +283,7 @@ class Client:
                 rec.attempt(loop.time())
                 return await _post(session, url, payload)
 
-            async def stream(payload: dict[str, Any]) -> AsyncIterator[bytes]:
+            async def stream(payload: dict[str, Any]) -> AsyncGenerator[bytes, None]:
                 url = next(cycle)
                 rec.attempt(loop.time())
                 async for chunk in _sse(session, url, payload):
@@ -306,7 +308,8 @@ class Client:
             async for chunk in _sse(session, endpoint.url, payload):
                 yield chunk
 
-        self.call, self.stream = lb_call, lb_stream
+        # lbclient types a streaming route as an AsyncIterator; it is an async generator.
+        self.call, self.stream = lb_call, cast(Any, lb_stream)
 
     async def aclose(self) -> None:
         if self.lb is not None:
@@ -355,7 +358,9 @@ async def run_one(
     # Warm up at the scenario's rate, or faster for slow scenarios (at most 100 req/s and
     # 70% of capacity), so a run does not spend seconds on requests it does not measure.
     warm_rate = max(scenario.rate, min(100.0, 0.7 * scenario.capacity))
-    warm = list(itertools.accumulate(warm_rng.expovariate(warm_rate) for _ in range(scenario.warmup)))
+    warm = list(
+        itertools.accumulate(warm_rng.expovariate(warm_rate) for _ in range(scenario.warmup))
+    )
     payload = dict(PAYLOAD, stream=True) if scenario.stream else dict(PAYLOAD)
 
     n = len(schedule)
@@ -389,7 +394,9 @@ async def run_one(
                 if ev.new == "open" and i not in first_open:
                     first_open[i] = {"at": t, "received": received()}
             elif isinstance(ev, lbclient.PanicEvent) and len(breaker_events) < 200:
-                breaker_events.append([round(t, 4), -1, "panic", "enter" if ev.entered else "leave"])
+                breaker_events.append(
+                    [round(t, 4), -1, "panic", "enter" if ev.entered else "leave"]
+                )
 
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
@@ -424,7 +431,9 @@ async def run_one(
                         if record:
                             error[i] = _error_name(exc)
 
-                async def launch(times: Sequence[float], origin: float, record: bool) -> tuple[list[asyncio.Task[None]], float]:
+                async def launch(
+                    times: Sequence[float], origin: float, record: bool
+                ) -> tuple[list[asyncio.Task[None]], float]:
                     tasks: list[asyncio.Task[None]] = []
                     late = 0.0
                     for i, at in enumerate(times):

@@ -167,14 +167,21 @@ def scenario_dict(sc: Scenario, duration: float, policies: Sequence[str]) -> dic
         "duration_s": duration,
         "policies": list(policies),
         "faults": [
-            {"at_s": f.at * duration, "action": f.action, "replicas": list(f.replicas),
-             "fields": dict(f.fields)}
+            {
+                "at_s": f.at * duration,
+                "action": f.action,
+                "replicas": list(f.replicas),
+                "fields": dict(f.fields),
+            }
             for f in sc.faults
         ],
-        "bursts": [{"at_s": b.at * duration, "length_s": b.length, "factor": b.factor}
-                   for b in sc.bursts],
-        "phases": [{"name": p.name, "start_s": p.start * duration, "end_s": p.end * duration}
-                   for p in sc.phases],
+        "bursts": [
+            {"at_s": b.at * duration, "length_s": b.length, "factor": b.factor} for b in sc.bursts
+        ],
+        "phases": [
+            {"name": p.name, "start_s": p.start * duration, "end_s": p.end * duration}
+            for p in sc.phases
+        ],
         "stream": sc.stream,
         "client_region": sc.client_region,
         "warmup_requests": sc.warmup,
@@ -243,8 +250,9 @@ def plot(
         ax.set_yscale("log")
         positive = [v for r in runs for v in _latencies(r, sc.stream) if v > 0]
         if positive:
-            ax.set_ylim(bottom=10 ** math.floor(math.log10(min(positive) * 0.8)),
-                        top=max(positive) * 2.0)
+            ax.set_ylim(
+                bottom=10 ** math.floor(math.log10(min(positive) * 0.8)), top=max(positive) * 2.0
+            )
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(range(len(runs)))

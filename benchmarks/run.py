@@ -39,6 +39,7 @@ try:
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -85,7 +86,9 @@ def plan(args: argparse.Namespace) -> list[tuple[Scenario, float, list[str]]]:
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in names if s not in SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        raise SystemExit(
+            f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}"
+        )
     out = []
     for name in names:
         sc = SCENARIOS[name]
@@ -143,7 +146,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 policy = parse_policy(pol_name)
                 task = progress.add_task(f"  {sc.name} / {pol_name}", total=round(duration))
 
-                def tick(elapsed: float, task: int = task) -> None:
+                def tick(elapsed: float, task: TaskID = task) -> None:
                     progress.update(task, completed=round(elapsed))
 
                 gc.collect()

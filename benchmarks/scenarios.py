@@ -394,7 +394,9 @@ FLEET_DOWN = Scenario(
     faults=(Fault(1 / 3, "down", (0, 1, 2, 3)), Fault(2 / 3, "up", (0, 1, 2, 3))),
     phases=(Phase("before", 0.0, 1 / 3), Phase("outage", 1 / 3, 2 / 3), Phase("after", 2 / 3, 1.0)),
     columns=(
-        Column("attempts/req outage", "attempts_outage", phase_value("outage", "attempts"), "{:.3f}"),
+        Column(
+            "attempts/req outage", "attempts_outage", phase_value("outage", "attempts"), "{:.3f}"
+        ),
         Column("ok % after", "ok_after", phase_value("after", "success"), "{:.2f}"),
         Column("p99 after", "p99_after", phase_value("after", "p99"), "{:.0f}"),
     ),
@@ -420,9 +422,7 @@ REGION_OUTAGE = Scenario(
     name="region_outage",
     title="Region outage: 8 replicas in 4 regions, client in us-east-1, us-east-1 dies half way",
     replicas=tuple(
-        ReplicaConfig(
-            capacity=4, base_latency=_BASE_LATENCY, region=region, network_latency=net
-        )
+        ReplicaConfig(capacity=4, base_latency=_BASE_LATENCY, region=region, network_latency=net)
         for region, net in zip(REGIONS, NET, strict=True)
         for _ in range(2)
     ),

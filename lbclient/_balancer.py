@@ -519,7 +519,9 @@ class Balancer:
             # Never eject more than max_ejection of the pool (Envoy's panic threshold):
             # past it, serve from the ejected endpoints that failed least recently.
             max_ejection = self._breaker.max_ejection if self._breaker is not None else 0.5
-            need = math.ceil((1.0 - max_ejection) * len(members))
+            # members - floor(share x members), with a hair of slack for float error
+            # (0.7 x 10 must allow exactly 7 ejections, not 6).
+            need = len(members) - math.floor(max_ejection * len(members) + 1e-9)
             if max_ejection < 1.0:
                 need = max(1, need)  # max_ejection=1.0 is the only way to eject everything
             if healthy < need:

@@ -77,7 +77,7 @@ async def run_with_deadline(
     deadline = lb._now() + timeout
     try:
         async with asyncio.timeout(timeout) as scope:
-            return await _run_traced(lb, fn, args, kwargs, key, attempts, deadline)
+            return await _run_traced(lb, fn, args, kwargs, key, attempts, deadline, scope)
     except TimeoutError as exc:
         if scope.expired():
             lb._calls_failed += 1
@@ -93,6 +93,7 @@ async def _run_traced(
     key: object,
     attempts: list[Attempt],
     deadline: float,
+    scope: asyncio.Timeout | None = None,
 ) -> R:
     if lb._closed:
         raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
@@ -111,12 +112,30 @@ async def _run_traced(
             lb._calls_failed += 1
             raise
     except BaseException:
-        lb._cancelled(s, probe)
+        _interrupted(lb, s, now, probe, scope, attempts)
         raise
     else:
         lb._succeeded(s, now, probe)
         return result
-    return await _retrying(lb, fn, args, kwargs, key, attempts, {s}, now, deadline)
+    return await _retrying(lb, fn, args, kwargs, key, attempts, {s}, now, deadline, scope)
+
+
+def _interrupted(
+    lb: Balancer,
+    s: EndpointState,
+    t0: float,
+    probe: int,
+    scope: asyncio.Timeout | None,
+    attempts: list[Attempt],
+) -> None:
+    """An attempt was cancelled: by the call's own deadline (the endpoint was too slow,
+    which counts against it, so a hung replica gets ejected) or by the caller."""
+    if scope is not None and scope.expired():
+        err = TimeoutError(f"attempt on {s.url} still running at the call's deadline")
+        lb._failed(s, t0, err, probe)
+        attempts.append(Attempt(endpoint=s.endpoint, error=err, duration=lb._now() - t0))
+    else:
+        lb._cancelled(s, probe)
 
 
 def _other_healthy(lb: Balancer, tried: set[EndpointState]) -> bool:
@@ -140,6 +159,7 @@ async def _retrying(
     tried: set[EndpointState],
     started: float,
     deadline: float | None,
+    scope: asyncio.Timeout | None = None,
 ) -> R:
     retry = lb._retry
     assert retry is not None
@@ -193,7 +213,7 @@ async def _retrying(
             err = exc
             continue
         except BaseException:
-            lb._cancelled(s, probe)
+            _interrupted(lb, s, now, probe, scope, attempts)
             raise
         lb._succeeded(s, now, probe)
         return result

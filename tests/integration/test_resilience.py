@@ -296,8 +296,8 @@ async def test_every_call_ends_exactly_once_under_mixed_faults(
         lb = Balancer(
             fleet.urls,
             # The deadline outlasts the client's 2 s read timeout, so a hung attempt ends as
-            # a TimeoutError that counts against the replica and is retried (see the xfail
-            # below for what happens when the deadline is the shorter of the two).
+            # a TimeoutError that counts against the replica and is retried (the test below
+            # covers a deadline shorter than the client timeout).
             retry=Retry(attempts=3, timeout=3.5),
             breaker=lbclient.Breaker(failures=3, cooldown=0.5),
             rng=5,
@@ -347,14 +347,6 @@ async def test_every_call_ends_exactly_once_under_mixed_faults(
         assert fleet.totals().received <= api.invocations
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: an attempt cut short by the call's own deadline (Retry.timeout / route "
-        "timeout=) is recorded with Balancer._cancelled, like a caller's cancel, so a "
-        "hung replica is never penalised or ejected and keeps getting its share of calls"
-    ),
-)
 async def test_a_hung_replica_is_ejected_when_calls_hit_their_deadline(
     http: aiohttp.ClientSession,
 ) -> None:

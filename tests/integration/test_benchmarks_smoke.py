@@ -1,0 +1,129 @@
+"""Smoke test of the benchmark scripts: a tiny ``benchmarks/run.py --quick`` and a tiny
+``benchmarks/overhead.py``, each in a subprocess, checking that the JSON and the PNG are
+written and that the numbers are sane.  Runs in well under 30 s."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("rich")
+pytest.importorskip("matplotlib")
+
+import lbclient
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(script: str, *args: str, timeout: float = 25.0) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _check_latency(lat: dict[str, float]) -> None:
+    assert 10.0 < lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"] < 10_000.0, lat
+
+
+@pytest.mark.timeout(60)
+def test_run_quick_writes_json_and_png(tmp_path: Path) -> None:
+    out = _run(
+        "run.py",
+        "--quick",
+        "--scenarios",
+        "hetero,failover",
+        "--duration",
+        "1.5",
+        "--warmup",
+        "32",
+        "--out",
+        str(tmp_path),
+    )
+    assert "hetero" in out and "Targets" in out
+
+    png = tmp_path / "results.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert png.stat().st_size > 10_000
+
+    data: dict[str, Any] = json.loads((tmp_path / "results.json").read_text())
+    machine = data["machine"]
+    for key in ("platform", "python", "cpu_count", "date"):
+        assert machine[key], key
+    assert set(data["results"]) == {"hetero", "failover"}
+    assert set(data["results"]["hetero"]) == {"round_robin", "power_of_two", "peak_ewma"}
+    assert set(data["results"]["failover"]) == {"baseline_rr", "peak_ewma+retry+breaker"}
+
+    for scenario, by_policy in data["results"].items():
+        n_replicas = len(data["scenarios"][scenario]["replicas"])
+        for policy, r in by_policy.items():
+            assert r["requests"] > 40, (scenario, policy)
+            assert 0.0 <= r["success_pct"] <= 100.0
+            _check_latency(r["latency_ms"])
+            assert len(r["share_pct"]) == n_replicas
+            assert sum(r["share_pct"]) == pytest.approx(100.0, abs=0.1)
+            assert r["attempts"] >= r["requests"]
+
+    hetero = data["results"]["hetero"]
+    for r in hetero.values():  # no faults, no retries: every request succeeds, once
+        assert r["success_pct"] == 100.0
+        assert r["attempts_per_request"] == 1.0
+        assert abs(r["extra_load_pct"]) < 1.0
+
+    failover = data["results"]["failover"]
+    base, resilient = failover["baseline_rr"], failover["peak_ewma+retry+breaker"]
+    assert base["phases"]["after"]["success_pct"] < 90.0  # half the fleet refuses
+    assert resilient["success_pct"] >= 99.0
+    assert resilient["fault_log"] and resilient["fault_log"][0][1] == "down"
+    assert {o["scenario"] for o in data["targets"]} == {"hetero", "failover"}
+
+
+@pytest.mark.timeout(60)
+def test_overhead_tiny_writes_json(tmp_path: Path) -> None:
+    _run(
+        "overhead.py",
+        "--iterations",
+        "2000",
+        "--repeats",
+        "1",
+        "--sizes",
+        "10,100",
+        "--pick-seconds",
+        "0.005",
+        "--http-requests",
+        "100",
+        "--http-rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    data: dict[str, Any] = json.loads((tmp_path / "overhead.json").read_text())
+    variants = {r["variant"]: r for r in data["decorator"]}
+    floor = next(r for name, r in variants.items() if "floor" in name)
+    assert 0 < floor["ns"] < 100_000
+    for name in lbclient.strategies.names():
+        assert variants[name]["ns"] > 0
+    assert any("Hedge" in v for v in variants)
+
+    picks = {(r["strategy"], r["size"]) for r in data["pick"]}
+    assert picks == {(s, n) for s in lbclient.strategies.names() for n in (10, 100)}
+    assert all(r["pick_ns"] > 0 and r["acquire_release_ns"] > 0 for r in data["pick"])
+
+    http = data["http"]
+    assert http["ratio"] > 0
+    for mode in http["modes"].values():
+        assert mode["cpu_us_per_request"] > 0
+    assert data["targets"]
