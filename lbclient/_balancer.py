@@ -369,7 +369,7 @@ class Balancer:
         if load is None:
             return
         url = endpoint.url if isinstance(endpoint, Endpoint) else endpoint
-        s = self._members.get(url)
+        s = self._members.get(url.rstrip("/") if isinstance(url, str) else url)
         if s is None:
             return
         try:
@@ -547,9 +547,11 @@ class Balancer:
         if loc is not None and pickable and self._picker is not None:
             table = self._geo or GeoTable.default()
             distance = {
-                s.endpoint.region: table.latency(self._region, s.endpoint.region) for s in members
+                s.endpoint.region: table.latency(self._region, s.endpoint.region)
+                for s in self._members.values()
             }
-            tier = nearest_tier(pickable, members, distance, loc.min_healthy)
+            # Draining endpoints count as unhealthy members of their region.
+            tier = nearest_tier(pickable, list(self._members.values()), distance, loc.min_healthy)
             if len(tier) < len(pickable):
                 self._picker = LocalityPicker(
                     self._strategy.picker(tier, self._ctx), self._picker, loc.spill_inflight

@@ -47,7 +47,12 @@ def _pairs(value: object) -> Mapping[frozenset[str], float]:
         raise ConfigError(f"latency_ms must be a mapping of region pairs to ms, got {value!r}")
     out: dict[frozenset[str], float] = {}
     for pair, ms in value.items():
-        if isinstance(pair, str) or not all(isinstance(r, str) for r in pair) or len(pair) != 2:
+        if (
+            isinstance(pair, str)
+            or not isinstance(pair, tuple | list | frozenset | set)
+            or len(pair) != 2
+            or not all(isinstance(r, str) for r in pair)
+        ):
             raise ConfigError(f"latency_ms key must be a pair of two region names, got {pair!r}")
         if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
             raise ConfigError(f"latency_ms[{pair!r}] must be a number of ms >= 0, got {ms!r}")

@@ -85,20 +85,24 @@ def nearest_tier(
     distance: dict[str | None, float],
     min_healthy: float,
 ) -> list[EndpointState]:
-    """The pickable endpoints of the nearest regions that together are healthy enough."""
+    """The pickable endpoints of the nearest regions that are healthy enough.
+
+    Regions are walked nearest first; a region whose pickable share is at least
+    ``min_healthy`` ends the walk; a region below it contributes what it has and the
+    next region is added.  Draining, ejected and down endpoints all count as members
+    that are not pickable.
+    """
     by_region: dict[str | None, list[EndpointState]] = {}
-    for s in members:
-        by_region.setdefault(s.endpoint.region, [])
-    for s in pickable:
-        by_region.setdefault(s.endpoint.region, []).append(s)
     totals: dict[str | None, int] = {}
     for s in members:
+        by_region.setdefault(s.endpoint.region, [])
         totals[s.endpoint.region] = totals.get(s.endpoint.region, 0) + 1
+    for s in pickable:
+        by_region.setdefault(s.endpoint.region, []).append(s)
     tier: list[EndpointState] = []
-    tier_total = 0
     for region in sorted(by_region, key=lambda r: (distance.get(r, math.inf), str(r))):
-        tier.extend(by_region[region])
-        tier_total += totals.get(region, 0)
-        if tier and len(tier) >= min_healthy * tier_total:
+        healthy = by_region[region]
+        tier.extend(healthy)
+        if healthy and len(healthy) >= min_healthy * totals.get(region, len(healthy)) - 1e-9:
             return tier
     return list(pickable)

@@ -121,6 +121,11 @@ class EndpointState:
         self._lat[i & (_RING - 1)] = rtt
         self._lat_i = i + 1
 
+    @property
+    def sampled(self) -> bool:
+        """Has at least one latency been measured (not just a pick made)?"""
+        return self._lat_i > 0
+
     def penalize(self, rtt: float, now: float) -> None:
         """Raise the EWMA as if a response took ``rtt`` (a failure); not a latency sample."""
         if rtt > self.cost:

@@ -32,10 +32,11 @@ from .._state import EndpointState
 from ._base import PickContext
 
 NAME = "geo"
+_UNMEASURED = 0.05  # seconds of processing assumed before any endpoint was measured
 
 
 class _GeoPicker:
-    __slots__ = ("_groups", "_net", "_now", "_prior", "_random")
+    __slots__ = ("_groups", "_net", "_now", "_picks", "_prior", "_random", "_states")
 
     def __init__(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
         table = ctx.geo or GeoTable.default()
@@ -47,17 +48,29 @@ class _GeoPicker:
             self._net = {id(s): 0.0 for s in states}
         else:
             self._net = {id(s): table.latency(ctx.region, s.endpoint.region) for s in states}
-        now = ctx.clock.now()
-        sampled = [s.ewma(now) for s in states if s.requests > 0]
-        self._prior = statistics.median(sampled) if sampled else 0.0
+        self._states = tuple(states)
         self._now: Callable[[], float] = ctx.clock.now
         self._random = ctx.rng.random
+        self._picks = 0
+        self._prior = 0.0
+        self._refresh_prior(self._now())
+
+    def _refresh_prior(self, now: float) -> None:
+        """Processing latency assumed for endpoints with no sample yet: the median of the
+        sampled ones' processing part (refreshed every 64 picks, O(n) amortised)."""
+        procs = []
+        for s in self._states:
+            if s.sampled:
+                total = s.ewma(now)
+                procs.append(total - min(self._net[id(s)], total))
+        # With nothing measured yet, assume the balancer's default latency prior.
+        self._prior = statistics.median(procs) if procs else _UNMEASURED
 
     def score(self, s: EndpointState, now: float) -> float:
         net = self._net[id(s)]
-        if s.requests > 0:
+        if s.sampled:
             total = s.ewma(now)
-            if total < net:  # measured beats the table: trust the measurement
+            if total < net:  # measured (or decayed while idle) below the table: trust it
                 net = total
             proc = total - net
         else:
@@ -70,6 +83,9 @@ class _GeoPicker:
 
     def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
         now = self._now()
+        self._picks += 1
+        if self._picks & 63 == 0:
+            self._refresh_prior(now)
         rnd = self._random
         best: EndpointState | None = None
         best_score = 0.0

@@ -166,9 +166,9 @@ async def run_scenario(
         await fleet[0].up()
         await fleet[1].up()
 
-        def local_closed() -> bool:
+        def local_closed() -> bool:  # both probed (half-open probes go out at once)
             st = lb.stats()
-            return any(st.endpoint(r.url).breaker == "closed" for r in fleet.replicas[:2])
+            return all(st.endpoint(r.url).breaker == "closed" for r in fleet.replicas[:2])
 
         await wait_for(local_closed, within=8.0)
         await asyncio.sleep((slow_start or 0.0) + 0.5)
