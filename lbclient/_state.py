@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EndpointState"]
 
+PENALTY_DECAY = 2.0
+"""Seconds for a failure penalty to fade by 1/e (a 4x penalty is back to 1x in ~3 s)."""
+
 _RING = 256  # recent latencies kept per endpoint for p50/p99 (power of two)
 _exp = math.exp
 
@@ -50,6 +53,8 @@ class EndpointState:
         "inflight",
         "last_failure",
         "peak_inflight",
+        "penalty",
+        "penalty_at",
         "ramp_from",
         "requests",
         "retries_sent",
@@ -79,6 +84,8 @@ class EndpointState:
         self.decay = decay
         self.started = now
         self.last_failure = -math.inf
+        self.penalty = 0.0  # failure penalty in seconds, fading (see penalize)
+        self.penalty_at = 0.0
         self.draining = False
         self.health_down = False
         self.ramp_from: float | None = None  # slow start: when the ramp began
@@ -98,9 +105,12 @@ class EndpointState:
     def ewma(self, now: float) -> float:
         """Peak-EWMA latency in seconds, decayed for the time since the last sample."""
         dt = now - self.stamp
-        if dt <= 0.0:
-            return self.cost
-        return self.cost * _exp(-dt / self.decay)
+        cost = self.cost if dt <= 0.0 else self.cost * _exp(-dt / self.decay)
+        if self.penalty:
+            p = self.penalty * _exp(-(now - self.penalty_at) / PENALTY_DECAY)
+            if p > cost:
+                return p
+        return cost
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -117,6 +127,7 @@ class EndpointState:
                 w = 0.97
             self.cost = cost * w + rtt * (1.0 - w)
         self.stamp = now
+        self.penalty = 0.0
         i = self._lat_i
         self._lat[i & (_RING - 1)] = rtt
         self._lat_i = i + 1
@@ -127,15 +138,25 @@ class EndpointState:
         return self._lat_i > 0
 
     def penalize(self, rtt: float, now: float) -> None:
-        """Raise the EWMA as if a response took ``rtt`` (a failure); not a latency sample."""
-        if rtt > self.cost:
-            self.cost = rtt
-        self.stamp = now
+        """Price a failure as a response that took ``rtt`` seconds.
+
+        The penalty sits beside the latency estimate (which stays a true latency) and
+        fades with its own, short time constant (:data:`PENALTY_DECAY`), so a replica
+        that failed once is avoided for a few seconds, then tried again -- it must not
+        wait for the 10 s latency EWMA to forget.  A success clears it.
+        """
+        if self.penalty:
+            current = self.penalty * _exp(-(now - self.penalty_at) / PENALTY_DECAY)
+            if current > rtt:
+                rtt = current
+        self.penalty = rtt
+        self.penalty_at = now
 
     def reset_cost(self, cost: float, now: float) -> None:
         """Start the estimate afresh (an endpoint back from ejection)."""
         self.cost = cost
         self.stamp = now
+        self.penalty = 0.0
 
     def recent_latencies(self) -> list[float]:
         """The most recent latency samples (up to 256), oldest first is not guaranteed."""

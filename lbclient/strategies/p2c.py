@@ -120,7 +120,7 @@ class _P2CPeakEwma(P2CPicker):
             j += 1
         states = self._states
         a, b = states[i], states[j]
-        if a.server_load is not None or b.server_load is not None:
+        if a.server_load is not None or b.server_load is not None or a.penalty or b.penalty:
             now = self._now()
             return b if peak_ewma_load(b, now) < peak_ewma_load(a, now) else a
         now = self._now()
