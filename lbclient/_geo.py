@@ -54,8 +54,15 @@ def _pairs(value: object) -> Mapping[frozenset[str], float]:
             or not all(isinstance(r, str) for r in pair)
         ):
             raise ConfigError(f"latency_ms key must be a pair of two region names, got {pair!r}")
-        if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms >= 0:
-            raise ConfigError(f"latency_ms[{pair!r}] must be a number of ms >= 0, got {ms!r}")
+        if (
+            isinstance(ms, bool)
+            or not isinstance(ms, int | float)
+            or not math.isfinite(ms)
+            or not ms >= 0
+        ):
+            raise ConfigError(
+                f"latency_ms[{pair!r}] must be a finite number of ms >= 0, got {ms!r}"
+            )
         out[frozenset(pair)] = float(ms)
     return types.MappingProxyType(out)
 

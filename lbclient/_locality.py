@@ -75,7 +75,9 @@ class LocalityPicker:
         if s is None:
             return self._all.pick(key, exclude)
         if self._limit is not None and s.inflight >= self._limit:
-            return self._all.pick(key, exclude)
+            # Saturated: the whole pool, minus this endpoint (unless it is all there is).
+            busy = {s} if not exclude else {s, *exclude}
+            return self._all.pick(key, busy) or s
         return s
 
 

@@ -50,8 +50,9 @@ through these steps; the faults act at the step named:
    ``tokens`` and ``error_after_tokens``).  A stream holds its slot until it ends.
 
 Every answer of a completion endpoint carries ``x-replica`` (the replica's name),
-``x-queue-depth`` (requests waiting for a slot plus requests holding one, at the time the
-response headers are sent -- it counts the request itself when it held a slot) and
+``x-queue-depth`` (the *other* requests waiting for a slot or holding one at the time the
+response headers are sent -- the request being answered is not counted, so an idle replica
+answers 0; feed it to ``Balancer.report_load``) and
 ``x-region`` / ``x-zone`` when set.  Answers that held a slot (``200``, ``500``) also
 carry ``x-service-time``: the time the request held its slot before the headers were
 sent (the sampled service time, or the time to first token of a stream), in seconds --
@@ -176,7 +177,8 @@ class ReplicaConfig:
             ``sigma=0`` makes it constant.
         ``capacity`` (int >= 1, default 4)
             Concurrent slots.  Requests beyond wait in a FIFO queue; the
-            ``x-queue-depth`` response header reports waiting + in-service requests.
+            ``x-queue-depth`` response header reports the other waiting + in-service
+            requests.
         ``network_latency`` (>= 0, default 0)
             Delay added before anything else, on every endpoint: distance to the
             replica.
@@ -579,7 +581,10 @@ class Replica:
         self, service: float | None = None, extra: Mapping[str, str] | None = None
     ) -> dict[str, str]:
         headers = dict(self._headers)
-        headers["x-queue-depth"] = str(self._busy + len(self._waiters))
+        depth = self._busy + len(self._waiters)
+        if service is not None:  # this request holds a slot: do not count it
+            depth -= 1
+        headers["x-queue-depth"] = str(max(0, depth))
         if service is not None:
             headers["x-service-time"] = f"{service:.6f}"
         if extra:

@@ -66,7 +66,7 @@ async def test_chat_completion_body_headers_and_counters(http: aiohttp.ClientSes
         status, headers, data, _ = await post(http, fleet.urls[1] + CHAT)
         assert status == 200
         assert headers["x-replica"] == "replica-1"
-        assert headers["x-queue-depth"] == "1"  # itself, alone
+        assert headers["x-queue-depth"] == "0"  # alone: nobody else queued or running
         assert headers["x-region"] == "eu-west-1"
         assert headers["x-zone"] == "eu-west-1a"
         assert float(headers["x-service-time"]) > 0
@@ -139,9 +139,9 @@ async def test_capacity_one_queues_fifo(http: aiohttp.ClientSession) -> None:
         elapsed = time.perf_counter() - t0
         assert all(status == 200 for status, _, _, _ in results)
         assert 3 * service * 0.95 <= elapsed < 3 * service + 0.1
-        # x-queue-depth counts the request itself plus those still waiting behind it.
+        # x-queue-depth counts the others still waiting behind the answered request.
         depths = sorted(int(h["x-queue-depth"]) for _, h, _, _ in results)
-        assert depths == [1, 2, 3]
+        assert depths == [0, 1, 2]
         latencies = sorted(t for _, _, _, t in results)
         for rank, latency in enumerate(latencies, start=1):
             assert latency >= rank * service * 0.95
@@ -283,7 +283,7 @@ async def test_client_timeout_on_slow_replica_counts_cancelled_and_frees_slot(
         replica.set(base_latency=0.005)
         status, headers, _, elapsed = await post(http, fleet.urls[0] + CHAT)
         assert status == 200
-        assert headers["x-queue-depth"] == "1"
+        assert headers["x-queue-depth"] == "0"
         assert elapsed < 0.5
 
 
@@ -392,7 +392,7 @@ async def test_stream_exact_tokens_and_ttft(http: aiohttp.ClientSession) -> None
         async with http.post(fleet.urls[0] + CHAT, json={**BODY, "stream": True}) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
-            assert resp.headers["x-queue-depth"] == "1"
+            assert resp.headers["x-queue-depth"] == "0"
             events, times = await read_stream(resp)
         assert events[-1] == "[DONE]"
         chunks = events[:-1]

@@ -124,7 +124,6 @@ async def run_scenario(
     strategy: str,
     locality: bool,
     slow_start: float | None,
-    check_return: bool = True,
 ) -> None:
     eps = [Endpoint(r.url, region=r.config.region) for r in fleet]
     lb = Balancer(
@@ -159,8 +158,6 @@ async def run_scenario(
         assert down[US_WEST] > down[EU_WEST] + down[AP_SE], down
         assert not load.errors, load.errors[:3]
 
-        if not check_return:
-            return
         # 3. Back up: after the breaker cooldown (re-trips double it) and slow start,
         # traffic returns to the local region.
         await fleet[0].up()
@@ -182,32 +179,12 @@ async def run_scenario(
         assert not load.errors, load.errors[:3]
 
 
-async def test_geo_fails_over_to_the_next_region_without_failures(
-    fleet: ReplicaFleet, http: aiohttp.ClientSession
-) -> None:
-    # Phases 1 and 2 (the return is the xfail test below).
-    await run_scenario(
-        fleet, http, strategy="geo", locality=False, slow_start=1.0, check_return=False
-    )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: geo does not return to the local region after it recovers: a failing "
-    "local replica is priced out after its first failure (lbclient/_balancer.py _failed: "
-    "`s.penalize(...)` makes its EWMA 4x its latency, ~100 ms, above us-west-2's ~55 ms), "
-    "so it never reaches Breaker(failures=5), never goes open / half-open and gets no "
-    "probe; only the ewma_decay=10 s decay of the penalty brings it back, >= 5 s after "
-    "the outage here (~55 s after a 10 s penalty).  Meanwhile us-west-2 scores as "
-    "load-free (measured < table => processing 0, see tests/unit/test_geo.py)",
+@pytest.mark.parametrize(
+    ("strategy", "locality"),
+    [("geo", False), ("peak_ewma", True)],
+    ids=["geo", "peak_ewma+locality"],
 )
-async def test_geo_returns_to_the_local_region_after_recovery(
-    fleet: ReplicaFleet, http: aiohttp.ClientSession
+async def test_region_failover_and_return(
+    fleet: ReplicaFleet, http: aiohttp.ClientSession, strategy: str, locality: bool
 ) -> None:
-    await run_scenario(fleet, http, strategy="geo", locality=False, slow_start=1.0)
-
-
-async def test_peak_ewma_with_locality_fails_over_and_back(
-    fleet: ReplicaFleet, http: aiohttp.ClientSession
-) -> None:
-    await run_scenario(fleet, http, strategy="peak_ewma", locality=True, slow_start=1.0)
+    await run_scenario(fleet, http, strategy=strategy, locality=locality, slow_start=1.0)
