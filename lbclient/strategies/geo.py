@@ -70,7 +70,12 @@ class _GeoPicker:
         net = self._net[id(s)]
         if s.sampled:
             total = s.ewma(now)
-            if total < net:  # measured (or decayed while idle) below the table: trust it
+            if s.cost < net:
+                # The endpoint answered faster than the table's network time: the table
+                # is wrong for it.  Take half the measurement as network, so its queue
+                # still counts.
+                net = s.cost / 2
+            if total < net:  # decayed while idle: the estimate is stale, not the table
                 net = total
             proc = total - net
         else:

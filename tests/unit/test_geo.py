@@ -308,14 +308,6 @@ def test_custom_geo_table_is_used() -> None:
     assert pick_regions(Geo().picker(ss, ctx)) == Counter({EU_WEST: 200})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when an endpoint's measured latency is below the table's network figure, "
-    "geo sets net = measured and processing = 0 (lbclient/strategies/geo.py "
-    "_GeoPicker.score: `if total < net: net = total`; `proc = total - net`), so "
-    "`proc * (q + 1) / weight` is 0: queue depth, server load and weight (slow start) are "
-    "all ignored and P2C between such endpoints is a coin flip",
-)
 def test_queue_still_counts_when_measured_latency_beats_the_table() -> None:
     # Two us-west-2 replicas answering in 50 ms, under the table's 70 ms from us-east-1.
     busy = sampled(state(0, US_WEST), 0.05)
