@@ -225,11 +225,13 @@ class _Race:
         "done",
         "primary_running",
         "result",
+        "slots",
         "tried",
         "winner",
     )
 
     def __init__(self, caller: asyncio.Task[Any]) -> None:
+        self.slots: list[_Slot] = []
         self.caller = caller
         self.primary_running = True
         self.backups: list[asyncio.Task[Any]] = []
@@ -263,23 +265,28 @@ async def _backup(
     fn: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    s: EndpointState,
-    probe: int,
+    slot: _Slot,
     t0: float,
-    started: list[bool],
 ) -> Any:
-    started[0] = True  # from here on every exit path releases the slot
+    slot.started = True  # from here on every exit path releases the slot
+    s, probe = slot.state, slot.probe
     try:
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:
+        if slot.released:  # the call already ended and gave the slot back
+            raise
+        slot.released = True
         lb._failed(s, t0, exc, probe)
         race.attempts.append(
             Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - t0, hedge=True)
         )
         raise
     except BaseException:
-        lb._cancelled(s, probe)
+        slot.release(lb)
         raise
+    if slot.released:
+        return result
+    slot.released = True
     lb._succeeded(s, t0, probe)
     if not race.done:
         race.done = True
@@ -292,12 +299,26 @@ async def _backup(
     return result
 
 
-def _finisher(
-    lb: Balancer, s: EndpointState, probe: int, started: list[bool]
-) -> Callable[[asyncio.Task[Any]], None]:
+class _Slot:
+    """A backup's in-flight slot, released exactly once (possibly before its task ends)."""
+
+    __slots__ = ("probe", "released", "started", "state")
+
+    def __init__(self, state: EndpointState, probe: int) -> None:
+        self.state = state
+        self.probe = probe
+        self.started = False
+        self.released = False
+
+    def release(self, lb: Balancer) -> None:
+        if not self.released:
+            self.released = True
+            lb._cancelled(self.state, self.probe)
+
+
+def _finisher(lb: Balancer, slot: _Slot) -> Callable[[asyncio.Task[Any]], None]:
     def done(task: asyncio.Task[Any]) -> None:
-        if not started[0]:  # cancelled before it ever ran: give the slot back here
-            lb._cancelled(s, probe)
+        slot.release(lb)  # a no-op unless it was cancelled before it ever ran
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it as lost
 
@@ -334,10 +355,11 @@ def _fire(
     race.tried.add(s)
     s.hedges_sent += 1
     lb._hedges_sent += 1
-    started = [False]
-    task = loop.create_task(_backup(lb, race, fn, args, kwargs, s, probe, now, started))
-    task.add_done_callback(_finisher(lb, s, probe, started))
+    slot = _Slot(s, probe)
+    task = loop.create_task(_backup(lb, race, fn, args, kwargs, slot, now))
+    task.add_done_callback(_finisher(lb, slot))
     race.backups.append(task)
+    race.slots.append(slot)
     if left > 1:
         loop.call_later(delay, _fire, lb, race, fn, args, kwargs, key, loop, delay, left - 1)
 
@@ -407,11 +429,11 @@ async def _hedged(
         lb._cancelled(s, probe)
         if race.winner is not None and caller.uncancel() <= cancelling:
             # A backup won and cancelled us out of the primary: that is a success.
-            _cancel_all(race)
+            _cancel_all(race, lb)
             hedger.window.add(lb._now() - now)
             return race.result  # type: ignore[no-any-return]
         race.done = True
-        _cancel_all(race)
+        _cancel_all(race, lb)
         raise
     except Exception as exc:
         race.primary_running = False
@@ -424,7 +446,7 @@ async def _hedged(
         timer.cancel()
         lb._cancelled(s, probe)
         race.done = True
-        _cancel_all(race)
+        _cancel_all(race, lb)
         raise
     else:
         race.primary_running = False
@@ -437,12 +459,12 @@ async def _hedged(
                 caller.uncancel()
             return race.result  # type: ignore[no-any-return]
         race.done = True
-        _cancel_all(race)
+        _cancel_all(race, lb)
         return result
     if race.winner is not None:  # a backup won while the primary was failing
         if caller.cancelling() > cancelling:
             caller.uncancel()
-        _cancel_all(race)
+        _cancel_all(race, lb)
         return race.result  # type: ignore[no-any-return]
     # The primary failed: a backup still running may yet succeed.
     try:
@@ -453,13 +475,13 @@ async def _hedged(
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         race.done = True
-        _cancel_all(race)
+        _cancel_all(race, lb)
         raise
     if race.winner is not None:
         hedger.window.add(lb._now() - now)
         return race.result
     race.done = True
-    _cancel_all(race)
+    _cancel_all(race, lb)
     if lb._retry is None:
         lb._calls_failed += 1
         if len(race.attempts) > 1:
@@ -468,7 +490,10 @@ async def _hedged(
     return await _retrying(lb, fn, args, kwargs, key, race.attempts, race.tried, now, deadline)
 
 
-def _cancel_all(race: _Race) -> None:
-    for t in race.backups:
+def _cancel_all(race: _Race, lb: Balancer | None = None) -> None:
+    """Cancel the backups still running and give their slots back at once."""
+    for t, slot in zip(race.backups, race.slots, strict=True):
         if not t.done():
             t.cancel()
+            if lb is not None:
+                slot.release(lb)

@@ -365,15 +365,6 @@ async def test_primary_wins_and_the_backup_is_cancelled() -> None:
     assert (st.hedges_sent, st.hedges_won, st.in_flight) == (1, 0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (minor): when the primary wins, _hedged only calls task.cancel() on the "
-        "backup (_cancel_all) and returns; the backup's slot is released later, when the "
-        "task runs its cancellation, so lb.stats().in_flight is still 1 right after the "
-        "call returns (the module docstring promises the loser's slot is released at once)"
-    ),
-)
 async def test_loser_slot_is_released_when_the_call_returns() -> None:
     rec = Recorder({A: 0.1, B: 2.0})
     lb = lbclient.Balancer([A, B], strategy=InOrder(), hedge=Hedge(delay=0.03))
