@@ -105,9 +105,9 @@ def _warmup(_i: object, _a: object, value: object) -> None:
 class Hedge:
     """When to send a backup request, and how many at most.
 
-    >>> lbclient.Hedge()                          # adaptive: hedge at p95, <= 5% extra load
+    >>> lbclient.Hedge()                          # adaptive: hedge at p97.5, <= 5% extra load
     >>> lbclient.Hedge(delay=0.25)                # fixed: hedge after 250 ms
-    >>> lbclient.Hedge(max_extra=0.02)            # adaptive at p98, <= 2% extra load
+    >>> lbclient.Hedge(max_extra=0.02)            # adaptive at p99, <= 2% extra load
 
     * ``delay`` -- seconds before the backup; ``None`` (default) adapts it to the
       ``quantile`` of recent call latency.  A fixed delay is simple but goes stale as
@@ -115,8 +115,10 @@ class Hedge:
     * ``max_extra`` -- budget: hedges never exceed this share of calls (default 0.05:
       "The Tail at Scale" shows hedging at p95 costs about 5% and removes most of the tail).
     * ``quantile`` -- which latency quantile is the adaptive delay (default
-      ``1 - max_extra``: the delay past which only ``max_extra`` of calls are still running,
-      so in steady state the budget is just enough; Finagle's rule).
+      ``1 - max_extra / 2``: p97.5 for a 5% budget).  Finagle hedges at ``1 - max_extra``,
+      which spends the whole budget in steady state: then bursts of slow calls find it
+      empty and the stragglers that matter most go unhedged.  Half the budget on
+      expected hedges, half as headroom, keeps the p99.9 down.
     * ``min_delay`` -- floor of the adaptive delay (default 5 ms), so a burst of very
       fast calls cannot turn hedging into request duplication.
     * ``initial_delay`` -- used until ``warmup`` latencies (default 32) have been seen
@@ -148,7 +150,7 @@ class Hedge:
 
     @property
     def effective_quantile(self) -> float:
-        return self.quantile if self.quantile is not None else 1.0 - self.max_extra
+        return self.quantile if self.quantile is not None else 1.0 - self.max_extra / 2
 
     def __repr__(self) -> str:
         fields = attrs.fields(Hedge)

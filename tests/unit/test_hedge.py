@@ -153,17 +153,18 @@ def test_hedge_defaults_and_valid_bounds() -> None:
 
 
 @pytest.mark.parametrize("max_extra", [0.01, 0.02, 0.05, 0.1, 0.5])
-def test_effective_quantile_is_one_minus_max_extra(max_extra: float) -> None:
-    assert Hedge(max_extra=max_extra).effective_quantile == pytest.approx(1.0 - max_extra)
+def test_effective_quantile_is_one_minus_half_of_max_extra(max_extra: float) -> None:
+    assert Hedge(max_extra=max_extra).effective_quantile == pytest.approx(1.0 - max_extra / 2)
     # an explicit quantile wins
     assert Hedge(max_extra=max_extra, quantile=0.9).effective_quantile == 0.9
 
 
 def test_hedger_estimates_the_effective_quantile() -> None:
-    # 0.000 .. 0.999 in a random order: the p90 of the window is ~0.9, the p98 ~0.98.
+    # 0.000 .. 0.999 in a random order: the p95 of the window is ~0.95, the p99 ~0.99
+    # (the default quantile is 1 - max_extra / 2).
     values = [i / 1000 for i in range(1000)]
     random.Random(3).shuffle(values)
-    for max_extra, expected in ((0.1, 0.9), (0.02, 0.98)):
+    for max_extra, expected in ((0.1, 0.95), (0.02, 0.99)):
         hedger = Hedger(Hedge(max_extra=max_extra, window=1024, warmup=1), FakeClock())
         for v in values[:992]:  # a multiple of 32: the estimate is current
             hedger.window.add(v)
@@ -262,7 +263,7 @@ def test_current_delay_is_the_quantile_floored_at_min_delay() -> None:
     assert hedger.current_delay() == 0.02
     for i in range(512):
         hedger.window.add(0.1 + i / 10_000)  # 0.1 .. 0.1511
-    expected = _p([0.1 + i / 10_000 for i in range(512)], 0.95)
+    expected = _p([0.1 + i / 10_000 for i in range(512)], 0.975)
     assert hedger.current_delay() == pytest.approx(expected)
     assert hedger.current_delay() > 0.02
 
