@@ -138,6 +138,8 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
         t = now_fn()
         rtt = t - now
         cost = s.cost
+        if s.inflight > s.cap_seen and rtt <= 2.0 * cost:
+            s.cap_seen = s.inflight
         if rtt > cost:
             s.cost = rtt
         else:

@@ -40,6 +40,7 @@ class EndpointState:
         "_lat_i",
         "available",
         "breaker",
+        "cap_seen",
         "chunks",
         "cost",
         "decay",
@@ -74,6 +75,7 @@ class EndpointState:
         self.weight = endpoint.weight  # effective weight (slow start scales it)
         self.inflight = 0
         self.peak_inflight = 0
+        self.cap_seen = 1  # most concurrent calls seen completing without slowing down
         self.requests = 0
         self.failures = 0
         self.retries_sent = 0
@@ -117,6 +119,8 @@ class EndpointState:
     def observe(self, rtt: float, now: float) -> None:
         """Record one latency sample (seconds) into the EWMA and the recent-latency ring."""
         cost = self.cost
+        if self.inflight > self.cap_seen and rtt <= 2.0 * cost:
+            self.cap_seen = self.inflight
         if rtt > cost:
             self.cost = rtt
         else:

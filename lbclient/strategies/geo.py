@@ -1,14 +1,21 @@
 """``geo``: the endpoint with the lowest estimated total latency for this client.
 
     score = network(client region, endpoint region)
-            + processing x (outstanding + 1) / weight
+            + processing x (1 + utilization) / weight
 
 ``network`` comes from the balancer's :class:`~lbclient.GeoTable` (the playbook's
 cross-region table by default) and is refined by measurement: it is never taken to be
 more than the latency actually observed for that endpoint.  ``processing`` is the
 endpoint's peak-EWMA latency less the network part (before any sample: the pool's
-median).  Multiplying processing -- not network -- by the queue is the playbook's
-utilization penalty made exact: a replica with 3 requests queued costs 4 service times.
+median).  ``utilization`` is outstanding requests (ours, or the server-reported load if
+higher) over the endpoint's capacity: ``Endpoint.metadata["capacity"]`` when you give it
+(concurrent requests the replica serves without queueing, e.g. its batch size), else the
+highest concurrency at which it was seen to finish a call without slowing down (at most
+twice its latency estimate) -- a lower bound that grows as the replica proves itself.  This is the playbook's utilization penalty in time
+units: a replica at full utilization costs twice its processing time, and a replica that
+queues beyond it shows the queueing in its measured latency.  (Multiplying by
+outstanding + 1, as ``peak_ewma`` does, would assume every replica serves one request at
+a time and spill out of the local region long before it is busy.)
 
 So the local region wins while it is healthy and unsaturated; as its queues grow, the
 next-closest region becomes cheaper and takes the overflow; a dead region's endpoints
@@ -35,8 +42,16 @@ NAME = "geo"
 _UNMEASURED = 0.05  # seconds of processing assumed before any endpoint was measured
 
 
+def _capacity(s: EndpointState) -> int:
+    """``metadata["capacity"]`` if it is a positive number, else 0 (learn it)."""
+    value = s.endpoint.metadata.get("capacity")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    return 0
+
+
 class _GeoPicker:
-    __slots__ = ("_groups", "_net", "_now", "_picks", "_prior", "_random", "_states")
+    __slots__ = ("_cap", "_groups", "_net", "_now", "_picks", "_prior", "_random", "_states")
 
     def __init__(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
         table = ctx.geo or GeoTable.default()
@@ -49,6 +64,7 @@ class _GeoPicker:
         else:
             self._net = {id(s): table.latency(ctx.region, s.endpoint.region) for s in states}
         self._states = tuple(states)
+        self._cap = {id(s): _capacity(s) for s in states}
         self._now: Callable[[], float] = ctx.clock.now
         self._random = ctx.rng.random
         self._picks = 0
@@ -84,7 +100,8 @@ class _GeoPicker:
         sl = s.server_load
         if sl is not None and sl > q and now - s.server_load_at < SERVER_LOAD_TTL:
             q = sl
-        return net + proc * (q + 1.0) / s.weight
+        cap = self._cap[id(s)] or s.cap_seen
+        return net + proc * (1.0 + q / (cap if cap > 1 else 1)) / s.weight
 
     def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
         now = self._now()
