@@ -7,15 +7,16 @@
 cross-region table by default) and is refined by measurement: it is never taken to be
 more than the latency actually observed for that endpoint.  ``processing`` is the
 endpoint's peak-EWMA latency less the network part (before any sample: the pool's
-median).  ``utilization`` is outstanding requests (ours, or the server-reported load if
+median). ``utilization`` is outstanding requests (ours, or the server-reported load if
 higher) over the endpoint's capacity: ``Endpoint.metadata["capacity"]`` when you give it
 (concurrent requests the replica serves without queueing, e.g. its batch size), else the
 highest concurrency at which it was seen to finish a call without slowing down (at most
-twice its latency estimate) -- a lower bound that grows as the replica proves itself.  This is the playbook's utilization penalty in time
-units: a replica at full utilization costs twice its processing time, and a replica that
-queues beyond it shows the queueing in its measured latency.  (Multiplying by
-outstanding + 1, as ``peak_ewma`` does, would assume every replica serves one request at
-a time and spill out of the local region long before it is busy.)
+twice its latency estimate) -- a lower bound that grows as the replica proves itself.
+This is the playbook's utilization penalty in time units: a replica at full utilization
+costs twice its processing time, and a replica that queues beyond it shows the queueing
+in its measured latency. (Multiplying by outstanding + 1, as ``peak_ewma`` does, would
+assume every replica serves one request at a time and spill out of the local region long
+before it is busy.)
 
 So the local region wins while it is healthy and unsaturated; as its queues grow, the
 next-closest region becomes cheaper and takes the overflow; a dead region's endpoints
