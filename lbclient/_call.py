@@ -138,6 +138,23 @@ def _interrupted(
         lb._cancelled(s, probe)
 
 
+_RECENT_FAILURE = 1.0  # seconds: a retry avoids endpoints that failed this recently
+
+
+def _avoid(lb: Balancer, tried: set[EndpointState], now: float) -> set[EndpointState]:
+    """What a retry should not go to: the endpoints this call tried, and -- while others
+    remain -- those that failed for anyone in the last second.  When a replica crashes,
+    the calls already in flight learn it first; the retry should not bet on a peer that
+    is failing the same way."""
+    avoid = set(tried)
+    for s in lb._pickable:
+        if now - s.last_failure < _RECENT_FAILURE:
+            avoid.add(s)
+    if len(avoid) >= len(lb._pickable):
+        return tried
+    return avoid
+
+
 def _other_healthy(lb: Balancer, tried: set[EndpointState]) -> bool:
     """Is there an untried endpoint that is pickable on its own merit (not by panic)?"""
     for s in lb._pickable:
@@ -198,7 +215,7 @@ async def _retrying(
             await lb._clock.sleep(decision.delay)
         now = lb._now()
         try:
-            s, probe = lb._acquire(key, tried, now)
+            s, probe = lb._acquire(key, _avoid(lb, tried, now), now)
         except NoEndpointAvailable as exc:
             lb._calls_failed += 1
             raise AttemptsExhausted(attempts, f"no endpoint available to retry: {exc}") from err

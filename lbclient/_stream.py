@@ -29,6 +29,7 @@ from ._errors import (
     NoEndpointAvailable,
     StreamIdleTimeout,
 )
+from ._call import _avoid
 from ._state import EndpointState
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ async def _stream_call(
                 if decision.delay > 0:
                     await lb._clock.sleep(decision.delay)
                 try:
-                    att2 = launch(tried, False)
+                    att2 = launch(_avoid(lb, tried, lb._now()), False)
                 except NoEndpointAvailable as exc:
                     lb._calls_failed += 1
                     raise AttemptsExhausted(
