@@ -21,6 +21,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from ._call import _avoid
 from ._errors import (
     Attempt,
     AttemptsExhausted,
@@ -29,7 +30,6 @@ from ._errors import (
     NoEndpointAvailable,
     StreamIdleTimeout,
 )
-from ._call import _avoid
 from ._state import EndpointState
 
 if TYPE_CHECKING:
