@@ -272,7 +272,7 @@ class Balancer:
         if hedge is not None:
             from ._hedge import Hedger
 
-            self._hedger = Hedger(hedge, self._clock)
+            self._hedger = Hedger(hedge, self._clock, self)
         seen: set[str] = set()
         for ep in eps:
             if ep.url in seen:
@@ -628,8 +628,15 @@ class Balancer:
         if s.inflight == 0 and s.idle is not None:
             s.idle.set()
 
-    def _succeeded(self, s: EndpointState, t0: float, probe: int, observe: bool = True) -> None:
-        now = self._now()
+    def _succeeded(
+        self,
+        s: EndpointState,
+        t0: float,
+        probe: int,
+        observe: bool = True,
+        t: float | None = None,
+    ) -> None:
+        now = self._now() if t is None else t
         if observe:
             s.observe(now - t0, now)
         self._release(s)

@@ -56,7 +56,14 @@ def make_route(
         )
     hedged = lb._hedge is not None
     if hedged:
-        from ._hedge import run_hedged
+        from ._hedge import _hedged, run_hedged
+
+        if deadline is None and key is None:
+
+            async def hedged_plain(*args: Any, **kwargs: Any) -> Any:
+                return await _hedged(lb, fn, args, kwargs, None, None)
+
+            return functools.wraps(fn)(hedged_plain)
 
         async def hedged_call(*args: Any, **kwargs: Any) -> Any:
             k = key(*args, **kwargs) if key is not None else None
@@ -138,15 +145,16 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
         t = now_fn()
         rtt = t - now
         cost = s.cost
-        if s.inflight > s.cap_seen and rtt <= 2.0 * cost:
-            s.cap_seen = s.inflight
+        n = s.inflight
+        if n > s.cap_seen and rtt <= 2.0 * cost:
+            s.cap_seen = n
         if rtt > cost:
             s.cost = rtt
         else:
+            decay = s.decay
             dt = t - s.stamp
-            w = exp(-dt / s.decay) if dt > 0.0 else 1.0
-            if w > 0.97:
-                w = 0.97
+            # exp(-dt/decay) > 0.97 (the clamp) whenever dt < 0.0304 decay: skip the exp.
+            w = 0.97 if dt < 0.0304 * decay else exp(-dt / decay)
             s.cost = cost * w + rtt * (1.0 - w)
         s.stamp = t
         if s.penalty:
@@ -154,7 +162,7 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
         i = s._lat_i
         s._lat[i & 255] = rtt
         s._lat_i = i + 1
-        n = s.inflight - 1
+        n -= 1
         if n >= 0:
             s.inflight = n
             if totals.inflight > 0:

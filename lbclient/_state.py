@@ -125,10 +125,9 @@ class EndpointState:
             self.cost = rtt
         else:
             dt = now - self.stamp
-            w = _exp(-dt / self.decay) if dt > 0.0 else 1.0
-            # Even back-to-back samples must move the estimate a little.
-            if w > 0.97:
-                w = 0.97
+            # Even back-to-back samples must move the estimate a little: w is clamped at
+            # 0.97, which exp(-dt/decay) exceeds whenever dt < 0.0304 decay.
+            w = 0.97 if dt < 0.0304 * self.decay else _exp(-dt / self.decay)
             self.cost = cost * w + rtt * (1.0 - w)
         self.stamp = now
         self.penalty = 0.0

@@ -125,10 +125,19 @@ class _P2CPeakEwma(P2CPicker):
             return b if peak_ewma_load(b, now) < peak_ewma_load(a, now) else a
         now = self._now()
         # peak_ewma_load inlined: cost decayed for idle time, x (in-flight + 1) / weight.
+        # A gap under 1% of the decay time changes the cost by under 1%: skip the exp.
         dt = now - a.stamp
-        la = (a.cost * _exp(-dt / a.decay) if dt > 0.0 else a.cost) * (a.inflight + 1) / a.weight
+        la = (
+            (a.cost if dt < 0.01 * a.decay else a.cost * _exp(-dt / a.decay))
+            * (a.inflight + 1)
+            / a.weight
+        )
         dt = now - b.stamp
-        lb = (b.cost * _exp(-dt / b.decay) if dt > 0.0 else b.cost) * (b.inflight + 1) / b.weight
+        lb = (
+            (b.cost if dt < 0.01 * b.decay else b.cost * _exp(-dt / b.decay))
+            * (b.inflight + 1)
+            / b.weight
+        )
         return b if lb < la else a
 
 
