@@ -76,6 +76,17 @@ def _check_policy(name: str, value: object, cls_path: str) -> None:
         raise ConfigError(f"{name} must be an lbclient.{cls_name} or None, got {value!r}")
 
 
+def _pick_now_of(picker: Picker | None) -> Callable[[float], EndpointState | None]:
+    """The fast path's pick: ``picker.pick_now(now)`` where a built-in picker offers it."""
+    if picker is None:
+        return lambda now: None
+    pick_now = getattr(picker, "pick_now", None)
+    if callable(pick_now):
+        return pick_now  # type: ignore[no-any-return]
+    pick = picker.pick
+    return lambda now: pick(None, None)
+
+
 class DrainResult:
     """What ``await lb.drain(url)`` returns: whether the endpoint went idle in time."""
 
@@ -251,10 +262,15 @@ class Balancer:
         self._health = health
         self._discovery = discovery
         self._started = False
+        self._constructed = False  # background work starts with the first call, not here
+        self._discovered = False  # has start() seen a first discovery result
         self._members: dict[str, EndpointState] = {}
         self._picker: Picker | None = None
+        self._pick_now: Callable[[float], EndpointState | None] = _pick_now_of(None)
         self._pickable: tuple[EndpointState, ...] = ()
-        self._dirty = True
+        # When the snapshot must be rebuilt: a time (breaker cooldown, slow-start step),
+        # or -inf for "now" (membership, health or breaker changed; closed).  One float
+        # compare per call is all the hot path pays.
         self._next_refresh = math.inf
         self._panic = False
         self._probes_due: list[EndpointState] = []
@@ -283,6 +299,7 @@ class Balancer:
             st.ramp_from = None  # the initial pool needs no slow start
             st.weight = ep.weight
         self._rebuild()
+        self._constructed = True
         self._next_refresh = -math.inf  # the first pick starts background work, if any
 
     # -- membership ------------------------------------------------------------------------
@@ -309,7 +326,7 @@ class Balancer:
         if ep.url in self._members:
             raise ConfigError(f"endpoint {ep.url!r} is already in the pool")
         self._members[ep.url] = self._new_state(ep)
-        self._dirty = True
+        self._next_refresh = -math.inf
         self._emit(MembershipEvent(url=ep.url, action="add", at=self._now()))
         return ep
 
@@ -320,7 +337,7 @@ class Balancer:
         """
         s = self._state_of(url)
         del self._members[s.url]
-        self._dirty = True
+        self._next_refresh = -math.inf
         self._emit(MembershipEvent(url=s.url, action="remove", at=self._now()))
         return s.endpoint
 
@@ -344,7 +361,7 @@ class Balancer:
         s = self._state_of(url)
         if not s.draining:
             s.draining = True
-            self._dirty = True
+            self._next_refresh = -math.inf
             self._emit(MembershipEvent(url=s.url, action="drain", at=self._now()))
         return _Drain(self, s, timeout)
 
@@ -353,7 +370,7 @@ class Balancer:
         s = self._state_of(url)
         if s.draining:
             s.draining = False
-            self._dirty = True
+            self._next_refresh = -math.inf
             self._emit(MembershipEvent(url=s.url, action="undrain", at=self._now()))
 
     def report_load(self, endpoint: Endpoint | str, load: float | str | None) -> None:
@@ -402,7 +419,7 @@ class Balancer:
                 ratio = s.weight / s.endpoint.weight
                 s.endpoint = ep
                 s.weight = ep.weight * ratio
-                self._dirty = True
+                self._next_refresh = -math.inf
         for url in [u for u in self._members if u not in wanted]:
             s = self._members[url]
             if s.inflight == 0:
@@ -429,12 +446,12 @@ class Balancer:
         if not healthy:
             if not s.health_down:
                 s.health_down = True
-                self._dirty = True
+                self._next_refresh = -math.inf
                 if b is not None:
                     b.force_open(now)
         elif s.health_down:
             s.health_down = False
-            self._dirty = True
+            self._next_refresh = -math.inf
             if b is not None:
                 b.allow_probe(now)
 
@@ -461,10 +478,10 @@ class Balancer:
         """Start background work (discovery, health checks) and wait for the first
         discovery result.  ``async with`` does this; otherwise the first call does."""
         self._check_open()
-        if self._discovery is not None and not self._started:
+        if self._discovery is not None and not self._discovered:
             from ._discovery import refresh_once
 
-            await refresh_once(self, self._discovery)
+            self._discovered = await refresh_once(self, self._discovery)
         if not self._started:
             self._start_background()
 
@@ -489,7 +506,7 @@ class Balancer:
         pickable: list[EndpointState] = []
         ejected: list[EndpointState] = []
         next_refresh = math.inf
-        if not self._started and self._next_refresh == -math.inf:
+        if not self._started and self._constructed:
             self._start_background()
         ramp = self._slow_start
         for s in members:
@@ -543,6 +560,7 @@ class Balancer:
         ]
         self._pickable = tuple(pickable)
         self._picker = self._strategy.picker(self._pickable, self._ctx) if pickable else None
+        self._pick_now = _pick_now_of(self._picker)
         loc = self._locality
         if loc is not None and pickable and self._picker is not None:
             table = self._geo or GeoTable.default()
@@ -556,14 +574,13 @@ class Balancer:
                 self._picker = LocalityPicker(
                     self._strategy.picker(tier, self._ctx), self._picker, loc.spill_inflight
                 )
-        self._next_refresh = next_refresh
-        self._dirty = False
+        self._next_refresh = -math.inf if self._closed else next_refresh
 
     def _acquire(
         self, key: object, exclude: Collection[EndpointState] | None, now: float
     ) -> tuple[EndpointState, int]:
         """Pick an endpoint and take an in-flight slot on it.  Synchronous."""
-        if self._dirty or now >= self._next_refresh:
+        if now >= self._next_refresh:
             self._rebuild()
         picker = self._picker
         if picker is None:
@@ -583,7 +600,7 @@ class Balancer:
         b = s.breaker
         if b is not None and b.state != "closed":
             probe = b.on_pick(now)
-            self._dirty = True  # a half-open probe slot was taken
+            self._next_refresh = -math.inf  # a half-open probe slot was taken
         n = s.inflight + 1
         s.inflight = n
         if n > s.peak_inflight:
@@ -645,7 +662,7 @@ class Balancer:
             before = b.state
             b.on_success(now, probe)
             if b.state != before or probe:
-                self._dirty = True
+                self._next_refresh = -math.inf
                 if b.state == "closed":
                     # Back from ejection: forget the failure penalty, restart at the pool's
                     # typical latency (or what this probe just measured, if higher).
@@ -674,13 +691,13 @@ class Balancer:
                 before = b.state
                 b.on_failure(now, probe)
                 if b.state != before or probe:
-                    self._dirty = True
+                    self._next_refresh = -math.inf
         else:
             s.observe(now - t0, now)
             if b is not None:
                 b.on_ignored(now, probe)
                 if probe:
-                    self._dirty = True
+                    self._next_refresh = -math.inf
         return counted
 
     def _cancelled(self, s: EndpointState, probe: int) -> None:
@@ -688,7 +705,7 @@ class Balancer:
         b = s.breaker
         if b is not None and probe:
             b.on_ignored(self._now(), probe)
-            self._dirty = True
+            self._next_refresh = -math.inf
 
     # -- the three ways to call -----------------------------------------------------------
 
@@ -806,6 +823,7 @@ class Balancer:
         if self._closed:
             return
         self._closed = True
+        self._next_refresh = -math.inf  # the hot path's one compare now sees "closed"
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -830,7 +848,7 @@ class Balancer:
     def stats(self) -> BalancerStats:
         """An immutable snapshot of every endpoint and the call totals."""
         now = self._now()
-        if (self._dirty or now >= self._next_refresh) and not self._closed:
+        if now >= self._next_refresh and not self._closed:
             self._rebuild()  # so ``pickable`` reflects health/breaker changes already made
         eps = []
         for s in self._members.values():

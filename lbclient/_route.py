@@ -115,14 +115,13 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
     exp = math.exp
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        if lb._closed:
-            raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
-        lb._calls += 1
         now = now_fn()
-        if lb._dirty or now >= lb._next_refresh:
+        if now >= lb._next_refresh:  # also -inf when closed: one compare for both
+            if lb._closed:
+                raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
             lb._rebuild()
-        picker = lb._picker
-        s = None if picker is None else picker.pick(None, None)
+        lb._calls += 1
+        s = lb._pick_now(now)
         if s is None:
             lb._calls_failed += 1
             raise NoEndpointAvailable(lb._why_empty())

@@ -88,18 +88,24 @@ class _P2CInflight(P2CPicker):
     __slots__ = ()
 
     def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
-        n = self._n
-        if exclude or n == 1:
+        if exclude or self._n == 1:
             return super().pick(key, exclude)
+        return self.pick_now(0.0)
+
+    def pick_now(self, now: float) -> EndpointState:
+        """``pick(None, None)`` for the decorator's fast path."""
+        n = self._n
+        states = self._states
+        if n == 1:
+            return states[0]
         rnd = self._random
         i = int(rnd() * n)
         j = int(rnd() * (n - 1))
         if j >= i:
             j += 1
-        states = self._states
         a, b = states[i], states[j]
         if a.server_load is not None or b.server_load is not None:
-            now = self._now()
+            now = self._now()  # server-reported load expires: needs the real time
             return b if inflight_load(b, now) < inflight_load(a, now) else a
         return b if b.inflight * a.weight < a.inflight * b.weight else a
 
@@ -110,20 +116,25 @@ class _P2CPeakEwma(P2CPicker):
     __slots__ = ()
 
     def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
-        n = self._n
-        if exclude or n == 1:
+        if exclude or self._n == 1:
             return super().pick(key, exclude)
+        return self.pick_now(self._now())
+
+    def pick_now(self, now: float) -> EndpointState:
+        """``pick(None, None)`` at a time the caller already read (the decorator's fast
+        path): one clock read per call instead of two."""
+        n = self._n
+        states = self._states
+        if n == 1:
+            return states[0]
         rnd = self._random
         i = int(rnd() * n)
         j = int(rnd() * (n - 1))
         if j >= i:
             j += 1
-        states = self._states
         a, b = states[i], states[j]
         if a.server_load is not None or b.server_load is not None or a.penalty or b.penalty:
-            now = self._now()
             return b if peak_ewma_load(b, now) < peak_ewma_load(a, now) else a
-        now = self._now()
         # peak_ewma_load inlined: cost decayed for idle time, x (in-flight + 1) / weight.
         # A gap under 1% of the decay time changes the cost by under 1%: skip the exp.
         dt = now - a.stamp
