@@ -64,6 +64,7 @@ log = logging.getLogger("lbclient")
 _DEFAULT_COST = 0.05  # seconds: the latency prior of a pool with no samples yet
 _FAILURE_PENALTY = 4.0  # a failure counts as this many times the current latency estimate
 _MAX_PENALTY = 10.0  # seconds: the penalty stops growing here (it decays from there)
+_PANIC_PICK = -1  # probe token of a call sent to an ejected endpoint in panic mode
 _MIN_RAMP = 0.1  # slow start begins at 10% of the weight (Envoy's min_weight_percent)
 
 
@@ -600,6 +601,8 @@ class Balancer:
         b = s.breaker
         if b is not None and b.state != "closed":
             probe = b.on_pick(now)
+            if probe == 0 and b.state == "open":
+                probe = _PANIC_PICK  # an ejected endpoint served because of panic mode
             self._next_refresh = -math.inf  # a half-open probe slot was taken
         n = s.inflight + 1
         s.inflight = n
@@ -660,7 +663,13 @@ class Balancer:
         b = s.breaker
         if b is not None:
             before = b.state
-            b.on_success(now, probe)
+            if probe == _PANIC_PICK and before == "open":
+                # Panic mode sent a real call to an ejected endpoint and it worked: that is
+                # as good as a probe.  Closing now ends the panic as soon as the fleet is
+                # back, instead of waiting out cooldowns grown during a long outage.
+                b.force_close(now, "succeeded while serving in panic mode")
+            else:
+                b.on_success(now, probe)
             if b.state != before or probe:
                 self._next_refresh = -math.inf
                 if b.state == "closed":
