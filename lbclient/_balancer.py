@@ -676,9 +676,24 @@ class Balancer:
                     # Back from ejection: forget the failure penalty, restart at the pool's
                     # typical latency (or what this probe just measured, if higher).
                     s.reset_cost(max(now - t0, self._typical_cost(now, s)), now)
+                    self._hasten_probes(now)
                     if self._slow_start is not None:
                         s.ramp_from = now
                         s.weight = s.endpoint.weight * _MIN_RAMP
+
+    def _hasten_probes(self, now: float) -> None:
+        """One ejected endpoint just recovered: outages are often shared (a deploy, a
+        network partition), so probe the others within one base cooldown instead of
+        waiting out cooldowns that grew while everything was down."""
+        policy = self._breaker
+        if policy is None:
+            return
+        soon = now + policy.cooldown
+        for other in self._members.values():
+            ob = other.breaker
+            if ob is not None and ob.state == "open" and ob.reopen_at > soon:
+                ob.reopen_at = soon
+                self._next_refresh = -math.inf
 
     def _failed(self, s: EndpointState, t0: float, exc: BaseException, probe: int) -> bool:
         """Record a failed attempt; returns whether it counted against the endpoint."""
