@@ -46,7 +46,11 @@ async def run(
     budget = lb._budget
     if budget is not None:
         budget.deposit(now)
-    s, probe = lb._acquire_first(key, now)
+    try:
+        s, probe = lb._acquire(key, None, now)
+    except NoEndpointAvailable:
+        lb._calls_failed += 1
+        raise
     try:
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:
@@ -102,7 +106,11 @@ async def _run_traced(
     budget = lb._budget
     if budget is not None:
         budget.deposit(now)
-    s, probe = lb._acquire_first(key, now)
+    try:
+        s, probe = lb._acquire(key, None, now)
+    except NoEndpointAvailable:
+        lb._calls_failed += 1
+        raise
     try:
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:
