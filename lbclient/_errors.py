@@ -9,7 +9,7 @@ one, chained to the last).
 
     LBError
     ├── ConfigError(LBError, ValueError)        bad configuration, at construction
-    ├── BalancerClosed(LBError, RuntimeError)   use after ``aclose()``
+    ├── BalancerClosed(LBError, RuntimeError)   use after ``aclose()`` (a Balancer or a ChatClient)
     ├── UnknownEndpoint(LBError, LookupError)   ``remove``/``drain`` of a URL not in the pool
     ├── NoEndpointAvailable(LBError)            nothing pickable (all removed, draining or ejected)
     ├── AttemptsExhausted(LBError)              every attempt failed; ``.attempts`` lists them
@@ -49,7 +49,7 @@ class ConfigError(LBError, ValueError):
 
 
 class BalancerClosed(LBError, RuntimeError):
-    """The balancer was used after ``aclose()``."""
+    """A balancer (or an ``lbclient.http.ChatClient``) was used after ``aclose()``."""
 
 
 class UnknownEndpoint(LBError, LookupError):
