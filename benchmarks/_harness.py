@@ -466,6 +466,20 @@ async def run_one(
                     elif f.action == "set":
                         for r in targets:
                             r.set(**f.fields)
+                    elif f.action == "spot":
+                        notice = float(f.fields.get("notice", 1.0))
+
+                        async def interrupted(r: Any) -> None:
+                            start = loop.time()
+                            lb = client.lb
+                            if lb is not None:
+                                await lb.drain(r.url, timeout=notice)
+                                with contextlib.suppress(Exception):
+                                    lb.remove(r.url)
+                            await asyncio.sleep(max(0.0, start + notice - loop.time()))
+                            await r.down()
+
+                        await asyncio.gather(*(interrupted(r) for r in targets))
                     else:
                         raise ValueError(f"unknown fault action {f.action!r}")
                     fault_log.append([round(loop.time() - t0, 4), f.action, list(f.replicas)])

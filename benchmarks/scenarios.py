@@ -33,8 +33,10 @@ Results = Mapping[str, "RunResult"]
 class Fault:
     """At ``at`` (fraction of the run), ``action`` on the replicas ``replicas``.
 
-    ``action`` is ``"down"`` (connection refused, open connections dropped), ``"up"``
-    or ``"set"`` (change :class:`ReplicaConfig` fields: ``fields``).
+    ``action`` is ``"down"`` (connection refused, open connections dropped), ``"up"``,
+    ``"set"`` (change :class:`ReplicaConfig` fields: ``fields``) or ``"spot"`` (an
+    interruption notice of ``fields["notice"]`` seconds: lbclient drains the replica and
+    removes it when idle; the replica goes down when the notice runs out).
     """
 
     at: float
@@ -506,7 +508,46 @@ STREAM_TAIL = Scenario(
     notes="latency columns are the whole stream; TTFT is the first yielded chunk.",
 )
 
+SPOT_STORM = Scenario(
+    name="spot_storm",
+    title="Spot interruption storm: 8 of 10 replicas get a notice within 0.6 s, 100 req/s",
+    replicas=tuple(ReplicaConfig(capacity=4, base_latency=_BASE_LATENCY) for _ in range(10)),
+    rate=100.0,  # half of what the 2 survivors can serve
+    duration=8.0,
+    quick_duration=4.0,
+    policies=(BASE, PE_RB),
+    quick_policies=(BASE, PE_RB),
+    # "spot": lbclient drains the replica at the notice (no new picks, in-flight calls
+    # finish), removes it when idle, and the instance dies when the notice runs out
+    # (1 s here for AWS's 2 minutes).  The baseline cannot drain: it just loses them.
+    faults=tuple(
+        Fault(0.3 + 0.025 * k, "spot", (2 * k, 2 * k + 1), {"notice": 1.0}) for k in range(4)
+    ),
+    phases=(Phase("before", 0.0, 0.3), Phase("storm", 0.3, 0.6), Phase("after", 0.6, 1.0)),
+    columns=(
+        Column("ok % storm", "ok_storm", phase_value("storm", "success"), "{:.2f}"),
+        Column("p99 storm", "p99_storm", phase_value("storm", "p99"), "{:.0f}"),
+    ),
+    targets=(
+        Target(
+            "spot_storm: 80% of replicas drained under load -> no failed request (retry+breaker)",
+            _value_target(PE_RB, lambda r: r.success_pct, lambda v: v >= 100.0, "{:.3f}%"),
+        ),
+    ),
+    notes="spot = drain at the notice, remove when idle, instance down when the notice ends.",
+)
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
-    for s in (HETERO, TAIL, FAILOVER, BROWNOUT, FLEET_DOWN, REGION_OUTAGE, BURST, STREAM_TAIL)
+    for s in (
+        HETERO,
+        TAIL,
+        FAILOVER,
+        BROWNOUT,
+        FLEET_DOWN,
+        REGION_OUTAGE,
+        BURST,
+        STREAM_TAIL,
+        SPOT_STORM,
+    )
 }
