@@ -13,7 +13,15 @@ import functools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -25,6 +33,7 @@ from ._endpoint import Endpoint, to_endpoint
 from ._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
 from ._events import Event, MembershipEvent, PanicEvent
 from ._geo import GeoTable
+from ._hedge import run_hedged
 from ._locality import Locality, LocalityPicker, nearest_tier
 from ._route import PickedEndpoint, make_route
 from ._state import EndpointState
@@ -56,7 +65,7 @@ class RouteDecorator(Protocol):
     @overload
     def __call__(
         self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
-    ) -> Callable[P, AsyncIterator[T]]: ...
+    ) -> Callable[P, AsyncGenerator[T, None]]: ...
 
 
 log = logging.getLogger("lbclient")
@@ -683,12 +692,12 @@ class Balancer:
 
     def _hasten_probes(self, now: float) -> None:
         """One ejected endpoint just recovered: outages are often shared (a deploy, a
-        network partition), so probe the others within one base cooldown instead of
-        waiting out cooldowns that grew while everything was down."""
+        network partition), so probe the others now instead of waiting out cooldowns that
+        grew while everything was down (a probe that fails only re-opens its breaker)."""
         policy = self._breaker
         if policy is None:
             return
-        soon = now + policy.cooldown
+        soon = now  # probe them now: one call each, bounded by half_open_probes
         for other in self._members.values():
             ob = other.breaker
             if ob is not None and ob.state == "open" and ob.reopen_at > soon:
@@ -710,7 +719,9 @@ class Balancer:
             s.last_failure = now
             # A failure is priced as a slow response so load-aware strategies steer away
             # even before (or without) a breaker: fast failures must not attract traffic.
-            s.penalize(max(now - t0, min(_FAILURE_PENALTY * s.cost, _MAX_PENALTY)), now)
+            s.penalize(
+                max(now - t0, min(_FAILURE_PENALTY * s.cost, _MAX_PENALTY)), now, _MAX_PENALTY
+            )
             if b is not None:
                 before = b.state
                 b.on_failure(now, probe)
@@ -740,7 +751,7 @@ class Balancer:
     @overload
     def route(
         self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
-    ) -> Callable[P, AsyncIterator[T]]: ...
+    ) -> Callable[P, AsyncGenerator[T, None]]: ...
     @overload
     def route(
         self,
@@ -805,8 +816,6 @@ class Balancer:
         if not callable(fn):
             raise ConfigError(f"lb.call needs an async function, got {fn!r}")
         if self._hedge is not None:
-            from ._hedge import run_hedged
-
             timeout = self._retry.timeout if self._retry is not None else None
             return await run_hedged(self, fn, args, kwargs, key, timeout)
         deadline = self._retry.timeout if self._retry is not None else None

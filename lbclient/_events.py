@@ -117,7 +117,7 @@ class PanicEvent:
         if self.entered:
             return (
                 f"panic mode entered: only {self.pickable} of {self.total} endpoints "
-                "healthy; ignoring breakers and picking from all of them"
+                "healthy; also serving the ejected ones that failed longest ago"
             )
         return f"panic mode left: {self.pickable} of {self.total} endpoints healthy"
 

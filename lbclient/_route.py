@@ -156,8 +156,6 @@ def _fast_route(lb: Balancer, fn: Callable[..., Awaitable[Any]]) -> Callable[...
             w = 0.97 if dt < 0.0304 * decay else exp(-dt / decay)
             s.cost = cost * w + rtt * (1.0 - w)
         s.stamp = t
-        if s.penalty:
-            s.penalty = 0.0
         i = s._lat_i
         s._lat[i & 255] = rtt
         s._lat_i = i + 1

@@ -130,7 +130,6 @@ class EndpointState:
             w = 0.97 if dt < 0.0304 * self.decay else _exp(-dt / self.decay)
             self.cost = cost * w + rtt * (1.0 - w)
         self.stamp = now
-        self.penalty = 0.0
         i = self._lat_i
         self._lat[i & (_RING - 1)] = rtt
         self._lat_i = i + 1
@@ -140,18 +139,22 @@ class EndpointState:
         """Has at least one latency been measured (not just a pick made)?"""
         return self._lat_i > 0
 
-    def penalize(self, rtt: float, now: float) -> None:
+    def penalize(self, rtt: float, now: float, cap: float = 10.0) -> None:
         """Price a failure as a response that took ``rtt`` seconds.
 
         The penalty sits beside the latency estimate (which stays a true latency) and
         fades with its own, short time constant (:data:`PENALTY_DECAY`), so a replica
         that failed once is avoided for a few seconds, then tried again -- it must not
-        wait for the 10 s latency EWMA to forget.  A success clears it.
+        wait for the 10 s latency EWMA to forget.  Failures while a penalty is still
+        there double it (up to ``cap``): a replica failing half its calls stays priced
+        out, one that failed once comes back within seconds.  Successes do not clear it
+        (they would, every other call, on a brownout); a breaker closing does.
         """
         if self.penalty:
             current = self.penalty * _exp(-(now - self.penalty_at) / PENALTY_DECAY)
-            if current > rtt:
-                rtt = current
+            doubled = 2.0 * current if 2.0 * current < cap else cap
+            if doubled > rtt:
+                rtt = doubled
         self.penalty = rtt
         self.penalty_at = now
 

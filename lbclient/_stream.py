@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._call import _avoid
@@ -103,12 +103,12 @@ def make_stream_route(
     key: Callable[..., object] | None,
     timeout: float | None,
     idle_timeout: float | None = None,
-) -> Callable[..., AsyncIterator[Any]]:
-    async def stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    async def stream(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
         k = key(*args, **kwargs) if key is not None else None
         # aclosing: closing this stream closes the inner one (and frees its slot) at once.
         async with contextlib.aclosing(
-            _stream_call(lb, fn, args, kwargs, k, timeout, idle_timeout)  # type: ignore[type-var]
+            _stream_call(lb, fn, args, kwargs, k, timeout, idle_timeout)
         ) as inner:
             async for item in inner:
                 yield item
@@ -124,7 +124,7 @@ async def _stream_call(
     key: object,
     timeout: float | None,
     idle_timeout: float | None,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     if lb._closed:
         raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
     lb._calls += 1

@@ -53,7 +53,7 @@ def test_panic_event() -> None:
     assert entered.level == logging.WARNING
     assert str(entered) == (
         "panic mode entered: only 1 of 4 endpoints healthy; "
-        "ignoring breakers and picking from all of them"
+        "also serving the ejected ones that failed longest ago"
     )
     left = PanicEvent(entered=False, at=9.0, pickable=3, total=4)
     assert left.level == logging.INFO
