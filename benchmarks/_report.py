@@ -111,6 +111,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "lbclient": lbclient.__version__,
+        "lbclient_path": str(Path(lbclient.__file__).resolve().parent),
     }
     try:
         import aiohttp

@@ -103,69 +103,78 @@ async def noop(ep: object) -> None:
     return None
 
 
-async def _time_calls(fn: Callable[[], Awaitable[Any]], n: int, repeats: int) -> float:
-    """Best ns per ``await fn()`` over ``repeats`` runs of ``n`` calls.
+async def _time_calls(fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    """ns per ``await fn()`` over one run of ``n`` sequential calls (GC paused).
 
     A no-op call never suspends, so the event loop would never run during the loop;
     yielding to it every 1024 calls (amortised: a few ns per call) lets it do its
     housekeeping as in a real program -- e.g. purge the cancelled timers of ``Hedge``.
     """
-    best = float("inf")
     sleep = asyncio.sleep
-    for _ in range(repeats):
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter_ns()
-            for i in range(n):
-                await fn()
-                if not i & 1023:
-                    await sleep(0)
-            dt = time.perf_counter_ns() - t0
-        finally:
-            gc.enable()
-        best = min(best, dt / n)
-    return best
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            await fn()
+            if not i & 1023:
+                await sleep(0)
+        dt = time.perf_counter_ns() - t0
+    finally:
+        gc.enable()
+    return dt / n
+
+
+def _variants() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(label, Balancer kwargs, route kwargs) of every timed variant."""
+    out: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for name in strategies.names():
+        out.append((name, {"strategy": name}, {}))
+    out.append(
+        ("consistent_hash, key=", {"strategy": "consistent_hash"}, {"key": lambda: "user-42"})
+    )
+    pe = {"strategy": "peak_ewma"}
+    out += [
+        ("peak_ewma + Retry()", {**pe, "retry": lbclient.Retry()}, {}),
+        ("peak_ewma + Breaker()", {**pe, "breaker": lbclient.Breaker()}, {}),
+        (
+            "peak_ewma + Retry() + Breaker()",
+            {**pe, "retry": lbclient.Retry(), "breaker": lbclient.Breaker()},
+            {},
+        ),
+        ("peak_ewma + Hedge(delay=10.0)", {**pe, "hedge": lbclient.Hedge(delay=10.0)}, {}),
+    ]
+    return out
 
 
 async def decorator_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Best of ``repeats`` per variant.  The repeats are interleaved (every variant once,
+    then again...) so a burst of noise from a neighbour on a shared machine spoils one
+    run of many variants rather than every run of one."""
     n, repeats = args.iterations, args.repeats
-    rows: list[dict[str, Any]] = []
 
     async def floor() -> None:
         await noop(None)
 
-    floor_ns = await _time_calls(floor, n, repeats)
-    rows.append({"variant": "await noop(None)  (floor)", "ns": floor_ns, "overhead_ns": 0.0})
-
-    def variants() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-        out: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        for name in strategies.names():
-            out.append((name, {"strategy": name}, {}))
-        out.append(
-            ("consistent_hash, key=", {"strategy": "consistent_hash"}, {"key": lambda: "user-42"})
-        )
-        pe = {"strategy": "peak_ewma"}
-        out += [
-            ("peak_ewma + Retry()", {**pe, "retry": lbclient.Retry()}, {}),
-            ("peak_ewma + Breaker()", {**pe, "breaker": lbclient.Breaker()}, {}),
-            (
-                "peak_ewma + Retry() + Breaker()",
-                {**pe, "retry": lbclient.Retry(), "breaker": lbclient.Breaker()},
-                {},
-            ),
-            ("peak_ewma + Hedge(delay=10.0)", {**pe, "hedge": lbclient.Hedge(delay=10.0)}, {}),
-        ]
-        return out
-
-    for label, kwargs, route_kw in variants():
-        lb = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, **kwargs)
-        fn = lb.route(**route_kw)(noop) if route_kw else lb.route(noop)
-        ns = await _time_calls(fn, n, repeats)
-        st = lb.stats()
-        assert st.calls == n * repeats and st.in_flight == 0, st
-        await lb.aclose()
-        rows.append({"variant": label, "ns": ns, "overhead_ns": ns - floor_ns})
+    timed: list[tuple[str, Callable[[], Awaitable[Any]], lbclient.Balancer | None]] = [
+        ("await noop(None)  (floor)", floor, None)
+    ]
+    for label, kwargs, route_kw in _variants():
+        balancer = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, **kwargs)
+        route = balancer.route(**route_kw) if route_kw else balancer.route
+        timed.append((label, route(noop), balancer))
+    best = {label: float("inf") for label, _, _ in timed}
+    for _ in range(repeats):
+        for label, call, _ in timed:
+            best[label] = min(best[label], await _time_calls(call, n))
+    floor_ns = best[timed[0][0]]
+    rows: list[dict[str, Any]] = []
+    for label, _, maybe_lb in timed:
+        if maybe_lb is not None:
+            st = maybe_lb.stats()
+            assert st.calls == n * repeats and st.in_flight == 0, st
+            await maybe_lb.aclose()
+        rows.append({"variant": label, "ns": best[label], "overhead_ns": best[label] - floor_ns})
     return rows
 
 
