@@ -902,6 +902,7 @@ class Balancer:
                     requests=s.requests,
                     failures=s.failures,
                     retries=s.retries_sent,
+                    retries_denied=s.retries_denied,
                     hedges_sent=s.hedges_sent,
                     hedges_won=s.hedges_won,
                     latency_ewma_ms=s.ewma(now) * 1000 if s.requests else None,

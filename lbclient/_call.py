@@ -218,6 +218,10 @@ async def _retrying(
         if budget is not None and not budget.try_withdraw():
             lb._retries_denied += 1
             lb._calls_failed += 1
+            last = attempts[-1].endpoint
+            denied = lb._members.get(last.url) if last is not None else None
+            if denied is not None:
+                denied.retries_denied += 1  # the failure that could not be retried
             raise AttemptsExhausted(attempts, "retry budget exhausted") from err
         if decision.delay > 0:
             await lb._clock.sleep(decision.delay)

@@ -58,6 +58,7 @@ class EndpointState:
         "penalty_at",
         "ramp_from",
         "requests",
+        "retries_denied",
         "retries_sent",
         "server_load",
         "server_load_at",
@@ -79,6 +80,7 @@ class EndpointState:
         self.requests = 0
         self.failures = 0
         self.retries_sent = 0
+        self.retries_denied = 0
         self.hedges_sent = 0
         self.hedges_won = 0
         self.cost = cost

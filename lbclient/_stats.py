@@ -23,6 +23,8 @@ class EndpointStats:
     ``state`` is ``"active"`` or ``"draining"``; ``breaker`` is ``None`` without a
     breaker, else ``"closed"``, ``"open"`` or ``"half_open"``; ``pickable`` says whether
     new calls can go there now.  ``p50_ms``/``p99_ms`` cover the last 256 calls.
+    ``retries`` counts retries sent *to* this endpoint; ``retries_denied`` counts failures
+    *here* that the retry budget did not let the balancer retry.
     """
 
     url: str
@@ -38,6 +40,7 @@ class EndpointStats:
     requests: int
     failures: int
     retries: int
+    retries_denied: int
     hedges_sent: int
     hedges_won: int
     latency_ewma_ms: float | None

@@ -606,6 +606,9 @@ async def test_budget_denial_raises_attempts_exhausted_and_is_counted() -> None:
     assert clock.slept == []  # no token, no backoff either
     stats = lb.stats()
     assert (stats.retries, stats.retries_denied, stats.calls_failed) == (0, 1, 1)
+    # Per endpoint: the failure that could not be retried is counted where it happened.
+    denied = {e.url: e.retries_denied for e in stats.endpoints}
+    assert denied == {e.url: int(e.url == fn.seen[0].url) for e in stats.endpoints}
 
 
 async def test_budget_floor_allows_retries_then_runs_dry() -> None:
