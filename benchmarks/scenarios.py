@@ -266,9 +266,10 @@ HETERO = Scenario(
     ),
     # capacity = 2/0.04 + 1/0.04 + 1.6/0.04 = 50 + 25 + 40 = 115 req/s; 70% = 80.5 req/s.
     # Round robin sends 26.8 req/s to the slow replica, which serves 25: its queue grows
-    # for the whole run.
+    # for the whole run, so round robin's p99 grows with the run's length (about 1.7 s
+    # after 20 s, 2.3 s after 30 s) while the load-aware policies' p99 stays flat.
     rate=0.70 * 115.0,
-    duration=20.0,
+    duration=30.0,
     quick_duration=8.0,
     policies=(BASE, RR, LC, P2C, PE),
     quick_policies=(RR, P2C, PE),
