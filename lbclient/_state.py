@@ -147,14 +147,14 @@ class EndpointState:
         The penalty sits beside the latency estimate (which stays a true latency) and
         fades with its own, short time constant (:data:`PENALTY_DECAY`), so a replica
         that failed once is avoided for a few seconds, then tried again -- it must not
-        wait for the 10 s latency EWMA to forget.  Failures while a penalty is still
-        there double it (up to ``cap``): a replica failing half its calls stays priced
-        out, one that failed once comes back within seconds.  Successes do not clear it
+        wait for the 10 s latency EWMA to forget.  A failure within ~8 s of the last one
+        doubles the last penalty (up to ``cap``): a replica failing half its calls stays
+        priced out, one that failed once comes back within seconds.  Successes do not clear it
         (they would, every other call, on a brownout); a breaker closing does.
         """
-        if self.penalty:
-            current = self.penalty * _exp(-(now - self.penalty_at) / PENALTY_DECAY)
-            doubled = 2.0 * current if 2.0 * current < cap else cap
+        if self.penalty and now - self.penalty_at < 4.0 * PENALTY_DECAY:
+            # Failing again within ~8 s of the last failure: double the last penalty.
+            doubled = 2.0 * self.penalty if 2.0 * self.penalty < cap else cap
             if doubled > rtt:
                 rtt = doubled
         self.penalty = rtt
