@@ -169,20 +169,24 @@ class LatencyWindow:
 
     Recording is O(1) (a ring write); the sort happens once per ``every`` samples, so a
     512-sample window costs well under a microsecond per call amortised.  Only the
-    window's samples count, so the estimate follows load changes within ``size`` calls.
+    window's samples count, so the estimate follows load changes within ``size`` calls,
+    and it decays with time too: at each recompute, samples older than ``horizon``
+    seconds (tracked per block of ``every``) are left out.
     """
 
-    __slots__ = ("_buf", "_every", "_i", "_q", "_size", "value")
+    __slots__ = ("_blocks", "_buf", "_every", "_horizon", "_i", "_q", "_size", "value")
 
-    def __init__(self, size: int, q: float, every: int = 32) -> None:
+    def __init__(self, size: int, q: float, every: int = 32, horizon: float = 60.0) -> None:
         self._buf: list[float] = []
         self._size = size
         self._i = 0
         self._q = q
         self._every = every
+        self._horizon = horizon
+        self._blocks: collections.deque[float] = collections.deque(maxlen=size // every + 1)
         self.value: float | None = None
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, now: float | None = None) -> None:
         buf = self._buf
         i = self._i
         if len(buf) < self._size:
@@ -191,13 +195,29 @@ class LatencyWindow:
             buf[i % self._size] = x
         self._i = i + 1
         if self._i % self._every == 0:
-            self.refresh()
+            if now is not None:
+                self._blocks.append(now)
+            self.refresh(now)
 
-    def refresh(self) -> None:
+    def refresh(self, now: float | None = None) -> None:
         """Recompute the quantile now (also done every ``every`` samples)."""
-        if self._buf:
-            s = sorted(self._buf)
-            self.value = s[min(len(s) - 1, int(self._q * len(s)))]
+        buf = self._buf
+        if not buf:
+            return
+        recent = buf
+        if now is not None and self._blocks:
+            # Keep the blocks that ended within the horizon (always the newest one).
+            fresh = 0
+            for t in reversed(self._blocks):
+                if now - t > self._horizon and fresh:
+                    break
+                fresh += 1
+            m = min(len(buf), fresh * self._every)
+            if m < len(buf):
+                j = self._i % self._size if len(buf) == self._size else len(buf)
+                recent = buf[j - m : j] if m <= j else buf[j - m :] + buf[:j]
+        s = sorted(recent)
+        self.value = s[min(len(s) - 1, int(self._q * len(s)))]
 
     @property
     def count(self) -> int:
@@ -517,7 +537,8 @@ async def _hedged(
         if race.winner is not None and caller.uncancel() <= cancelling:
             # A backup won and cancelled us out of the primary: that is a success.
             _cancel_all(race, lb)
-            hedger.window.add(lb._now() - now)
+            t = lb._now()
+            hedger.window.add(t - now, t)
             return race.result  # type: ignore[no-any-return]
         race.done = True
         _cancel_all(race, lb)
@@ -537,7 +558,7 @@ async def _hedged(
         race.primary_running = False
         t = lb._now()
         lb._succeeded(s, now, probe, t=t)
-        hedger.window.add(t - now)
+        hedger.window.add(t - now, t)
         if race.winner is not None:
             # The wrapped function swallowed our cancellation; the backup's result stands.
             if caller.cancelling() > cancelling:
@@ -564,7 +585,8 @@ async def _hedged(
         _cancel_all(race, lb)
         raise
     if race.winner is not None:
-        hedger.window.add(lb._now() - now)
+        t = lb._now()
+        hedger.window.add(t - now, t)
         return race.result
     race.done = True
     _cancel_all(race, lb)

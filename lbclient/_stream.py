@@ -274,7 +274,8 @@ async def _stream_call(
                 att.state.hedges_won += 1
                 lb._hedges_won += 1
             if hedger is not None:
-                hedger.window.add(lb._now() - started)
+                t = lb._now()
+                hedger.window.add(t - started, t)
             if kind == _END:
                 return
             yield payload

@@ -589,3 +589,18 @@ async def test_lb_call_without_hedge_honours_retry_timeout() -> None:
     lb = lbclient.Balancer([A, B], retry=lbclient.Retry(timeout=0.1))
     with pytest.raises(lbclient.DeadlineExceeded):
         await asyncio.wait_for(lb.call(rec), 3.0)
+
+
+def test_latency_window_forgets_samples_older_than_its_horizon() -> None:
+    w = LatencyWindow(512, 0.975, every=128, horizon=60.0)
+    for _ in range(512):
+        w.add(1.0, 0.0)  # a slow period, long ago
+    assert w.value == 1.0
+    for _ in range(128):
+        w.add(0.1, 100.0)  # one block of fast calls, 100 s later
+    # By count alone 3/4 of the window would still be the old 1.0 s; by time only the
+    # fresh block is left, so the quantile drops at once.
+    assert w.value == 0.1
+    for _ in range(128):
+        w.add(0.2, 110.0)  # within the horizon: both recent blocks count
+    assert w.value == 0.2
