@@ -37,8 +37,15 @@ async def run(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     key: object,
+    attempts: list[Attempt] | None = None,
+    deadline: float | None = None,
+    scope: asyncio.Timeout | None = None,
 ) -> R:
-    """Run ``fn(endpoint, *args, **kwargs)`` through the balancer (no deadline)."""
+    """Run ``fn(endpoint, *args, **kwargs)`` through the balancer.
+
+    ``attempts``/``deadline``/``scope`` come from :func:`run_with_deadline`: the list it
+    reports in ``DeadlineExceeded``, the deadline and the ``asyncio.timeout`` scope.
+    """
     if lb._closed:
         raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
     lb._calls += 1
@@ -55,17 +62,22 @@ async def run(
         result = await fn(s.endpoint, *args, **kwargs)
     except Exception as exc:
         lb._failed(s, now, exc, probe)
+        if attempts is None:
+            attempts = []
+        attempts.append(Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now))
         if lb._retry is None:
             lb._calls_failed += 1
             raise
-        first = Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now)
     except BaseException:
-        lb._cancelled(s, probe)
+        if attempts is None:
+            lb._cancelled(s, probe)
+        else:
+            _interrupted(lb, s, now, probe, scope, attempts)
         raise
     else:
         lb._succeeded(s, now, probe)
         return result
-    return await _retrying(lb, fn, args, kwargs, key, [first], {s}, now, None)
+    return await _retrying(lb, fn, args, kwargs, key, attempts, {s}, now, deadline, scope)
 
 
 async def run_with_deadline(
@@ -81,51 +93,12 @@ async def run_with_deadline(
     deadline = lb._now() + timeout
     try:
         async with asyncio.timeout(timeout) as scope:
-            return await _run_traced(lb, fn, args, kwargs, key, attempts, deadline, scope)
+            return await run(lb, fn, args, kwargs, key, attempts, deadline, scope)
     except TimeoutError as exc:
         if scope.expired():
             lb._calls_failed += 1
             raise DeadlineExceeded(timeout, attempts) from (attempts[-1].error if attempts else exc)
         raise
-
-
-async def _run_traced(
-    lb: Balancer,
-    fn: Callable[..., Awaitable[R]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    key: object,
-    attempts: list[Attempt],
-    deadline: float,
-    scope: asyncio.Timeout | None = None,
-) -> R:
-    if lb._closed:
-        raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
-    lb._calls += 1
-    now = lb._now()
-    budget = lb._budget
-    if budget is not None:
-        budget.deposit(now)
-    try:
-        s, probe = lb._acquire(key, None, now)
-    except NoEndpointAvailable:
-        lb._calls_failed += 1
-        raise
-    try:
-        result = await fn(s.endpoint, *args, **kwargs)
-    except Exception as exc:
-        lb._failed(s, now, exc, probe)
-        attempts.append(Attempt(endpoint=s.endpoint, error=exc, duration=lb._now() - now))
-        if lb._retry is None:
-            lb._calls_failed += 1
-            raise
-    except BaseException:
-        _interrupted(lb, s, now, probe, scope, attempts)
-        raise
-    else:
-        lb._succeeded(s, now, probe)
-        return result
-    return await _retrying(lb, fn, args, kwargs, key, attempts, {s}, now, deadline, scope)
 
 
 def _interrupted(
@@ -174,6 +147,58 @@ def _other_healthy(lb: Balancer, tried: set[EndpointState]) -> bool:
     return False
 
 
+def next_retry(
+    lb: Balancer,
+    err: BaseException,
+    attempts: list[Attempt],
+    tried: set[EndpointState],
+    started: float,
+    deadline: float | None,
+) -> float:
+    """May this call try again after ``err``?  Returns the backoff (seconds) or raises.
+
+    In order: the policy (classification, attempts, Retry-After vs deadline), panic mode
+    (no healthy endpoint left to try), the budget.  A non-retryable error is raised as it
+    is; every other refusal raises :class:`AttemptsExhausted` chained to ``err``.
+    """
+    retry = lb._retry
+    assert retry is not None
+    now = lb._now()
+    decision = retry.decide(
+        err,
+        len(attempts),
+        elapsed=now - started,
+        deadline_left=None if deadline is None else deadline - now,
+        rng=lb._rng,
+    )
+    if not decision.retry:
+        lb._calls_failed += 1
+        if decision.reason == _NOT_RETRYABLE:
+            if len(attempts) > 1:
+                err.add_note(
+                    "lbclient: earlier attempts: " + "; ".join(str(a) for a in attempts[:-1])
+                )
+            raise err
+        raise AttemptsExhausted(attempts, decision.reason) from err
+    if lb._panic and not _other_healthy(lb, tried):
+        # Every endpoint we could still try is ejected: retrying would only add load
+        # to a fleet that is already failing (the retry storm budgets exist to stop).
+        lb._calls_failed += 1
+        raise AttemptsExhausted(
+            attempts, "no healthy endpoint left to retry on (panic mode)"
+        ) from err
+    budget = lb._budget
+    if budget is not None and not budget.try_withdraw():
+        lb._retries_denied += 1
+        lb._calls_failed += 1
+        last = attempts[-1].endpoint
+        denied = lb._members.get(last.url) if last is not None else None
+        if denied is not None:
+            denied.retries_denied += 1  # the failure that could not be retried
+        raise AttemptsExhausted(attempts, "retry budget exhausted") from err
+    return decision.delay
+
+
 async def _retrying(
     lb: Balancer,
     fn: Callable[..., Awaitable[R]],
@@ -186,45 +211,11 @@ async def _retrying(
     deadline: float | None,
     scope: asyncio.Timeout | None = None,
 ) -> R:
-    retry = lb._retry
-    assert retry is not None
-    budget = lb._budget
     err = attempts[-1].error
     while True:
-        now = lb._now()
-        decision = retry.decide(
-            err,
-            len(attempts),
-            elapsed=now - started,
-            deadline_left=None if deadline is None else deadline - now,
-            rng=lb._rng,
-        )
-        if not decision.retry:
-            lb._calls_failed += 1
-            if decision.reason == _NOT_RETRYABLE:
-                if len(attempts) > 1:
-                    err.add_note(
-                        "lbclient: earlier attempts: " + "; ".join(str(a) for a in attempts[:-1])
-                    )
-                raise err
-            raise AttemptsExhausted(attempts, decision.reason) from err
-        if lb._panic and not _other_healthy(lb, tried):
-            # Every endpoint we could still try is ejected: retrying would only add load
-            # to a fleet that is already failing (the retry storm budgets exist to stop).
-            lb._calls_failed += 1
-            raise AttemptsExhausted(
-                attempts, "no healthy endpoint left to retry on (panic mode)"
-            ) from err
-        if budget is not None and not budget.try_withdraw():
-            lb._retries_denied += 1
-            lb._calls_failed += 1
-            last = attempts[-1].endpoint
-            denied = lb._members.get(last.url) if last is not None else None
-            if denied is not None:
-                denied.retries_denied += 1  # the failure that could not be retried
-            raise AttemptsExhausted(attempts, "retry budget exhausted") from err
-        if decision.delay > 0:
-            await lb._clock.sleep(decision.delay)
+        delay = next_retry(lb, err, attempts, tried, started, deadline)
+        if delay > 0:
+            await lb._clock.sleep(delay)
         now = lb._now()
         try:
             s, probe = lb._acquire(key, _avoid(lb, tried, now), now)

@@ -21,7 +21,7 @@ import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._call import _avoid
+from ._call import _avoid, next_retry
 from ._errors import (
     Attempt,
     AttemptsExhausted,
@@ -232,25 +232,9 @@ async def _stream_call(
                     if len(attempts) == 1:
                         raise payload
                     raise AttemptsExhausted(attempts, "every stream attempt failed") from payload
-                now = lb._now()
-                decision = retry.decide(
-                    payload,
-                    len(attempts),
-                    elapsed=now - started,
-                    deadline_left=None if deadline is None else deadline - now,
-                    rng=lb._rng,
-                )
-                if not decision.retry:
-                    lb._calls_failed += 1
-                    if decision.reason == "not retryable":
-                        raise payload
-                    raise AttemptsExhausted(attempts, decision.reason) from payload
-                if budget is not None and not budget.try_withdraw():
-                    lb._retries_denied += 1
-                    lb._calls_failed += 1
-                    raise AttemptsExhausted(attempts, "retry budget exhausted") from payload
-                if decision.delay > 0:
-                    await lb._clock.sleep(decision.delay)
+                delay = next_retry(lb, payload, attempts, tried, started, deadline)
+                if delay > 0:
+                    await lb._clock.sleep(delay)
                 try:
                     att2 = launch(_avoid(lb, tried, lb._now()), False)
                 except NoEndpointAvailable as exc:

@@ -186,11 +186,14 @@ async def test_route_key_affinity_over_real_replicas(
 async def test_drain_over_real_replicas(
     fleet_factory: FleetFactory, session: aiohttp.ClientSession
 ) -> None:
-    fleet = await fleet_factory([ReplicaConfig(base_latency=0.05, sigma=0, capacity=4)] * 2)
+    fleet = await fleet_factory([ReplicaConfig(base_latency=0.2, sigma=0, capacity=4)] * 2)
     lb = lbclient.Balancer(fleet.urls, strategy="round_robin", rng=0)
     complete = make_complete(lb, session)
     first = [asyncio.create_task(complete(BODY)) for _ in range(4)]
-    await asyncio.sleep(0.01)
+    for _ in range(200):  # until both requests reached replica 0 (a loaded CI box is slow)
+        if fleet[0].counters.in_flight == 2:
+            break
+        await asyncio.sleep(0.005)
     assert fleet[0].counters.in_flight == 2
     result = await asyncio.wait_for(lb.drain(fleet.urls[0]), 5)
     assert (result.idle, result.in_flight) == (True, 0)
