@@ -27,26 +27,25 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from . import _call
 from . import strategies as _strategies
+from ._breaker import Breaker
 from ._classify import is_endpoint_failure
 from ._clock import MONOTONIC, Clock
 from ._endpoint import Endpoint, to_endpoint
 from ._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
 from ._events import Event, MembershipEvent, PanicEvent
 from ._geo import GeoTable
-from ._hedge import run_hedged
+from ._hedge import Hedge, run_hedged
 from ._locality import Locality, LocalityPicker, nearest_tier
+from ._retry import Retry
 from ._route import PickedEndpoint, make_route
 from ._state import EndpointState
 from ._stats import BalancerStats, EndpointStats, _quantile
 from .strategies import PickContext, Picker, Totals
 
 if TYPE_CHECKING:
-    from ._breaker import Breaker
     from ._budget import Budget
     from ._discovery import Discovery
     from ._health import HealthCheck
-    from ._hedge import Hedge
-    from ._retry import Retry
 
 __all__ = ["Balancer", "DrainResult"]
 
@@ -77,13 +76,9 @@ _PANIC_PICK = -1  # probe token of a call sent to an ejected endpoint in panic m
 _MIN_RAMP = 0.1  # slow start begins at 10% of the weight (Envoy's min_weight_percent)
 
 
-def _check_policy(name: str, value: object, cls_path: str) -> None:
-    if value is None:
-        return
-    module, _, cls_name = cls_path.rpartition(".")
-    cls = getattr(__import__(f"lbclient.{module}", fromlist=[cls_name]), cls_name)
-    if not isinstance(value, cls):
-        raise ConfigError(f"{name} must be an lbclient.{cls_name} or None, got {value!r}")
+def _check_policy(name: str, value: object, cls: type) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise ConfigError(f"{name} must be an lbclient.{cls.__name__} or None, got {value!r}")
 
 
 def _pick_now_of(picker: Picker | None) -> Callable[[float], EndpointState | None]:
@@ -244,9 +239,9 @@ class Balancer:
             raise ConfigError(f"clock must implement lbclient.Clock (now, sleep), got {clock!r}")
         if rng is not None and (isinstance(rng, bool) or not isinstance(rng, random.Random | int)):
             raise ConfigError(f"rng must be a random.Random, an int seed or None, got {rng!r}")
-        _check_policy("retry", retry, "_retry.Retry")
-        _check_policy("breaker", breaker, "_breaker.Breaker")
-        _check_policy("hedge", hedge, "_hedge.Hedge")
+        _check_policy("retry", retry, Retry)
+        _check_policy("breaker", breaker, Breaker)
+        _check_policy("hedge", hedge, Hedge)
 
         self._strategy = _strategies.resolve(strategy)
         self._clock: Clock = clock if clock is not None else MONOTONIC

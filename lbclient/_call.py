@@ -23,7 +23,6 @@ from ._state import EndpointState
 
 if TYPE_CHECKING:
     from ._balancer import Balancer
-    from ._endpoint import Endpoint
 
 R = TypeVar("R")
 Fn = Callable[..., Awaitable[R]]
@@ -237,7 +236,3 @@ async def _retrying(
             raise
         lb._succeeded(s, now, probe)
         return result
-
-
-def endpoint_of(s: EndpointState) -> Endpoint:
-    return s.endpoint

@@ -519,15 +519,7 @@ async def _hedged(
     race = _Race(caller, fn, args, kwargs, key, delay, hedger.policy.max_hedges, s)
     if holder is not None:
         holder.append(race.attempts)
-    # Hedger.schedule, inlined: append to the shared queue, arm the timer if needed.
-    due = loop.time() + delay
-    race.due = due
-    queue = hedger._queue
-    while queue and queue[0].done:  # calls end roughly in order: drop the finished ones
-        queue.popleft()
-    queue.append(race)
-    if hedger._armed is None or due < hedger._armed_at - 0.001:
-        hedger.schedule_timer(loop, due)
+    hedger.schedule(loop, race, loop.time() + delay)
     cancelling = caller.cancelling()
     try:
         result = await fn(s.endpoint, *args, **kwargs)

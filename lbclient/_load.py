@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ._state import EndpointState
 
-__all__ = ["SERVER_LOAD_TTL", "LoadMetric", "inflight_load", "peak_ewma_load"]
+__all__ = ["SERVER_LOAD_TTL", "LoadMetric", "inflight_load", "outstanding", "peak_ewma_load"]
 
 LoadMetric = Callable[[EndpointState, float], float]
 
@@ -19,7 +19,8 @@ SERVER_LOAD_TTL = 2.0
 """Seconds a server-reported load (e.g. ``x-queue-depth``) is trusted after it arrived."""
 
 
-def _outstanding(s: EndpointState, now: float) -> float:
+def outstanding(s: EndpointState, now: float) -> float:
+    """In-flight requests, or the server-reported queue depth if fresher and higher."""
     q: float = s.inflight
     sl = s.server_load
     # The server's own queue depth counts every client's requests, ours included.
@@ -30,7 +31,7 @@ def _outstanding(s: EndpointState, now: float) -> float:
 
 def inflight_load(s: EndpointState, now: float) -> float:
     """Outstanding requests per unit of weight (``least_connections``, ``power_of_two``)."""
-    return _outstanding(s, now) / s.weight
+    return outstanding(s, now) / s.weight
 
 
 def peak_ewma_load(s: EndpointState, now: float) -> float:
@@ -39,4 +40,4 @@ def peak_ewma_load(s: EndpointState, now: float) -> float:
     The ``+ 1`` prices the request being placed, so an idle slow replica still costs
     its latency (Finagle ``PeakEwma``, Linkerd's ``PeakEwma`` load).
     """
-    return s.ewma(now) * (_outstanding(s, now) + 1.0) / s.weight
+    return s.ewma(now) * (outstanding(s, now) + 1.0) / s.weight

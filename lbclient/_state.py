@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._endpoint import Endpoint
 
@@ -170,16 +170,6 @@ class EndpointState:
         """The most recent latency samples (up to 256), oldest first is not guaranteed."""
         n = min(self._lat_i, _RING)
         return self._lat[:n] if self._lat_i <= _RING else list(self._lat)
-
-    def release(self) -> None:
-        """Give back one in-flight slot (never below zero) and wake drain waiters when idle."""
-        if self.inflight > 0:
-            self.inflight -= 1
-        if self.inflight == 0 and self.idle is not None:
-            self.idle.set()
-
-    def info(self) -> dict[str, Any]:  # for debugging reprs
-        return {"url": self.url, "inflight": self.inflight, "cost": self.cost}
 
     def __repr__(self) -> str:
         return f"<EndpointState {self.url} inflight={self.inflight} cost={self.cost * 1e3:.1f}ms>"

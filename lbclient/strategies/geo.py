@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Sequence
 import attrs
 
 from .._geo import GeoTable
-from .._load import SERVER_LOAD_TTL
+from .._load import outstanding
 from .._state import EndpointState
 from ._base import PickContext
 
@@ -100,10 +100,7 @@ class _GeoPicker:
             proc = total - net
         else:
             proc = self._prior
-        q: float = s.inflight
-        sl = s.server_load
-        if sl is not None and sl > q and now - s.server_load_at < SERVER_LOAD_TTL:
-            q = sl
+        q = outstanding(s, now)
         cap = self._cap[id(s)] or s.cap_seen
         return net + proc * (1.0 + q / (cap if cap > 1 else 1)) / s.weight
 
