@@ -14,7 +14,7 @@ real HTTP request.
    are awaited one after the other in one event loop; best of ``--repeats`` runs of
    ``--iterations`` calls each; the garbage collector is paused while timing.
 2. **Pick time vs pool size** -- ns per ``picker.pick(key, None)`` (the strategy alone)
-   and per ``lb._acquire(...)`` + ``lb._release(...)`` (pick plus the bookkeeping of a
+   and per ``pool.acquire(...)`` + ``lease.ok()`` (pick plus the bookkeeping of a
    call) for pools of 10 .. 10,000 endpoints (4 regions, client in us-east-1).  The
    Python loop around the call is included (~20-30 ns).  ``consistent_hash`` is timed
    with keys (``key=None`` would fall back to ``peak_ewma``).
@@ -215,29 +215,29 @@ def pick_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             lb = lbclient.Balancer(_urls(size), strategy=name, region="us-east-1", rng=1)
             build_ms = (time.perf_counter() - t0) * 1000
-            picker = lb._picker
+            pool = lb._pool
+            picker = pool.snap.picker
             assert picker is not None
             pick = picker.pick
-            acquire, release, now = lb._acquire, lb._release, lb._now
+            acquire, now = pool.acquire, pool.now
             keyed = name == "consistent_hash"
+            calls = [lbclient.CallContext(key=k) for k in keys]
 
             def picks(n: int) -> None:
                 if keyed:
-                    for k in itertools.islice(itertools.cycle(keys), n):
-                        pick(k, None)
+                    for c in itertools.islice(itertools.cycle(calls), n):
+                        pick(c, None)
                 else:
                     for _ in range(n):
                         pick(None, None)
 
             def acquires(n: int) -> None:
                 if keyed:
-                    for k in itertools.islice(itertools.cycle(keys), n):
-                        s, _ = acquire(k, None, now())
-                        release(s)
+                    for c in itertools.islice(itertools.cycle(calls), n):
+                        acquire(c, None, now()).ok()
                 else:
                     for _ in range(n):
-                        s, _ = acquire(None, None, now())
-                        release(s)
+                        acquire(None, None, now()).ok()
 
             pick_ns, n_pick = _time_loop(picks, args.pick_seconds, args.repeats)
             acq_ns, _ = _time_loop(acquires, args.pick_seconds, args.repeats)

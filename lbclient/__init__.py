@@ -15,10 +15,8 @@ geo-aware scoring, inside your Python process -- no proxy tier::
 from __future__ import annotations
 
 from ._balancer import Balancer, DrainResult
-from ._breaker import Breaker
-from ._classify import Classifier, retry_if, retry_if_exception, retry_if_status
 from ._clock import Clock, MonotonicClock
-from ._discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
+from ._context import CallContext
 from ._endpoint import Endpoint
 from ._errors import (
     Attempt,
@@ -31,28 +29,53 @@ from ._errors import (
     StreamIdleTimeout,
     UnknownEndpoint,
 )
-from ._events import BreakerEvent, Event, Listener, MembershipEvent, PanicEvent
-from ._geo import GeoTable
-from ._health import HealthCheck
-from ._hedge import Hedge
-from ._locality import Locality
-from ._retry import Retry
-from ._stats import BalancerStats, EndpointStats
+from .observe.events import (
+    AttemptEvent,
+    BreakerEvent,
+    CooldownEvent,
+    Event,
+    HedgeEvent,
+    Listener,
+    MembershipEvent,
+    PanicEvent,
+    RetryEvent,
+)
+from .observe.stats import BalancerStats, EndpointStats
+from .policies.breaker import Breaker
+from .policies.budget import Budget
+from .policies.classify import (
+    DEFAULT_RETRY_ON,
+    Classifier,
+    retry_if,
+    retry_if_exception,
+    retry_if_status,
+)
+from .policies.geo import GeoTable
+from .policies.hedge import Hedge
+from .policies.retry import Retry
+from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
+from .pool.health import HealthCheck
+from .pool.locality import Locality
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RETRY_ON",
     "Attempt",
+    "AttemptEvent",
     "AttemptsExhausted",
     "Balancer",
     "BalancerClosed",
     "BalancerStats",
     "Breaker",
     "BreakerEvent",
+    "Budget",
+    "CallContext",
     "CallableDiscovery",
     "Classifier",
     "Clock",
     "ConfigError",
+    "CooldownEvent",
     "DeadlineExceeded",
     "Discovery",
     "DnsDiscovery",
@@ -63,6 +86,7 @@ __all__ = [
     "GeoTable",
     "HealthCheck",
     "Hedge",
+    "HedgeEvent",
     "LBError",
     "Listener",
     "Locality",
@@ -71,6 +95,7 @@ __all__ = [
     "NoEndpointAvailable",
     "PanicEvent",
     "Retry",
+    "RetryEvent",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
@@ -83,6 +108,10 @@ __all__ = [
 # Public reprs say ``lbclient.X`` rather than the private module they live in.
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) and _obj.__module__.startswith("lbclient._"):
+    if (
+        isinstance(_obj, type)
+        and _obj.__module__.startswith("lbclient.")
+        and not (_obj.__module__.startswith("lbclient.testing"))
+    ):
         _obj.__module__ = "lbclient"
 del _name, _obj

@@ -57,7 +57,13 @@ class UnknownEndpoint(LBError, LookupError):
 
 
 class NoEndpointAvailable(LBError):
-    """No endpoint can be picked: the pool is empty, draining, or every one is ejected."""
+    """No endpoint can be picked: the pool is empty, draining, every one is ejected, or
+    every one is cooling down after ``Retry-After`` -- then ``retry_after`` says in how
+    many seconds the first comes back (else it is None)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @attrs.frozen(kw_only=True)

@@ -2,26 +2,32 @@
 
 Import as ``from strategies import ...`` (``tests/conftest.py`` puts this directory on
 ``sys.path``).  Builders make runtime objects without an event loop: ``states()`` for
-pickers tested directly, ``ctx()`` for their :class:`PickContext`.
+pickers tested directly, ``ctx()`` for their :class:`PickContext`, ``call_of()`` for the
+:class:`CallContext` a picker gets; ``acquire()`` takes a slot on a balancer's pool the
+way a call does and returns its :class:`Lease`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from hypothesis import strategies as st
 
 import lbclient
 from lbclient import strategies as lbstrategies
-from lbclient._state import EndpointState
+from lbclient._context import CallContext
+from lbclient.pool.lease import Lease
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext, Totals
 from lbclient.testing import FakeClock
 
 __all__ = [
     "DECAY",
     "PRIOR",
+    "acquire",
     "bad_weights",
+    "call_of",
     "ctx",
     "endpoint_lists",
     "operations",
@@ -67,17 +73,44 @@ def ctx(
     )
 
 
+def call_of(key: object = None, *, stream: bool = False) -> CallContext | None:
+    """What a picker gets for a call with affinity ``key`` (``stream``: a streaming call);
+    ``None`` -- a call carrying nothing -- when there is neither."""
+    if key is None and not stream:
+        return None
+    return CallContext(key=key, stream=stream)
+
+
+def acquire(
+    lb: lbclient.Balancer,
+    key: object = None,
+    exclude: Collection[EndpointState] | None = None,
+    now: float = 0.0,
+    *,
+    stream: bool = False,
+) -> Lease:
+    """Pick an endpoint of ``lb`` and take an in-flight slot on it at clock time ``now``,
+    as a call with affinity ``key`` avoiding ``exclude`` would; end it with the lease's
+    ``ok()`` / ``fail(exc)`` / ``cancel()``."""
+    return lb._pool.acquire(call_of(key, stream=stream), exclude, now)
+
+
 # -- strategies -------------------------------------------------------------------------
 
 weights = st.integers(min_value=1, max_value=8).map(float)
 """Endpoint weights: small whole numbers (exact shares are easy to state)."""
 
 bad_weights = st.one_of(
-    st.sampled_from([0, -1, 0.0, -0.5, float("nan"), float("inf"), float("-inf"), "2", None]),
+    st.sampled_from(
+        [0, -1, 0.0, -0.5, float("nan"), float("inf"), float("-inf"), "2", None, 1e-7, 1e7]
+    ),
     st.booleans(),
     st.floats(max_value=0.0),
+    st.floats(min_value=0.0, max_value=1e-6, exclude_max=True),
+    st.floats(min_value=1e6, exclude_min=True),
 )
-"""Values ``Endpoint(weight=...)`` must reject with a ConfigError."""
+"""Values ``Endpoint(weight=...)`` must reject with a ConfigError (weights live in
+[1e-6, 1e6])."""
 
 strategy_names = st.sampled_from(lbstrategies.names())
 """Every registered strategy name."""

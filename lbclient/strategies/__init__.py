@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._errors import ConfigError
-from .._state import EndpointState
+from ..pool.state import EndpointState
 from ._base import PickContext, Picker, Strategy, Totals
 from .consistent_hash import ConsistentHash
 from .geo import Geo

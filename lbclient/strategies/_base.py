@@ -9,21 +9,24 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import attrs
 
 from .._clock import Clock
-from .._state import EndpointState
+from ..pool.state import EndpointState
 
 if TYPE_CHECKING:
-    from .._geo import GeoTable
+    from .._context import CallContext
+    from ..policies.geo import GeoTable
 
 __all__ = ["PickContext", "Picker", "Strategy", "Totals"]
 
 
 class Totals:
-    """Pool-wide counters the balancer keeps current (read by bounded-load hashing)."""
+    """Pool-wide counters the pool keeps current (read by bounded-load hashing): calls in
+    flight, and estimated tokens in flight (calls that gave ``tokens=``)."""
 
-    __slots__ = ("inflight",)
+    __slots__ = ("inflight", "tokens")
 
     def __init__(self) -> None:
         self.inflight = 0
+        self.tokens = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -41,12 +44,19 @@ class PickContext:
 class Picker(Protocol):
     """Picks one endpoint from the snapshot it was built over.  Synchronous: never awaits.
 
-    ``exclude`` holds endpoints this call already tried; return ``None`` if every
-    candidate is excluded (the balancer then decides what to do).
+    ``call`` is the call being placed (:class:`lbclient.CallContext`: its affinity
+    ``key``, ``tenant``, estimated ``tokens``, ``prefix``, whether it is a ``stream``), or
+    ``None`` for a call that carries nothing (the decorator's fast path).  ``exclude``
+    holds endpoints this call should avoid (already tried, recently failed); return
+    ``None`` if every candidate is excluded (the pool then decides what to do).
+
+    A picker may also offer ``updated(states, ctx) -> Picker``: the pool then calls it
+    instead of ``strategy.picker`` when the pickable set changes, so a picker with
+    expensive state (the hash ring) can update it incrementally.
     """
 
     def pick(
-        self, key: object, exclude: Collection[EndpointState] | None
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
     ) -> EndpointState | None: ...
 
 
@@ -54,9 +64,10 @@ class Picker(Protocol):
 class Strategy(Protocol):
     """A replica-picking policy: builds a :class:`Picker` over an immutable snapshot.
 
-    The balancer calls ``picker()`` whenever membership or availability changes; the
-    states it passes are the pickable ones (never empty).  Picks read live load from
-    them (``inflight``, ``ewma(now)``, ``weight``, ``server_load``) but never mutate them.
+    The pool calls ``picker()`` whenever membership or availability changes; the states
+    it passes are the pickable ones (never empty).  Picks read live load from them
+    (``inflight``, ``tokens``, ``ewma(now)``, ``ttft_ewma(now)``, ``weight``,
+    ``server_load``) but never mutate them.
     """
 
     name: str

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .._errors import ConfigError
-from .._load import peak_ewma_load
-from .._state import EndpointState
+from ..pool.load import peak_ewma_load, peak_ewma_ttft_load
+from ..pool.state import EndpointState
 from ._base import PickContext, Totals
 from ._ring import Ring, hash_key
 from .p2c import P2CPicker
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 NAME = "consistent_hash"
 
@@ -46,14 +50,17 @@ class _RingPicker:
         balance_factor: float | None,
     ) -> None:
         self._ring = ring
-        self._fallback = P2CPicker(states, ctx, peak_ewma_load)
+        self._fallback = P2CPicker(states, ctx, peak_ewma_load, peak_ewma_ttft_load)
         self._c = balance_factor
         self._totals: Totals = ctx.totals
         self._total_w = sum(s.weight for s in states)
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
+        key = call.key if call is not None else None
         if key is None:
-            return self._fallback.pick(None, exclude)
+            return self._fallback.pick(call, exclude)
         ring = self._ring
         owners = ring.owners
         size = len(owners)
@@ -72,7 +79,15 @@ class _RingPicker:
                 return s
             i = i + 1 if i + 1 < size else 0
         # Every owner is full or excluded (only possible when excluded ones hold the room).
-        return self._fallback.pick(None, exclude)
+        return self._fallback.pick(call, exclude)
+
+    def updated(self, states: Sequence[EndpointState], ctx: PickContext) -> _RingPicker:
+        """The pickable set changed: update the ring in place (only the endpoints that
+        came or went move), and the load bound's totals."""
+        self._ring.update(states)
+        self._fallback = P2CPicker(states, ctx, peak_ewma_load, peak_ewma_ttft_load)
+        self._total_w = sum(s.weight for s in states)
+        return self
 
 
 def _balance(value: object) -> float | None:
@@ -106,7 +121,7 @@ class ConsistentHash:
       it (pure affinity: a hot key can overload its endpoint).
     * ``max_ring_size`` -- caps the points for huge pools (default 65,536), so building the
       ring stays fast; fewer points per endpoint means coarser spread, which the load
-      bound corrects.
+      bound corrects.  Membership changes update the ring incrementally.
     """
 
     vnodes: int = attrs.field(default=100, validator=_positive_int("vnodes"))

@@ -31,13 +31,17 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-from .._geo import GeoTable
-from .._load import outstanding
-from .._state import EndpointState
+from ..policies.geo import GeoTable
+from ..pool.load import outstanding
+from ..pool.state import EndpointState
 from ._base import PickContext
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 NAME = "geo"
 _UNMEASURED = 0.05  # seconds of processing assumed before any endpoint was measured
@@ -86,15 +90,15 @@ class _GeoPicker:
         # With nothing measured yet, assume the balancer's default latency prior.
         self._prior = statistics.median(procs) if procs else _UNMEASURED
 
-    def score(self, s: EndpointState, now: float) -> float:
+    def score(self, s: EndpointState, now: float, stream: bool = False) -> float:
         net = self._net[id(s)]
         if s.sampled:
-            total = s.ewma(now)
-            if s.cost < net:
+            total = s.ttft_ewma(now) if stream else s.ewma(now)
+            if (s.ttft.cost if stream else s.cost) < net:
                 # The endpoint answered faster than the table's network time: the table
                 # is wrong for it.  Take half the measurement as network, so its queue
                 # still counts.
-                net = s.cost / 2
+                net = (s.ttft.cost if stream else s.cost) / 2
             if total < net:  # decayed while idle: the estimate is stale, not the table
                 net = total
             proc = total - net
@@ -104,8 +108,11 @@ class _GeoPicker:
         cap = self._cap[id(s)] or s.cap_seen
         return net + proc * (1.0 + q / (cap if cap > 1 else 1)) / s.weight
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
         now = self._now()
+        stream = call is not None and call.stream
         self._picks += 1
         if self._picks & 63 == 0:
             self._refresh_prior(now)
@@ -119,14 +126,14 @@ class _GeoPicker:
                 continue
             if n == 1:
                 c = cands[0]
-                sc = self.score(c, now)
+                sc = self.score(c, now, stream)
             else:
                 i = int(rnd() * n)
                 j = int(rnd() * (n - 1))
                 if j >= i:
                     j += 1
                 a, b = cands[i], cands[j]
-                sa, sb = self.score(a, now), self.score(b, now)
+                sa, sb = self.score(a, now, stream), self.score(b, now, stream)
                 c, sc = (b, sb) if sb < sa else (a, sa)
             if best is None or sc < best_score:
                 best, best_score = c, sc

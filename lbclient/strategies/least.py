@@ -12,29 +12,43 @@ Randomized Load Balancing", Mitzenmacher 2001).  Ties are broken at random.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-from .._load import LoadMetric, inflight_load, peak_ewma_load
-from .._state import EndpointState
+from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load
+from ..pool.state import EndpointState
 from ._base import PickContext
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 LEAST_CONNECTIONS = "least_connections"
 LEAST_RESPONSE_TIME = "least_response_time"
 
 
 class _ArgminPicker:
-    __slots__ = ("_load", "_n", "_now", "_random", "_states")
+    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load")
 
-    def __init__(self, states: Sequence[EndpointState], ctx: PickContext, load: LoadMetric):
+    def __init__(
+        self,
+        states: Sequence[EndpointState],
+        ctx: PickContext,
+        load: LoadMetric,
+        stream_load: LoadMetric | None = None,
+    ):
         self._states = tuple(states)
         self._n = len(self._states)
         self._load = load
+        self._stream_load = stream_load or load
         self._now: Callable[[], float] = ctx.clock.now
         self._random = ctx.rng.random
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
-        states, n, load = self._states, self._n, self._load
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
+        states, n = self._states, self._n
+        load = self._stream_load if call is not None and call.stream else self._load
         now = self._now()
         start = int(self._random() * n)  # random start: random tie-breaking
         best: EndpointState | None = None
@@ -66,4 +80,4 @@ class LeastResponseTime:
     name: str = attrs.field(default=LEAST_RESPONSE_TIME, init=False)
 
     def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _ArgminPicker:
-        return _ArgminPicker(states, ctx, peak_ewma_load)
+        return _ArgminPicker(states, ctx, peak_ewma_load, peak_ewma_ttft_load)

@@ -9,11 +9,15 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-from .._state import EndpointState
+from ..pool.state import EndpointState
 from ._base import PickContext
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 NAME = "random"
 
@@ -36,7 +40,9 @@ class _RandomPicker:
         i = bisect.bisect_right(self._cum, self._random() * self._total)
         return i if i < self._n else self._n - 1
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
         s = self._states[self._draw()]
         if not exclude or s not in exclude:
             return s

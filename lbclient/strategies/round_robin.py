@@ -8,11 +8,15 @@ replicas are identical and uniformly loaded.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-from .._state import EndpointState
+from ..pool.state import EndpointState
 from ._base import PickContext
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 NAME = "round_robin"
 
@@ -25,7 +29,9 @@ class _RoundRobinPicker:
         self._n = len(self._states)
         self._i = start
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
         states, n = self._states, self._n
         for _ in range(n):
             i = self._i

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
-from .._state import EndpointState
+from ..pool.state import EndpointState
 from ._base import PickContext
+
+if TYPE_CHECKING:
+    from .._context import CallContext
 
 NAME = "weighted_round_robin"
 
@@ -37,7 +41,9 @@ class _EdfPicker:
         self._heap = [(ctx.rng.random() * st, i) for i, st in enumerate(self._step)]
         heapq.heapify(self._heap)
 
-    def pick(self, key: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
         if self._uniform:
             i = self._i
             s = self._states[i]

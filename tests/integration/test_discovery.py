@@ -20,7 +20,7 @@ from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSLabel, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 import lbclient
-from lbclient._discovery import CallableDiscovery, DnsDiscovery, refresh_once
+from lbclient.pool.discovery import CallableDiscovery, DnsDiscovery, refresh_once
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
 INTERVAL = 0.2
@@ -194,7 +194,7 @@ async def test_membership_follows_record_changes_and_survivors_keep_stats(
             await lb.call(noop)
         before = requests_by_url(lb)
         survivor = "http://127.0.0.2:8000"
-        survivor_state = lb._members[survivor]
+        survivor_state = lb._pool.members[survivor]
         assert before[survivor] == 5
 
         dns.zone.set_a("llm.test", "127.0.0.2", "127.0.0.3")  # +.3, -.1
@@ -204,7 +204,7 @@ async def test_membership_follows_record_changes_and_survivors_keep_stats(
         after = requests_by_url(lb)
         assert after[survivor] == 5  # statistics survived the refresh
         assert after["http://127.0.0.3:8000"] == 0
-        assert lb._members[survivor] is survivor_state
+        assert lb._pool.members[survivor] is survivor_state
 
 
 async def test_removed_endpoint_with_a_call_in_flight_drains_then_disappears(
@@ -222,7 +222,7 @@ async def test_removed_endpoint_with_a_call_in_flight_drains_then_disappears(
     lb = lbclient.Balancer([], discovery=dns.discovery("llm.test"), strategy="round_robin")
     async with lb:
         calls = [asyncio.create_task(lb.call(slow)) for _ in range(2)]
-        await wait_until(lambda: lb._members[leaving].inflight == 1, within=1.0)
+        await wait_until(lambda: lb._pool.members[leaving].inflight == 1, within=1.0)
 
         dns.zone.set_a("llm.test", "127.0.0.2")
         await wait_until(
@@ -266,7 +266,7 @@ async def test_a_failed_lookup_keeps_the_last_good_set_and_warns(
             return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
         with caplog.at_level(logging.WARNING, logger="lbclient"):
-            assert await refresh_once(lb, lb._discovery) is False  # type: ignore[arg-type]
+            assert await refresh_once(lb._pool, lb._background.discovery) is False  # type: ignore[arg-type]
             # ...and so does the periodic loop.
             await wait_until(lambda: len(warnings()) >= 2, within=2 * INTERVAL + 0.2)
         assert urls(lb) == good
@@ -291,7 +291,7 @@ async def test_a_stopped_dns_server_keeps_the_last_good_set(
         dns.stop()
         with caplog.at_level(logging.WARNING, logger="lbclient"):
             t0 = time.monotonic()
-            assert await refresh_once(lb, discovery) is False
+            assert await refresh_once(lb._pool, discovery) is False
             assert time.monotonic() - t0 < 2.0
         assert urls(lb) == {"http://127.0.0.1:8000"}
         assert "keeping the last good set of 1 endpoints" in caplog.text
@@ -352,7 +352,7 @@ async def test_srv_with_a_failing_target_lookup_fails_the_refresh(dns: DnsServer
         assert urls(lb) == {"http://127.0.0.1:8001"}
         dns.zone.set_srv("_http._tcp.llm.test", (0, 1, 8001, "gone.llm.test."))
         # Every target gone: the answer is empty, which keeps the last good set.
-        assert await refresh_once(lb, discovery) is False
+        assert await refresh_once(lb._pool, discovery) is False
         assert urls(lb) == {"http://127.0.0.1:8001"}
 
 
@@ -366,7 +366,7 @@ async def test_an_empty_balancer_gets_its_endpoints_from_the_first_refresh(
         assert len(lb.endpoints) == 3  # before any periodic refresh
         assert await lb.call(noop) in urls(lb)
     assert lb.closed
-    assert not lb._tasks
+    assert not lb._background._tasks
 
 
 async def test_callable_discovery_follows_its_function() -> None:

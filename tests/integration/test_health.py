@@ -19,7 +19,8 @@ import pytest
 
 import lbclient
 from lbclient._errors import ConfigError, UnknownEndpoint
-from lbclient._health import HealthCheck, HealthTracker
+from lbclient.pool.health import HealthCheck, HealthTracker
+from lbclient.pool.pool import Pool
 from lbclient.testing import FakeClock, ReplicaConfig, ReplicaFleet
 
 INTERVAL = 0.05
@@ -66,7 +67,7 @@ def stats_of(lb: lbclient.Balancer, url: str) -> lbclient.EndpointStats:
 
 
 def down(lb: lbclient.Balancer, url: str) -> bool:
-    return lb._members[url].health_down
+    return lb._pool.members[url].health_down
 
 
 # ------------------------------------------------------------------------ the policy
@@ -119,7 +120,7 @@ def test_jittered_waits_stay_in_bounds() -> None:
 
 def test_tracker_thresholds_streaks_and_forgetting() -> None:
     lb = lbclient.Balancer(["http://10.0.0.1:1", "http://10.0.0.2:1"])
-    a, b = lb._members.values()
+    a, b = lb._pool.members.values()
     t = HealthTracker(HealthCheck(unhealthy_threshold=3, healthy_threshold=2))
     assert [t.record(a, False), t.record(a, False), t.record(a, True)] == [None, None, None]
     assert [t.record(a, False), t.record(a, False), t.record(a, False)] == [None, None, False]
@@ -133,7 +134,7 @@ def test_tracker_thresholds_streaks_and_forgetting() -> None:
     # A URL removed and added again starts over, from the balancer's view.
     lb.remove(a.url)
     lb.add(a.url)
-    fresh = lb._members[a.url]
+    fresh = lb._pool.members[a.url]
     assert fresh is not a
     assert [t.record(fresh, False), t.record(fresh, False)] == [None, None]
 
@@ -142,22 +143,22 @@ def test_tracker_apply_marks_the_balancer_and_tolerates_removed_members(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     lb = lbclient.Balancer(["http://10.0.0.1:1", "http://10.0.0.2:1", "http://10.0.0.3:1"])
-    a, b, c = (s.url for s in lb._members.values())
+    a, b, c = (s.url for s in lb._pool.members.values())
     t = HealthTracker(HealthCheck(unhealthy_threshold=1))
     with caplog.at_level(logging.INFO, logger="lbclient"):
-        t.apply(lb, {a: "HTTP 503", b: None, "http://gone:1": "refused"})
+        t.apply(lb._pool, {a: "HTTP 503", b: None, "http://gone:1": "refused"})
     assert down(lb, a) and not down(lb, b)
     assert f"{a} failed 1 check(s) in a row (last: HTTP 503); marked unhealthy" in caplog.text
 
     def vanished(url: str, healthy: bool) -> None:
         raise UnknownEndpoint(url)
 
-    lb.set_health = vanished  # type: ignore[method-assign]
-    t.apply(lb, {a: None, c: "timeout"})  # no exception
+    lb._pool.set_health = vanished  # type: ignore[method-assign]
+    t.apply(lb._pool, {a: None, c: "timeout"})  # no exception
 
-    del lb.set_health
+    del lb._pool.set_health
     lb.remove(c)
-    t.apply(lb, {a: None})
+    t.apply(lb._pool, {a: None})
     assert not down(lb, a)
     assert "down=[]" in repr(t)
 
@@ -230,7 +231,7 @@ async def test_check_once_probes_every_member(fleet: ReplicaFleet) -> None:
     await fleet[2].down()
     lb = lbclient.Balancer([*fleet.urls, "http://127.0.0.1:9/never"], health=FAST)
     async with aiohttp.ClientSession() as session:
-        results = await FAST.check_once(lb, session)
+        results = await FAST.check_once(lb._pool, session)
     assert results == {
         fleet.urls[0]: True,
         fleet.urls[1]: False,
@@ -238,7 +239,7 @@ async def test_check_once_probes_every_member(fleet: ReplicaFleet) -> None:
         "http://127.0.0.1:9/never": False,
     }
     assert fleet[0].counters.health_checks == 1
-    assert lb._members[fleet.urls[0]].health_down is False  # check_once only probes
+    assert lb._pool.members[fleet.urls[0]].health_down is False  # check_once only probes
     await lb.aclose()
 
 
@@ -246,7 +247,7 @@ async def test_the_loop_survives_errors(
     fleet: ReplicaFleet, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lb = lbclient.Balancer(fleet.urls, health=FAST)
-    real = lb.set_health
+    real = lb._pool.set_health  # what the health loop calls
     failures = 0
 
     def flaky(url: str, healthy: bool) -> None:
@@ -256,7 +257,7 @@ async def test_the_loop_survives_errors(
             raise RuntimeError("boom")
         real(url, healthy)
 
-    lb.set_health = flaky  # type: ignore[method-assign]
+    lb._pool.set_health = flaky  # type: ignore[method-assign]
     fleet[1].set(healthy=False)
     with caplog.at_level(logging.ERROR, logger="lbclient"):
         async with lb:
@@ -269,12 +270,12 @@ async def test_the_loop_survives_errors(
     rounds = 0
     real_apply = HealthTracker.apply
 
-    def broken_once(self: HealthTracker, lb: lbclient.Balancer, results: Any) -> None:
+    def broken_once(self: HealthTracker, pool: Pool, results: Any) -> None:
         nonlocal rounds
         rounds += 1
         if rounds == 1:
             raise RuntimeError("tracker bug")
-        real_apply(self, lb, results)
+        real_apply(self, pool, results)
 
     monkeypatch.setattr(HealthTracker, "apply", broken_once)
     with caplog.at_level(logging.ERROR, logger="lbclient"):
@@ -299,7 +300,7 @@ async def test_aclose_stops_the_loop_and_closes_its_session(
     async with lb:
         await wait_until(lambda: fleet[0].counters.health_checks >= 2)
     assert len(sessions) == 1 and sessions[0].closed
-    assert not lb._tasks
+    assert not lb._background._tasks
     checks = fleet.totals().health_checks
     await asyncio.sleep(3 * INTERVAL)
     assert fleet.totals().health_checks == checks

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 import lbclient
-from lbclient._state import EndpointState
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
@@ -155,7 +155,7 @@ async def test_hedging_cuts_the_straggler_tail(
     assert st.calls_failed == 0
     assert st.hedges_sent > 0
     assert st.hedges_won > 0
-    assert st.hedges_sent <= max_extra * st.calls + 1  # the budget held
+    assert st.hedges_sent <= max_extra * st.calls + 6  # the budget (and its reserve) held
     # the adaptive delay has left its 1 s cold-start value and tracks the latency
     assert st.hedge_delay_ms is not None and st.hedge_delay_ms < 500
     assert lb0.stats().hedges_sent == 0
@@ -179,7 +179,8 @@ async def test_sustained_hedging_stays_within_max_extra(
     for _ in range(4):
         await run_load(complete, 100, 12)
         st = lb.stats()
-        assert st.hedges_sent <= 0.05 * st.calls + 1, (st.hedges_sent, st.calls)
+        # 5% of calls, plus the budget's reserve of 6 per 30 s
+        assert st.hedges_sent <= 0.05 * st.calls + 6, (st.hedges_sent, st.calls)
     st = lb.stats()
     assert st.calls == 400
     assert st.calls_failed == 0

@@ -1,5 +1,5 @@
 """The built-in ``lbclient.http.ChatClient`` against fake replicas on loopback: answers,
-exact token streams, retries on 500 and 429 (Retry-After), headers sent, load reported,
+exact token streams, retries on 500 and 429 (Retry-After cooldowns), headers sent, load reported,
 TTFT recorded, SSE parsing of awkward streams, session ownership and bad configuration."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 import lbclient
-from lbclient._state import EndpointState
 from lbclient.http import ChatClient
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
@@ -165,7 +165,9 @@ async def test_an_http_error_is_a_client_response_error_with_the_server_message(
         assert info.value.status == 500
 
 
-async def test_a_429_waits_for_retry_after_then_succeeds_elsewhere(fleet_factory: Any) -> None:
+async def test_a_429_cools_the_replica_and_the_retry_goes_elsewhere_at_once(
+    fleet_factory: Any,
+) -> None:
     # retry_after=0.5 is sent as "Retry-After: 1" (whole seconds, rounded up).
     fleet = await fleet_of(
         fleet_factory,
@@ -176,28 +178,45 @@ async def test_a_429_waits_for_retry_after_then_succeeds_elsewhere(fleet_factory
     async with ChatClient(lb) as chat:
         t0 = time.monotonic()
         assert await chat.text(messages=MESSAGES) == "replica-1: tok0 "
-        assert time.monotonic() - t0 >= 0.95  # the backoff alone would be <= 25 ms
+        assert time.monotonic() - t0 < 0.9  # no sleep for the Retry-After (1 s)
+        stats = lb.stats()
+        assert (stats.retries, stats.cooldowns) == (1, 1)
+        limited = stats.endpoint(fleet.urls[0])
+        assert limited.pickable is False
+        assert 0.0 < limited.cooling_s <= 1.0  # so the header reached the balancer
+        # While it cools, even a first attempt skips it (in order it would go there).
+        assert await chat.text(messages=MESSAGES) == "replica-1: tok0 "
     assert fleet[0].counters.rejected_429 == 1
-    assert lb.stats().retries == 1
+    assert fleet[0].counters.received == 1
 
 
-async def test_a_retry_after_beyond_the_policy_limit_gives_up_with_the_429(
+async def test_a_retry_after_beyond_the_policy_limit_is_capped(
     fleet_factory: Any,
 ) -> None:
     fleet = await fleet_of(
         fleet_factory,
         ReplicaConfig(rate_limit_rate=1.0, retry_after=5.0, **FAST),
-        ReplicaConfig(**FAST),
+        ReplicaConfig(tokens=1, **FAST),
     )
     retry = lbclient.Retry(attempts=2, max_retry_after=1.0)
     lb = lbclient.Balancer(fleet.urls, strategy=InOrder(), retry=retry)
     async with ChatClient(lb) as chat:
+        assert await chat.text(messages=MESSAGES) == "replica-1: tok0 "
+        # Cooling for max_retry_after (1 s), not the 5 s the replica asked for.
+        assert 0.0 < lb.stats().endpoint(fleet.urls[0]).cooling_s <= 1.0
+
+    # Alone, the limited replica makes the retry wait out the capped cooldown, no more.
+    solo = lbclient.Balancer([fleet.urls[0]], retry=retry)
+    async with ChatClient(solo) as chat:
+        t0 = time.monotonic()
         with pytest.raises(lbclient.AttemptsExhausted) as info:
             await chat.create(messages=MESSAGES)
-    assert info.value.reason == "retry-after too long"  # so the header reached the policy
+        assert 0.9 <= time.monotonic() - t0 < 3.0
     err = info.value.last_error
     assert isinstance(err, aiohttp.ClientResponseError) and err.status == 429
-    assert fleet[1].counters.received == 0
+    assert len(info.value.attempts) == 2
+    assert fleet[0].counters.rejected_429 == 3
+    assert fleet[1].counters.received == 1
 
 
 async def test_a_stream_broken_after_the_first_token_is_not_retried(fleet_factory: Any) -> None:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 import lbclient
-from lbclient._state import EndpointState
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
@@ -169,19 +169,22 @@ async def test_route_timeout_bounds_the_time_to_first_token(
     assert fleet[0].counters.cancelled == 1
 
 
-async def test_a_cold_balancer_does_not_hedge_a_stream(
+async def test_a_cold_balancer_hedges_a_slow_stream_from_its_reserve(
     fleet_factory: Any, http: aiohttp.ClientSession
 ) -> None:
-    # No budget yet (it grows with calls): the slow primary is simply waited for.
+    # No 5% earned yet, but the budget's reserve covers a cold client's first straggler:
+    # the backup's first token wins and the slow primary is cancelled.
     fleet = await fleet_factory(
-        [ReplicaConfig(ttft=0.15, tokens=3), ReplicaConfig(ttft=0.01, tokens=3)]
+        [ReplicaConfig(ttft=0.5, tokens=3), ReplicaConfig(ttft=0.01, tokens=3)]
     )
     lb = lbclient.Balancer(fleet.urls, strategy=InOrder(), hedge=lbclient.Hedge(delay=0.03))
     gen = make_gen(lb, http)
+    t = time.monotonic()
     assert [chunk async for chunk in gen(BODY)] == tokens(3)
+    assert time.monotonic() - t < 0.4
     st = lb.stats()
-    assert (st.hedges_sent, st.hedges_denied) == (0, 1)
-    assert fleet[1].counters.received == 0
+    assert (st.hedges_sent, st.hedges_won, st.hedges_denied) == (1, 1, 0)
+    assert fleet[1].counters.received == 1
 
 
 async def test_an_error_after_the_first_chunk_reaches_the_caller_without_retry(

@@ -83,6 +83,11 @@ async def use() -> None:
     one: lbclient.EndpointStats = stats.endpoint("http://10.0.1.10:8000")
     flight: int = one.in_flight + stats.in_flight
     p99: float | None = one.p99_ms
+    outcomes: int = one.successes + one.ignored + one.cancelled + one.cut + one.lost
+    ttft99: float | None = one.ttft_p99_ms
+    cooling: float = one.cooling_s
+    by: int = stats.failed_by.get("deadline", 0) + stats.retries_by.get("status 503", 0)
+    cooldowns: int = stats.cooldowns
 
     # errors
     try:
@@ -94,6 +99,9 @@ async def use() -> None:
     except lbclient.DeadlineExceeded as exc2:
         t: float = exc2.timeout
         del t
+    except lbclient.NoEndpointAvailable as exc3:
+        back: float | None = exc3.retry_after
+        del back
     except lbclient.LBError:
         pass
 
@@ -106,6 +114,7 @@ async def use() -> None:
         served: int = fleet[0].counters.served
 
     del s, v, d, chunks, r, url, w, region, idle, n, removed, eps, one, flight, p99
+    del outcomes, ttft99, cooling, by, cooldowns
     del closed, urls, served
 
 
@@ -115,5 +124,30 @@ def events(event: lbclient.Event) -> None:
         print(action)
 
 
+class Collect:
+    """A :class:`lbclient.Listener`: an object with an ``on_event`` method."""
+
+    def __init__(self) -> None:
+        self.cooldowns: list[lbclient.CooldownEvent] = []
+
+    def on_event(self, event: lbclient.Event) -> None:
+        if isinstance(event, lbclient.CooldownEvent):
+            self.cooldowns.append(event)
+        elif isinstance(event, lbclient.AttemptEvent):
+            counted: bool = event.counted
+            del counted
+        elif isinstance(event, lbclient.RetryEvent | lbclient.HedgeEvent):
+            delay: float = event.delay
+            del delay
+
+
 watched = lbclient.Balancer(["http://c"], on_event=events)
+listened = lbclient.Balancer(["http://c"], on_event=Collect())
+both = lbclient.Balancer(["http://c"], on_event=[events, Collect()])
+listener: lbclient.Listener = Collect()
 clock: lbclient.Clock = FakeClock()
+policy: lbclient.Classifier = lbclient.DEFAULT_RETRY_ON
+budget = lbclient.Budget(ratio=0.2, min_per_second=10.0)
+allowed: bool = budget.try_withdraw()
+call = lbclient.CallContext(key="user-1", stream=True)
+key: object = call.key

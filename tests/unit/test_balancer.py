@@ -1,9 +1,9 @@
 """`lbclient.Balancer`: configuration errors, membership, in-flight accounting and the
 three ways to call (``@lb.route``, ``lb.call``, ``async with lb.pick()``).
 
-Synchronous properties drive the internals directly (``_acquire`` takes a slot,
-``_succeeded`` / ``_failed`` / ``_cancelled`` give it back) with a fake clock and a
-seeded RNG; the async tests run real coroutines on the event loop with tiny sleeps.
+Synchronous properties drive the internals directly (``lb._pool.acquire`` takes a slot
+and returns a lease; ``lease.ok()`` / ``fail()`` / ``cancel()`` give it back) with a fake
+clock and a seeded RNG; the async tests run real coroutines on the event loop with tiny sleeps.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import endpoint_lists, operations, strategy_names, url, urls
+from strategies import acquire, endpoint_lists, operations, strategy_names, url, urls
 
 import lbclient
 from lbclient import strategies as lbstrategies
-from lbclient._state import EndpointState
+from lbclient.pool.lease import Lease
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import ConsistentHash
 from lbclient.testing import FakeClock
 
@@ -91,7 +92,11 @@ class HalfClock:
         ({"ewma_decay": math.inf}, r"ewma_decay .*got inf"),
         ({"ewma_decay": "10"}, r"ewma_decay .*got '10'"),
         ({"ewma_decay": True}, r"ewma_decay .*got True"),
-        ({"on_event": "print"}, r"on_event must be callable or None, got 'print'"),
+        (
+            {"on_event": "print"},
+            r"on_event must be a callable, an lbclient.Listener .* or a list of them, "
+            r"got 'print'",
+        ),
         ({"rng": "x"}, r"rng must be a random.Random, an int seed or None, got 'x'"),
         ({"rng": True}, r"rng .*got True"),
         ({"rng": 1.5}, r"rng .*got 1.5"),
@@ -107,15 +112,15 @@ class HalfClock:
             r"breaker must be an lbclient.Breaker or None, got .*Retry",
         ),
         ({"hedge": 0.05}, r"hedge must be an lbclient.Hedge or None, got 0.05"),
-        ({"slow_start": 0}, r"slow_start must be a number of seconds > 0 or None, got 0"),
+        (
+            {"slow_start": 0},
+            r"slow_start must be a finite number of seconds > 0 or None, got 0",
+        ),
         ({"slow_start": -1}, r"slow_start .*got -1"),
         ({"slow_start": math.nan}, r"slow_start .*got nan"),
         ({"slow_start": "30"}, r"slow_start .*got '30'"),
         ({"slow_start": True}, r"slow_start .*got True"),
-        (
-            {"locality": "eu"},
-            r"locality must be True, False, None or an lbclient.Locality, got 'eu'",
-        ),
+        ({"locality": "eu"}, r"locality must be an lbclient.Locality or None, got 'eu'"),
         ({"locality": True}, r"locality needs the client's own region: pass region="),
         ({"health": 5}, r"health must be an lbclient.HealthCheck or None, got 5"),
         (
@@ -186,7 +191,7 @@ def test_route_key_not_callable(key: object) -> None:
 @pytest.mark.parametrize("timeout", [-1, 0, math.nan, "1", True])
 def test_route_bad_timeout(timeout: object) -> None:
     lb = lbclient.Balancer([A])
-    pattern = r"timeout must be a number of seconds > 0 or None, got "
+    pattern = r"timeout must be a finite number of seconds > 0 or None, got "
     with pytest.raises(
         lbclient.ConfigError, match=pattern + ("nan" if timeout != timeout else named(timeout))
     ):
@@ -287,15 +292,14 @@ def test_repr_and_endpoints() -> None:
 def test_add_is_pickable_at_once_and_survivors_keep_their_state() -> None:
     clock = FakeClock()
     lb = lbclient.Balancer([A], strategy="round_robin", clock=clock, rng=0)
-    s, probe = lb._acquire(None, None, 0.0)
-    lb._succeeded(s, 0.0, probe)
-    before = lb._members[A]
+    assert acquire(lb).ok(0.0)
+    before = lb._pool.members[A]
     assert lb.add(lbclient.Endpoint(B + "/", weight=2)) == lbclient.Endpoint(B, weight=2)
-    picks = Counter(lb._acquire(None, None, 0.0)[0].url for _ in range(10))
+    picks = Counter(acquire(lb).state.url for _ in range(10))
     assert picks == {A: 5, B: 5}
-    assert lb._members[A] is before and before.requests == 6
+    assert lb._pool.members[A] is before and before.requests == 6
     lb.remove(B)
-    assert lb._members[A] is before
+    assert lb._pool.members[A] is before
     assert lb.stats().endpoint(A).requests == 6
 
 
@@ -312,23 +316,23 @@ def test_empty_pool_and_all_draining_raise_no_endpoint_available() -> None:
     lb.drain(A)
     lb.drain(B)
     with pytest.raises(lbclient.NoEndpointAvailable, match="all 2 endpoint"):
-        lb._acquire(None, None, 0.0)
+        acquire(lb)
     lb.undrain(B)
-    assert lb._acquire(None, None, 0.0)[0].url == B
+    assert acquire(lb).state.url == B
     lb.remove(A)
     lb.remove(B)
     with pytest.raises(lbclient.NoEndpointAvailable, match="empty"):
-        lb._acquire(None, None, 0.0)
+        acquire(lb)
 
 
 def test_drain_takes_effect_before_await_and_shows_in_stats() -> None:
     lb = lbclient.Balancer([A, B], strategy="round_robin", rng=0)
     lb.drain(A)  # not awaited: picks stop anyway
-    assert {lb._acquire(None, None, 0.0)[0].url for _ in range(10)} == {B}
+    assert {acquire(lb).state.url for _ in range(10)} == {B}
     st_a = lb.stats().endpoint(A)
     assert (st_a.state, st_a.pickable) == ("draining", False)
     lb.undrain(A)
-    assert {lb._acquire(None, None, 0.0)[0].url for _ in range(10)} == {A, B}
+    assert {acquire(lb).state.url for _ in range(10)} == {A, B}
     assert lb.stats().endpoint(A).state == "active"
 
 
@@ -361,7 +365,7 @@ def test_broken_listener_does_not_break_membership() -> None:
 def test_same_seed_same_picks() -> None:
     def picks(seed: int) -> list[str]:
         lb = lbclient.Balancer([A, B, C], strategy="random", rng=seed, clock=FakeClock())
-        return [lb._acquire(None, None, 0.0)[0].url for _ in range(50)]
+        return [acquire(lb).state.url for _ in range(50)]
 
     assert picks(7) == picks(7)
     assert picks(7) != picks(8)
@@ -389,14 +393,13 @@ def test_drained_endpoints_are_never_picked(
     for u in drained:
         lb.drain(u)
     rnd = random.Random(seed)
-    held: list[tuple[EndpointState, int]] = []
+    held: list[Lease] = []
     for i in range(40):
-        s, probe = lb._acquire(f"key-{rnd.randrange(10)}" if i % 2 else None, None, clock.now())
-        assert s.url not in drained
-        held.append((s, probe))
+        lease = acquire(lb, f"key-{rnd.randrange(10)}" if i % 2 else None, now=clock.now())
+        assert lease.state.url not in drained
+        held.append(lease)
         if rnd.random() < 0.6:
-            s, probe = held.pop(rnd.randrange(len(held)))
-            lb._succeeded(s, clock.now(), probe)
+            assert held.pop(rnd.randrange(len(held))).ok(clock.now())
         clock.advance(0.01)
 
 
@@ -409,9 +412,9 @@ def test_balancer_weighted_round_robin_honours_weights(
     lb = lbclient.Balancer(eps, strategy="weighted_round_robin", clock=clock, rng=seed)
     total = int(k * sum(e.weight for e in eps))
     for _ in range(total):
-        s, probe = lb._acquire(None, None, clock.now())
+        lease = acquire(lb, now=clock.now())
         clock.advance(0.001)
-        lb._succeeded(s, clock.now() - 0.001, probe)
+        assert lease.ok(clock.now())
     for e in lb.stats().endpoints:
         assert abs(e.requests - k * e.weight) <= 1
 
@@ -427,8 +430,7 @@ def test_balancer_random_honours_weights(ws: list[int], seed: int) -> None:
     )
     picks = 20_000
     for _ in range(picks):
-        s, probe = lb._acquire(None, None, 0.0)
-        lb._cancelled(s, probe)
+        assert acquire(lb).cancel()
     for e in lb.stats().endpoints:
         assert e.requests / picks == pytest.approx(e.weight / sum(ws), rel=0.15)
 
@@ -446,15 +448,14 @@ def test_load_aware_strategies_fill_by_weight(
     """Slots held, never released: load per unit of weight stays level."""
     lb = lbclient.Balancer(eps, strategy=name, clock=FakeClock(), rng=seed)
     for _ in range(int(k * sum(e.weight for e in eps))):
-        lb._acquire(None, None, 0.0)
-    levels = [s.inflight / s.weight for s in lb._members.values()]
+        acquire(lb)
+    members = lb._pool.members.values()
+    levels = [s.inflight / s.weight for s in members]
     if name == "least_connections":  # exact water-filling
-        assert max(levels) - min(levels) <= max(1 / s.weight for s in lb._members.values())
+        assert max(levels) - min(levels) <= max(1 / s.weight for s in members)
     else:  # P2C: never more than a few picks above the mean
-        mean = sum(s.inflight for s in lb._members.values()) / sum(
-            s.weight for s in lb._members.values()
-        )
-        assert max(levels) <= mean + 3.0 + max(1 / s.weight for s in lb._members.values())
+        mean = sum(s.inflight for s in members) / sum(s.weight for s in members)
+        assert max(levels) <= mean + 3.0 + max(1 / s.weight for s in members)
 
 
 @settings(max_examples=80, deadline=None)
@@ -466,7 +467,7 @@ def test_in_flight_never_negative_and_always_exact(
     undrain, every member's in-flight equals the slots held on it, and never < 0."""
     clock = FakeClock()
     lb = lbclient.Balancer(urls_, strategy=name, clock=clock, rng=seed)
-    held: list[tuple[EndpointState, float, int]] = []
+    held: list[Lease] = []
     requests: Counter[int] = Counter()
     failures: Counter[int] = Counter()
     for op, n in ops:
@@ -474,36 +475,36 @@ def test_in_flight_never_negative_and_always_exact(
         target = urls_[n % len(urls_)]
         if op == "acquire":
             try:
-                s, probe = lb._acquire(None if n % 3 == 0 else f"k{n}", None, clock.now())
+                lease = acquire(lb, None if n % 3 == 0 else f"k{n}", now=clock.now())
             except lbclient.NoEndpointAvailable:
-                assert all(m.draining for m in lb._members.values())
+                assert all(m.draining for m in lb._pool.members.values())
                 continue
-            assert not s.draining
-            held.append((s, clock.now(), probe))
-            requests[id(s)] += 1
+            assert not lease.state.draining
+            held.append(lease)
+            requests[id(lease.state)] += 1
         elif op in ("succeed", "fail", "cancel") and held:
-            s, t0, probe = held.pop(n % len(held))
+            lease = held.pop(n % len(held))
             if op == "succeed":
-                lb._succeeded(s, t0, probe)
+                assert lease.ok()
             elif op == "fail":
-                assert lb._failed(s, t0, ConnectionError("refused"), probe) is True
-                failures[id(s)] += 1
+                assert lease.fail(ConnectionError("refused")) is True
+                failures[id(lease.state)] += 1
             else:
-                lb._cancelled(s, probe)
+                assert lease.cancel()
         elif op == "drain":
             lb.drain(target)
         elif op == "undrain":
             lb.undrain(target)
-        for s in lb._members.values():
-            expected = sum(1 for h in held if h[0] is s)
+        for s in lb._pool.members.values():
+            expected = sum(1 for h in held if h.state is s)
             assert s.inflight == expected >= 0
             assert s.requests == requests[id(s)]
             assert s.failures == failures[id(s)]
-        assert lb._totals.inflight == len(held)
+        assert lb._pool.totals.inflight == len(held)
         assert lb.stats().in_flight == len(held)
-    for s, t0, probe in held:
-        lb._succeeded(s, t0, probe)
-    assert lb.stats().in_flight == 0 == lb._totals.inflight
+    for lease in held:
+        assert lease.ok()
+    assert lb.stats().in_flight == 0 == lb._pool.totals.inflight
 
 
 @SETTINGS
@@ -516,38 +517,45 @@ def test_in_flight_never_negative_and_always_exact(
 def test_acquire_honours_exclude_for_every_strategy(
     eps: list[lbclient.Endpoint], name: str, mask: list[bool], seed: int
 ) -> None:
-    """What a retry or hedge relies on: ``_acquire(key, exclude)`` never returns an
+    """What a retry or hedge relies on: ``pool.acquire(call, exclude)`` never returns an
     excluded endpoint while a non-excluded one is pickable."""
     clock = FakeClock()
     lb = lbclient.Balancer(eps, strategy=name, clock=clock, rng=seed)
-    members = list(lb._members.values())
+    members = list(lb._pool.members.values())
     excluded = {s for s, m in zip(members, mask, strict=False) if m} or {members[0]}
     excluded.discard(members[-1])
     for i in range(20):
-        s, probe = lb._acquire((None, f"k{i}", i)[i % 3], excluded, clock.now())
-        assert s not in excluded, (name, s)
+        lease = acquire(lb, (None, f"k{i}", i)[i % 3], excluded, clock.now())
+        assert lease.state not in excluded, (name, lease.state)
         if i % 2:
-            lb._succeeded(s, clock.now(), probe)
+            assert lease.ok(clock.now())
         clock.advance(0.01)
 
 
 def test_release_never_goes_negative() -> None:
     lb = lbclient.Balancer([A], clock=FakeClock())
-    s, probe = lb._acquire(None, None, 0.0)
-    lb._succeeded(s, 0.0, probe)
-    lb._cancelled(s, probe)  # a stray extra release
-    lb._failed(s, 0.0, ValueError(), probe)
-    assert s.inflight == 0 and lb._totals.inflight == 0
+    lease = acquire(lb)
+    s = lease.state
+    assert lease.ok(0.0)
+    # Stray extra outcomes on the same lease are refused and change nothing.
+    assert lease.cancel() is False
+    assert lease.fail(ConnectionError("late"), 0.0) is False
+    assert lease.ok(0.0) is False
+    assert lease.cut(0.0) is False
+    assert lease.lose(0.0) is False
+    lease.abandon()
+    assert s.inflight == 0 and lb._pool.totals.inflight == 0
+    assert (s.requests, s.successes, s.failures, s.cancelled) == (1, 1, 0, 0)
 
 
 def test_remove_with_slots_held_keeps_totals_exact() -> None:
     clock = FakeClock()
     lb = lbclient.Balancer([A, B], strategy="round_robin", clock=clock, rng=0)
-    taken = [lb._acquire(None, None, 0.0) for _ in range(4)]
+    taken = [acquire(lb) for _ in range(4)]
     lb.remove(A)
-    for s, probe in taken:
-        lb._succeeded(s, 0.0, probe)
-    assert lb._totals.inflight == 0
+    for lease in taken:
+        assert lease.ok(0.0)
+    assert lb._pool.totals.inflight == 0
     assert in_flight(lb) == {B: 0}
 
 
@@ -606,22 +614,28 @@ async def test_thousand_concurrent_calls_end_with_nothing_in_flight(name: str) -
         if i % 3 == 0:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0)
-        if i % 10 == 7:
-            raise ValueError(i)
+        if i % 20 == 7:
+            raise ValueError(i)  # our own bug: reaches the caller, not the endpoint's fault
+        if i % 20 == 17:
+            raise ConnectionError(i)  # the endpoint's fault: counted against it
         return endpoint.url, i
 
     results = await asyncio.gather(*(work(i) for i in range(1000)), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
-    assert len(errors) == 100 and all(isinstance(e, ValueError) for e in errors)
+    assert len(errors) == 100
+    assert sum(isinstance(e, ValueError) for e in errors) == 50
+    assert sum(isinstance(e, ConnectionError) for e in errors) == 50
     assert [r[1] for r in results if isinstance(r, tuple)] == [
         i for i in range(1000) if i % 10 != 7
     ]
     stats = lb.stats()
     assert in_flight(lb) == {A: 0, B: 0, C: 0}
-    assert stats.in_flight == 0 and lb._totals.inflight == 0
+    assert stats.in_flight == 0 and lb._pool.totals.inflight == 0
     assert (stats.calls, stats.calls_failed, stats.attempts) == (1000, 100, 1000)
-    assert sum(e.failures for e in stats.endpoints) == 100
-    assert max(s.peak_inflight for s in lb._members.values()) > 10  # really concurrent
+    assert sum(e.failures for e in stats.endpoints) == 50
+    assert sum(e.ignored for e in stats.endpoints) == 50
+    assert sum(e.successes for e in stats.endpoints) == 900
+    assert max(s.peak_inflight for s in lb._pool.members.values()) > 10  # really concurrent
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -665,7 +679,7 @@ async def test_cancellation_mid_call_releases_the_slot(face: Face) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     stats = lb.stats()
-    assert stats.in_flight == 0 and lb._totals.inflight == 0
+    assert stats.in_flight == 0 and lb._pool.totals.inflight == 0
     assert sum(e.failures for e in stats.endpoints) == 0
     assert stats.calls_failed == 0
 
@@ -774,7 +788,7 @@ async def test_removing_an_endpoint_mid_call_does_not_break_the_call() -> None:
     assert lb.remove(victim) == lbclient.Endpoint(victim)
     release.set()
     assert await task == (victim, 42)
-    assert lb._totals.inflight == 0
+    assert lb._pool.totals.inflight == 0
     assert [e.url for e in lb.stats().endpoints] == [B if victim == A else A]
     assert (await call(1))[0] != victim
 
@@ -823,8 +837,18 @@ async def test_pick_context_manager() -> None:
             raise boom
     assert info.value is boom  # unchanged, not wrapped
     stats = lb.stats()
-    assert stats.endpoint(ep2.url).failures == 1
+    # The block's own error is not the endpoint's fault: ignored, not a failure.
+    assert (stats.endpoint(ep2.url).failures, stats.endpoint(ep2.url).ignored) == (0, 1)
     assert (stats.calls, stats.calls_failed, stats.in_flight) == (2, 1, 0)
+
+    down = ConnectionError("down")
+    with pytest.raises(ConnectionError) as info2:
+        async with lb.pick() as ep3:
+            raise down
+    assert info2.value is down
+    stats = lb.stats()
+    assert stats.endpoint(ep3.url).failures == 1
+    assert (stats.calls, stats.calls_failed, stats.in_flight) == (3, 2, 0)
 
 
 async def test_pick_with_key_and_reuse() -> None:
@@ -1005,10 +1029,10 @@ async def test_every_face_records_the_same_latency_as_observe(face: Face) -> Non
         await run(rtt)
         t += rtt
         reference.observe(rtt, t)
-        state = lb._members[A]
+        state = lb._pool.members[A]
         assert state.cost == pytest.approx(reference.cost, rel=1e-12)
         assert state.ewma(t) == pytest.approx(reference.ewma(t), rel=1e-12)
-    assert sorted(lb._members[A].recent_latencies()) == pytest.approx(
+    assert sorted(lb._pool.members[A].recent_latencies()) == pytest.approx(
         sorted(reference.recent_latencies())
     )
     assert lb.stats().in_flight == 0

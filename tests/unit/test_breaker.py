@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbclient._breaker import (
+from lbclient._errors import ConfigError
+from lbclient.observe.events import BreakerEvent
+from lbclient.policies.breaker import (
     CLOSED,
     HALF_OPEN,
     NOT_PROBE,
@@ -22,8 +24,6 @@ from lbclient._breaker import (
     BreakerState,
     default_is_failure,
 )
-from lbclient._errors import ConfigError
-from lbclient._events import BreakerEvent
 from lbclient.testing._clock import FakeClock
 
 URL = "http://10.0.0.1:8000"
@@ -576,13 +576,15 @@ def test_policy_boundaries_are_accepted() -> None:
 
 
 def test_default_is_failure_delegates_to_classify() -> None:
-    pytest.importorskip("lbclient._classify")
+    pytest.importorskip("lbclient.policies.classify")
     from lbclient._errors import NoEndpointAvailable
 
     assert default_is_failure(ConnectionResetError())
     assert default_is_failure(TimeoutError())
     assert not default_is_failure(asyncio.CancelledError())
-    assert not default_is_failure(NoEndpointAvailable())
+    assert not default_is_failure(NoEndpointAvailable("empty"))
+    assert not default_is_failure(ValueError("the caller's own bug"))
+    assert not default_is_failure(RuntimeError("the caller's own bug"))
 
 
 # -- property test -------------------------------------------------------------------------

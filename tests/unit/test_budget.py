@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbclient._budget import Budget
 from lbclient._errors import ConfigError
+from lbclient.policies.budget import Budget
 from lbclient.testing._clock import FakeClock
 
 

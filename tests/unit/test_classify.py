@@ -14,7 +14,14 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from lbclient._classify import (
+from lbclient._errors import (
+    AttemptsExhausted,
+    ConfigError,
+    DeadlineExceeded,
+    NoEndpointAvailable,
+    StreamIdleTimeout,
+)
+from lbclient.policies.classify import (
     DEFAULT_RETRY_ON,
     RETRYABLE_STATUSES,
     Classifier,
@@ -30,13 +37,6 @@ from lbclient._classify import (
     retry_if_status,
     status_of,
     to_classifier,
-)
-from lbclient._errors import (
-    AttemptsExhausted,
-    ConfigError,
-    DeadlineExceeded,
-    NoEndpointAvailable,
-    StreamIdleTimeout,
 )
 
 # -- fakes shaped like httpx / openai exceptions (neither library is imported) ------------
@@ -348,9 +348,22 @@ def test_never_retryable(exc: BaseException) -> None:
     assert not DEFAULT_RETRY_ON(exc)
 
 
-def test_generic_exception_is_endpoint_failure_but_not_retryable() -> None:
-    assert is_endpoint_failure(ValueError("bad json from server"))
-    assert not is_retryable(ValueError("bad json from server"))
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad json from server"),
+        RuntimeError("bug"),
+        KeyError("choices"),
+        Exception("plain"),
+    ],
+)
+def test_the_callers_own_exceptions_are_neither_endpoint_failures_nor_retryable(
+    exc: Exception,
+) -> None:
+    # Only connection errors, timeouts, 5xx, 408 and 429 are the endpoint's fault: an
+    # exception from the caller's own code fails the same way on every replica.
+    assert not is_endpoint_failure(exc)
+    assert not is_retryable(exc)
 
 
 # -- Classifier composition --------------------------------------------------------------

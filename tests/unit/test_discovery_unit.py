@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 import lbclient
-from lbclient._discovery import (
+from lbclient._errors import ConfigError
+from lbclient.pool.discovery import (
     CallableDiscovery,
     Discovery,
     DnsDiscovery,
@@ -23,8 +24,8 @@ from lbclient._discovery import (
     _srv_weights,
     discovery_loop,
     refresh_once,
+    refresh_retrying,
 )
-from lbclient._errors import ConfigError
 from lbclient.testing import FakeClock
 
 A = "http://10.0.0.1:8000"
@@ -105,8 +106,8 @@ def test_dns_discovery_without_dnspython_says_how_to_install(
 
 def test_import_lbclient_does_not_import_dnspython() -> None:
     code = (
-        "import sys, lbclient, lbclient._discovery; "
-        "lbclient._discovery.DnsDiscovery('llm.test', port=1); "
+        "import sys, lbclient, lbclient.pool.discovery; "
+        "lbclient.pool.discovery.DnsDiscovery('llm.test', port=1); "
         "sys.exit(1 if any(m == 'dns' or m.startswith('dns.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
@@ -205,12 +206,12 @@ async def test_refresh_once_keeps_the_last_good_set(
 ) -> None:
     provider = Scripted([A, B], bad)
     lb = lbclient.Balancer([], discovery=provider)
-    assert await refresh_once(lb, provider) is True
-    state = lb._members[A]
+    assert await refresh_once(lb._pool, provider) is True
+    state = lb._pool.members[A]
     with caplog.at_level(logging.WARNING, logger="lbclient"):
-        assert await refresh_once(lb, provider) is False
+        assert await refresh_once(lb._pool, provider) is False
     assert [e.url for e in lb.endpoints] == [A, B]
-    assert lb._members[A] is state
+    assert lb._pool.members[A] is state
     (record,) = [r for r in caplog.records if r.name == "lbclient"]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith(
@@ -223,11 +224,11 @@ async def test_refresh_once_keeps_the_last_good_set(
 async def test_refresh_once_syncs_membership_and_keeps_stats() -> None:
     provider = Scripted([A, B], [B, lbclient.Endpoint(C, weight=2)])
     lb = lbclient.Balancer([], discovery=provider)
-    await refresh_once(lb, provider)
-    survivor = lb._members[B]
-    assert await refresh_once(lb, provider) is True
+    await refresh_once(lb._pool, provider)
+    survivor = lb._pool.members[B]
+    assert await refresh_once(lb._pool, provider) is True
     assert [e.url for e in lb.endpoints] == [B, C]
-    assert lb._members[B] is survivor
+    assert lb._pool.members[B] is survivor
     assert lb.endpoints[1].weight == 2.0
     await lb.aclose()
 
@@ -236,7 +237,7 @@ async def test_refresh_once_lets_cancellation_through() -> None:
     provider = Scripted(asyncio.CancelledError())
     lb = lbclient.Balancer([A], discovery=provider)
     with pytest.raises(asyncio.CancelledError):
-        await refresh_once(lb, provider)
+        await refresh_once(lb._pool, provider)
     await lb.aclose()
 
 
@@ -244,7 +245,7 @@ async def test_refresh_once_on_a_closed_balancer_does_nothing() -> None:
     provider = Scripted([B])
     lb = lbclient.Balancer([A], discovery=provider)
     await lb.aclose()
-    assert await refresh_once(lb, provider) is False
+    assert await refresh_once(lb._pool, provider) is False
     assert provider.calls == 0
 
 
@@ -285,7 +286,7 @@ async def test_discovery_loop_refreshes_on_the_balancer_clock_and_survives_failu
     assert [e.url for e in lb.endpoints] == [C]
 
     await lb.aclose()
-    assert not lb._tasks
+    assert not lb._background._tasks
     calls = provider.calls
     clock.advance(100)
     await settle()
@@ -298,7 +299,7 @@ async def test_discovery_loop_stops_at_once_for_an_infinite_interval(clock: Fake
     await settle()
     assert [e.url for e in lb.endpoints] == [A]
     assert clock.slept == []
-    assert not lb._tasks  # the loop returned
+    assert not lb._background._tasks  # the loop returned
     await lb.aclose()
 
 
@@ -307,11 +308,30 @@ async def test_a_balancer_started_by_its_first_call_refreshes_at_once(
 ) -> None:
     provider = Scripted([A, B])
     lb = lbclient.Balancer([], discovery=provider, clock=clock)
+
+    async def fn(endpoint: lbclient.Endpoint) -> None:
+        await asyncio.sleep(0)
+
     with pytest.raises(lbclient.NoEndpointAvailable):
-        await lb.call(lambda endpoint: asyncio.sleep(0))  # starts the background work
+        await lb.call(fn)  # starts the background work
     await settle()
     assert [e.url for e in lb.endpoints] == [A, B]  # no need to wait for the interval
     assert provider.calls == 1
+    await lb.aclose()
+
+
+# A short interval makes the backoff start below 1 s: it must not use a deprecated
+# tenacity argument (warnings are errors here), or every periodic refresh would fail.
+@pytest.mark.parametrize("interval", [0.05, 0.2, 1.0, 7.9])
+async def test_a_short_interval_refresh_works_and_warns_nothing(
+    clock: FakeClock, interval: float
+) -> None:
+    provider = Scripted(RuntimeError("blip"), [A, B])
+    lb = lbclient.Balancer([C], discovery=provider, clock=clock)
+    clock.auto_advance = True
+    assert await refresh_retrying(lb._pool, provider, interval) is True  # after one retry
+    assert [e.url for e in lb.endpoints] == [A, B]
+    assert provider.calls == 2
     await lb.aclose()
 
 
@@ -319,5 +339,5 @@ async def test_discovery_loop_returns_when_the_balancer_is_closed(clock: FakeClo
     provider = Scripted([A])
     lb = lbclient.Balancer([B], discovery=provider, clock=clock)
     await lb.aclose()
-    await discovery_loop(lb, provider)  # returns at once
+    await discovery_loop(lb._pool, provider)  # returns at once
     assert provider.calls == 0

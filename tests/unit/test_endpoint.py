@@ -26,7 +26,7 @@ def named(value: object) -> str:
 
 
 def test_defaults_and_normalisation() -> None:
-    ep = lbclient.Endpoint("  http://10.0.1.11:8000/  ")
+    ep = lbclient.Endpoint("http://10.0.1.11:8000/")
     assert ep.url == "http://10.0.1.11:8000"
     assert (ep.weight, ep.region, ep.zone, dict(ep.metadata)) == (1.0, None, None, {})
     assert isinstance(ep.weight, float)
@@ -79,7 +79,7 @@ def test_to_endpoint() -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(w=weights | st.floats(min_value=1e-6, max_value=1e6))
-def test_any_finite_positive_weight_is_accepted(w: float) -> None:
+def test_any_weight_from_1e_6_to_1e6_is_accepted(w: float) -> None:
     assert lbclient.Endpoint("http://a", weight=w).weight == w
 
 
@@ -93,8 +93,32 @@ def test_any_finite_positive_weight_is_accepted(w: float) -> None:
 def test_valid_urls_round_trip(host: str, port: int | None, scheme: str, slash: bool) -> None:
     base = f"{scheme}://{host}" + ("" if port is None else f":{port}")
     ep = lbclient.Endpoint(base + ("/" if slash else ""))
-    assert ep.url == base
+    default = {"http": 80, "https": 443}[scheme]
+    assert ep.url == (f"{scheme}://{host}" if port == default else base)
     assert not ep.url.endswith("/")
+    assert lbclient.Endpoint(ep.url) == ep  # canonical: a fixed point
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("HTTP://Host.Example:8000/", "http://host.example:8000"),
+        ("https://API.example.com:443", "https://api.example.com"),
+        ("http://10.0.0.1:80/", "http://10.0.0.1"),
+        ("http://10.0.0.1:443", "http://10.0.0.1:443"),  # not http's default port
+        ("https://h:80", "https://h:80"),
+        ("http://h/v1/", "http://h/v1"),
+        ("http://[::1]:8000/", "http://[::1]:8000"),
+    ],
+)
+def test_urls_are_canonical(given: str, canonical: str) -> None:
+    assert lbclient.Endpoint(given).url == canonical
+    assert lbclient.Endpoint(given) == lbclient.Endpoint(canonical)
+
+
+def test_two_spellings_of_one_url_are_a_duplicate() -> None:
+    with pytest.raises(lbclient.ConfigError, match="duplicate endpoint url 'http://a'"):
+        lbclient.Balancer(["HTTP://A:80/", "http://a"])
 
 
 # -- bad values: every one is a ConfigError (also a ValueError) naming the value ---------
@@ -113,6 +137,16 @@ def test_valid_urls_round_trip(host: str, port: int | None, scheme: str, slash: 
         "http://h:99999",
         "http://h:port",
         "grpc://h:1",
+        "  http://10.0.1.11:8000/  ",  # whitespace is not stripped: it is an error
+        "http://h /v1",
+        "http://h\t",
+        "http://h\x00",
+        "http://h\x7f",
+        "http://h/v1?model=x",
+        "http://h?",
+        "http://h/#frag",
+        "http://h#",
+        "http://h:0",
     ],
 )
 def test_bad_url(url: str) -> None:
@@ -148,7 +182,9 @@ def test_bad_weight(w: Any) -> None:
         assert repr(w) in msg
 
 
-@pytest.mark.parametrize("w", [0, -1, float("nan"), float("inf"), "2", True])
+@pytest.mark.parametrize(
+    "w", [0, -1, float("nan"), float("inf"), "2", True, 1e-7, 1e6 * 1.0001, 1e300]
+)
 def test_bad_weight_listed(w: Any) -> None:
     with pytest.raises(lbclient.ConfigError, match=r"weight .*" + named(w)):
         lbclient.Endpoint("http://a", weight=w)

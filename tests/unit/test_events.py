@@ -7,7 +7,7 @@ import logging
 import attrs
 import pytest
 
-from lbclient._events import (
+from lbclient.observe.events import (
     BreakerEvent,
     Event,
     EventHook,

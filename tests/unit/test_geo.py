@@ -3,8 +3,8 @@ server-reported load.
 
 Everything runs on a :class:`FakeClock` with seeded RNGs: no sleeps, no sockets.  The
 ``geo`` picker is exercised both directly (synthetic :class:`EndpointState` objects, a
-hand-built :class:`PickContext`) and through ``Balancer._acquire`` / ``_succeeded``, the
-synchronous pick / outcome half of every call.
+hand-built :class:`PickContext`) and through the balancer's pool (``acquire`` takes a
+lease, ``lease.ok()`` ends it), the synchronous pick / outcome half of every call.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 
 import pytest
+from strategies import acquire
 
 import lbclient
 from lbclient import Balancer, ConfigError, Endpoint, GeoTable, Locality
-from lbclient._geo import DEFAULT_LATENCY_MS
-from lbclient._state import EndpointState
+from lbclient.policies.geo import DEFAULT_LATENCY_MS
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import Geo, PickContext, Totals
 from lbclient.testing import FakeClock
 
@@ -46,9 +47,10 @@ def state(i: int, region: str | None) -> EndpointState:
 def sampled(s: EndpointState, latency: float, now: float = 0.0) -> EndpointState:
     """Give ``s`` a measured (peak-EWMA) latency, as if it had served calls."""
     s.requests = 10
-    s.cost = latency
-    s.stamp = now
-    s._lat_i = max(s._lat_i, 10)  # ten latency samples on record
+    for _ in range(10):  # ten latency samples on record
+        s.observe(latency, now)
+    s.call.cost = s.cost = latency  # exactly this estimate (observe blends towards it)
+    s.call.stamp = s.stamp = now
     return s
 
 
@@ -81,11 +83,13 @@ def run_picks(
     """``n`` sequential calls through the pick / outcome path; counts per url."""
     counts: Counter[str] = Counter()
     for _ in range(n):
-        t0 = clock.now()
-        s, probe = lb._acquire(None, exclude, t0)
+        lease = acquire(lb, None, exclude, clock.now())
         clock.advance(latency)
-        lb._succeeded(s, t0, probe, observe=latency > 0)
-        counts[s.url] += 1
+        if latency > 0:
+            assert lease.ok(clock.now())
+        else:
+            assert lease.cancel()  # an unmeasured call: the slot back, no latency sample
+        counts[lease.state.url] += 1
     return counts
 
 
@@ -327,7 +331,7 @@ def test_balancer_geo_burst_does_not_pile_onto_one_remote_replica() -> None:
     clock = FakeClock()
     eps = endpoints([US_EAST, US_WEST])
     lb = Balancer(eps, strategy="geo", region=US_EAST, clock=clock, rng=1)
-    held = [lb._acquire(None, None, clock.now())[0] for _ in range(10)]
+    held = [acquire(lb, now=clock.now()).state for _ in range(10)]
     counts = Counter(s.endpoint.region for s in held)
     assert counts[US_EAST] >= 3, counts  # (was: 1 local, 9 stacked on one us-west-2)
 
@@ -337,16 +341,15 @@ def test_balancer_geo_prior_for_unsampled_regions_follows_the_samples() -> None:
     local, remote = endpoints([US_EAST, US_WEST])
     lb = Balancer([local, remote], strategy="geo", region=US_EAST, clock=clock, rng=1)
     for _ in range(50):  # the local replica answers in 60 ms: 10 network + 50 processing
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
-        assert s.url == local.url
+        lease = acquire(lb, now=clock.now())
+        assert lease.state.url == local.url
         clock.advance(0.06)
-        lb._succeeded(s, t0, probe)
+        assert lease.ok(clock.now())
     # One call in flight locally: 0.01 + 0.05 x 2 = 0.11 s, against an unsampled
     # us-west-2 replica at 0.07 + the pool's median processing (~0.06) = 0.13 s.
     t0 = clock.now()
-    first, _ = lb._acquire(None, None, t0)
-    second, _ = lb._acquire(None, None, t0)
+    first = acquire(lb, now=t0).state
+    second = acquire(lb, now=t0).state
     assert (first.url, second.url) == (local.url, local.url)
 
 
@@ -356,25 +359,24 @@ def test_balancer_geo_picks_mostly_local_with_equal_processing_latency() -> None
     eps = endpoints(regions)
     lb = Balancer(eps, strategy="geo", region=US_EAST, clock=clock, rng=7)
     proc = 0.04
-    members = {s.url: s for s in lb._members.values()}
+    members = {s.url: s for s in lb._pool.members.values()}
     # Every endpoint serves one call first: its measured latency = network + processing.
     for ep in eps:
         others = [s for u, s in members.items() if u != ep.url]
-        t0 = clock.now()
-        s, probe = lb._acquire(None, others, t0)
-        assert s.url == ep.url
+        lease = acquire(lb, None, others, clock.now())
+        assert lease.state.url == ep.url
         clock.advance(NET[ep.region] + proc)  # type: ignore[index]
-        lb._succeeded(s, t0, probe)
+        assert lease.ok(clock.now())
     region_of = {e.url: e.region for e in eps}
     counts: Counter[str | None] = Counter()
     # Moderate load: two calls in flight at a time.
     for _ in range(200):
         t0 = clock.now()
-        batch = [lb._acquire(None, None, t0) for _ in range(2)]
-        clock.advance(max(NET[region_of[s.url]] for s, _ in batch) + proc)  # type: ignore[index]
-        for s, probe in batch:
-            lb._succeeded(s, t0, probe)
-            counts[region_of[s.url]] += 1
+        batch = [acquire(lb, now=t0) for _ in range(2)]
+        clock.advance(max(NET[region_of[b.state.url]] for b in batch) + proc)  # type: ignore[index]
+        for lease in batch:
+            assert lease.ok(clock.now())
+            counts[region_of[lease.state.url]] += 1
     assert counts[US_EAST] >= 0.9 * 400, counts
     assert lb.stats().calls_failed == 0
 
@@ -383,14 +385,13 @@ def test_balancer_geo_overflows_to_the_next_region_when_local_is_saturated() -> 
     clock = FakeClock()
     eps = endpoints([US_EAST, US_WEST, EU_WEST])
     lb = Balancer(eps, strategy="geo", region=US_EAST, clock=clock, rng=1)
-    members = list(lb._members.values())
+    members = list(lb._pool.members.values())
     for s_target in members:  # one sample each: 10/70/90 ms + 50 ms
-        t0 = clock.now()
-        s, probe = lb._acquire(None, [m for m in members if m is not s_target], t0)
-        clock.advance(NET[s.endpoint.region] + 0.05)  # type: ignore[index]
-        lb._succeeded(s, t0, probe)
+        lease = acquire(lb, None, [m for m in members if m is not s_target], clock.now())
+        clock.advance(NET[lease.state.endpoint.region] + 0.05)  # type: ignore[index]
+        assert lease.ok(clock.now())
     t0 = clock.now()
-    held = [lb._acquire(None, None, t0)[0] for _ in range(6)]
+    held = [acquire(lb, now=t0).state for _ in range(6)]
     regions = [s.endpoint.region for s in held]
     assert regions[0] == US_EAST
     assert US_WEST in regions  # the overflow goes to the next-closest region first ...
@@ -494,24 +495,45 @@ def test_locality_spills_to_the_whole_pool_when_the_local_pick_is_saturated() ->
         clock=clock,
         rng=2,
     )
-    held = [lb._acquire(None, None, clock.now()) for _ in range(5)]
-    regions = [s.endpoint.region for s, _ in held]
+    held = [acquire(lb, now=clock.now()) for _ in range(5)]
+    regions = [lease.state.endpoint.region for lease in held]
     # Two calls fill the local replica; the next ones spill to the (least loaded) rest.
     assert regions[:2] == [US_EAST, US_EAST]
     assert regions[2:].count(US_EAST) == 0
-    assert lb._members[eps[0].url].inflight == 2
+    assert lb._pool.members[eps[0].url].inflight == 2
     # One local call finishes: it is below the limit again and takes the next pick.
-    s0, p0 = held[0]
-    lb._succeeded(s0, clock.now(), p0)
-    assert lb._acquire(None, None, clock.now())[0].url == eps[0].url
+    assert held[0].ok(clock.now())
+    assert acquire(lb, now=clock.now()).state.url == eps[0].url
 
 
 def test_locality_without_spill_limit_never_spills() -> None:
     clock = FakeClock()
     eps = endpoints([US_EAST, US_WEST, EU_WEST])
-    lb = Balancer(eps, strategy="least_connections", region=US_EAST, locality=True, clock=clock)
-    held = [lb._acquire(None, None, clock.now())[0] for _ in range(20)]
+    lb = Balancer(
+        eps,
+        strategy="least_connections",
+        region=US_EAST,
+        locality=Locality(spill_inflight=None),
+        clock=clock,
+    )
+    held = [acquire(lb, now=clock.now()).state for _ in range(20)]
     assert {s.url for s in held} == {eps[0].url}
+
+
+def test_locality_spills_by_default_once_the_local_endpoint_is_saturated() -> None:
+    # locality=True spills ("auto"): a local replica already running as many calls as
+    # its capacity shares the queue with idle remote ones.
+    clock = FakeClock()
+    eps = [
+        Endpoint(url(0), region=US_EAST, metadata={"capacity": 2}),
+        Endpoint(url(1), region=US_WEST),
+        Endpoint(url(2), region=EU_WEST),
+    ]
+    lb = Balancer(eps, strategy="least_connections", region=US_EAST, locality=True, clock=clock)
+    assert Locality().spill_inflight == "auto"
+    held = [acquire(lb, now=clock.now()).state for _ in range(20)]
+    assert [s.url for s in held[:2]] == [eps[0].url] * 2  # local, up to its capacity
+    assert {s.endpoint.region for s in held} > {US_EAST}  # then the rest spill over
 
 
 def test_spill_with_round_robin_reaches_remote_endpoints() -> None:
@@ -525,7 +547,7 @@ def test_spill_with_round_robin_reaches_remote_endpoints() -> None:
         clock=clock,
         rng=0,
     )
-    held = [lb._acquire(None, None, clock.now())[0] for _ in range(9)]
+    held = [acquire(lb, now=clock.now()).state for _ in range(9)]
     assert held[0].url == eps[0].url
     assert {s.endpoint.region for s in held[1:]} >= {US_WEST, EU_WEST}
 

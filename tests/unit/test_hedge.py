@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 import lbclient
-from lbclient import _hedge
 from lbclient._errors import ConfigError
-from lbclient._hedge import Hedge, Hedger, LatencyWindow
-from lbclient._state import EndpointState
+from lbclient.engine import hedging as _hedge
+from lbclient.engine.hedging import Hedger, LatencyWindow
+from lbclient.policies.hedge import Hedge
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext
 from lbclient.testing import FakeClock
 
@@ -141,7 +142,8 @@ def test_hedge_defaults_and_valid_bounds() -> None:
     assert h.quantile is None
     assert h.min_delay == 0.005
     assert h.initial_delay == 1.0
-    assert (h.warmup, h.max_hedges, h.window) == (32, 1, 512)
+    assert h.fence == 2.0
+    assert (h.warmup, h.max_hedges, h.window) == (8, 1, 512)
     # the edges that are allowed
     assert Hedge(max_hedges=4).max_hedges == 4
     assert Hedge(window=16).window == 16
@@ -152,23 +154,34 @@ def test_hedge_defaults_and_valid_bounds() -> None:
     assert repr(Hedge(delay=0.25)) == "lbclient.Hedge(delay=0.25)"
 
 
-@pytest.mark.parametrize("max_extra", [0.01, 0.02, 0.05, 0.1, 0.5])
-def test_effective_quantile_is_one_minus_half_of_max_extra(max_extra: float) -> None:
-    assert Hedge(max_extra=max_extra).effective_quantile == pytest.approx(1.0 - max_extra / 2)
-    # an explicit quantile wins
-    assert Hedge(max_extra=max_extra, quantile=0.9).effective_quantile == 0.9
-
-
-def test_hedger_estimates_the_effective_quantile() -> None:
-    # 0.000 .. 0.999 in a random order: the p95 of the window is ~0.95, the p99 ~0.99
-    # (the default quantile is 1 - max_extra / 2).
+def test_hedger_estimates_tukeys_fence_or_the_quantile_asked_for() -> None:
+    # 0.000 .. 0.999 in a random order: p25 = 0.25, p75 = 0.75, so the fence
+    # p75 + 2 x IQR is 1.75; with quantile=0.95 the delay is the p95 instead.
     values = [i / 1000 for i in range(1000)]
     random.Random(3).shuffle(values)
-    for max_extra, expected in ((0.1, 0.95), (0.02, 0.99)):
-        hedger = Hedger(Hedge(max_extra=max_extra, window=1024, warmup=1), FakeClock())
-        for v in values[:992]:  # a multiple of 32: the estimate is current
+    for policy, expected in (
+        (Hedge(window=1024, warmup=1), 1.75),
+        (Hedge(window=1024, warmup=1, fence=1.0), 1.25),
+        (Hedge(window=1024, warmup=1, quantile=0.95), 0.95),
+    ):
+        hedger = Hedger(policy, FakeClock())
+        for v in values[:960]:  # a multiple of 64: the estimate is current
             hedger.window.add(v)
-        assert hedger.current_delay() == pytest.approx(expected, abs=0.02)
+        assert hedger.current_delay() == pytest.approx(expected, abs=0.03)
+
+
+def test_the_fence_ignores_stragglers_and_hedged_calls_in_the_tail() -> None:
+    # 95% of calls near 100 ms, 5% stragglers at 2 s: a p97.5 lands among the
+    # stragglers, the fence stays just above the normal calls.
+    rng = random.Random(5)
+    samples = [0.1 * rng.lognormvariate(0, 0.25) for _ in range(480)] + [2.0] * 32
+    rng.shuffle(samples)
+    fence, p975 = LatencyWindow(512), LatencyWindow(512, 0.975)
+    for x in samples:
+        fence.add(x)
+        p975.add(x)
+    assert fence.value is not None and p975.value is not None
+    assert 0.12 < fence.value < 0.25 < 1.5 < p975.value
 
 
 # -------------------------------------------------------------------- LatencyWindow
@@ -183,13 +196,14 @@ def test_latency_window_follows_the_distribution_and_its_shift() -> None:
     rng = random.Random(11)
     w = LatencyWindow(512, 0.95)
     assert w.value is None
-    # 1000 samples of an exponential distribution, mean 50 ms: p95 = -ln(0.05) * 0.05.
-    for _ in range(1000):
+    # 1024 samples of an exponential distribution, mean 50 ms: p95 = -ln(0.05) * 0.05.
+    # (Phases are multiples of 64 samples: the estimate is recomputed every 64.)
+    for _ in range(1024):
         w.add(rng.expovariate(1 / 0.05))
     true_p95 = 2.9957 * 0.05
     assert w.value is not None
     assert w.value == pytest.approx(true_p95, rel=0.2)
-    assert w.count == 1000
+    assert w.count == 1024
     # The load changes: latencies now uniform in [0.5, 1.5] s (p95 = 1.45 s).  Within one
     # window (512 samples) the estimate has followed.
     for _ in range(512):
@@ -210,37 +224,32 @@ def test_latency_window_only_counts_the_last_size_samples() -> None:
     assert w.value == 1.0
 
 
-def test_latency_window_recomputes_only_every_32_samples(
+def test_latency_window_recomputes_early_then_every_64_samples(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sorts = 0
+    sorts: list[int] = []
     real_sorted = sorted
+    w = LatencyWindow(512, 0.95)
 
     def counting_sorted(*args: Any, **kwargs: Any) -> list[Any]:
-        nonlocal sorts
-        sorts += 1
+        sorts.append(w.count)
         return real_sorted(*args, **kwargs)
 
     monkeypatch.setattr(_hedge, "sorted", counting_sorted, raising=False)
-    w = LatencyWindow(512, 0.95)
-    for i in range(31):
+    for i in range(7):
         w.add(float(i))
     assert w.value is None  # nothing computed yet: no sort on the hot path
-    assert sorts == 0
-    w.add(31.0)  # the 32nd sample
-    assert sorts == 1
+    assert sorts == []
+    w.add(7.0)  # the 8th sample: a cold window learns as soon as it can
+    assert sorts == [8]
     first = w.value
-    assert first is not None
-    for _ in range(31):
-        w.add(1000.0)  # a huge change, but not recomputed yet
+    for _ in range(7):
+        w.add(1000.0)  # a huge change, not recomputed until the 16th
     assert w.value == first
-    assert sorts == 1
-    w.add(1000.0)
-    assert w.value == 1000.0
-    assert sorts == 2
-    for _ in range(32 * 30):
+    for _ in range(1024 - 15):
         w.add(5.0)
-    assert sorts == 32  # 1024 samples, one sort per 32
+    # 8, 16, 32, 64, then every 64 samples: the hot path sorts once per 64 calls.
+    assert sorts == [8, 16, 32, 64, *range(128, 1025, 64)]
 
 
 # ------------------------------------------------------------------- current_delay
@@ -251,19 +260,19 @@ def test_current_delay_is_initial_delay_until_warmup() -> None:
     assert hedger.current_delay() == 0.7
     for _ in range(63):
         hedger.window.add(0.1)
-    assert hedger.current_delay() == 0.7  # estimate exists (32 samples) but no warmup yet
+    assert hedger.current_delay() == 0.7  # an estimate exists (at 32) but no warmup yet
     hedger.window.add(0.1)  # the 64th
-    assert hedger.current_delay() == pytest.approx(0.1)
+    assert hedger.current_delay() == pytest.approx(0.1)  # the fence of a constant: itself
 
 
 def test_current_delay_is_the_quantile_floored_at_min_delay() -> None:
-    hedger = Hedger(Hedge(min_delay=0.02, warmup=32), FakeClock())
+    hedger = Hedger(Hedge(min_delay=0.02, warmup=32, quantile=0.975), FakeClock())
     for _ in range(32):
         hedger.window.add(0.001)  # far below the floor
     assert hedger.current_delay() == 0.02
     for i in range(512):
         hedger.window.add(0.1 + i / 10_000)  # 0.1 .. 0.1511
-    hedger.window.refresh()  # the periodic recompute runs every window/4 samples
+    hedger.window.refresh()  # the periodic recompute runs every 64 samples
     expected = _p([0.1 + i / 10_000 for i in range(512)], 0.975)
     assert hedger.current_delay() == pytest.approx(expected)
     assert hedger.current_delay() > 0.02
@@ -286,7 +295,10 @@ async def test_stats_report_the_current_hedge_delay() -> None:
 # ------------------------------------------------------------------------ the budget
 
 
-async def test_budget_caps_hedges_at_max_extra_of_calls() -> None:
+RESERVE = 6  # the hedge budget's reserve: 0.2 backups/s over its 30 s window
+
+
+async def test_budget_caps_hedges_at_max_extra_of_calls_plus_the_reserve() -> None:
     rec = Recorder({}, default=0.06)  # every call is slow: every call wants a hedge
     lb = lbclient.Balancer([A, B, C, D], hedge=Hedge(delay=0.01, max_extra=0.05))
     calls = 0
@@ -295,24 +307,30 @@ async def test_budget_caps_hedges_at_max_extra_of_calls() -> None:
         calls += 40
         st = lb.stats()
         assert st.calls == calls
-        assert st.hedges_sent <= 0.05 * calls + 1e-9
+        assert st.hedges_sent <= 0.05 * calls + RESERVE + 1e-9
         # one timer per call (max_hedges=1): each one either sent or was denied
         assert st.hedges_sent + st.hedges_denied == calls
         assert st.in_flight == 0
     st = lb.stats()
     assert st.hedges_denied > 0
-    assert st.hedges_sent >= 1  # the budget did allow some (5 % of 120 = 6)
+    assert st.hedges_sent == int(0.05 * calls) + RESERVE  # every token was used
     assert len(rec.started) == calls + st.hedges_sent
 
 
-async def test_cold_balancer_does_not_hedge_its_first_call() -> None:
-    # With min_per_second=0 the budget starts empty: a cold start must not double load.
+async def test_a_cold_balancer_can_hedge_its_first_stragglers_but_only_the_reserve() -> None:
+    # A cold (or quiet) client has earned no 5% yet: the reserve lets its first
+    # stragglers be hedged -- a few, not a doubling of the load.
     rec = Recorder({}, default=0.08)
     lb = lbclient.Balancer([A, B], hedge=Hedge(delay=0.01))
     await lb.call(rec)
     st = lb.stats()
-    assert (st.hedges_sent, st.hedges_denied) == (0, 1)
-    assert len(rec.started) == 1
+    assert (st.hedges_sent, st.hedges_denied) == (1, 0)
+    assert len(rec.started) == 2
+    for _ in range(RESERVE + 3):
+        await lb.call(rec)
+    st = lb.stats()
+    assert st.hedges_sent == RESERVE  # 10 calls earn half a token: only the reserve went
+    assert st.hedges_denied == 4
 
 
 # ------------------------------------------------------------------------- the race

@@ -37,7 +37,7 @@ async def test_one_recovery_hastens_the_probes_of_the_others() -> None:
         with contextlib.suppress(ConnectionError, lbclient.LBError):
             await route()
         clock.advance(0.1)
-    grown = [s.breaker.reopen_at - clock.now() for s in lb._members.values() if s.breaker]
+    grown = [s.breaker.reopen_at - clock.now() for s in lb._pool.members.values() if s.breaker]
     assert max(grown) > 5.0
     # The fleet comes back; the first success (a probe or a panic-mode call) closes one
     # breaker and brings every other probe within one base cooldown (1 s).
@@ -45,7 +45,7 @@ async def test_one_recovery_hastens_the_probes_of_the_others() -> None:
     for _ in range(3):
         await route()
     now = clock.now()
-    for s in lb._members.values():
+    for s in lb._pool.members.values():
         assert s.breaker is not None
         assert s.breaker.state == "closed" or s.breaker.reopen_at <= now + 1.0
     clock.advance(1.1)

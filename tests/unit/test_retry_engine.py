@@ -1,7 +1,7 @@
-"""The retry engine driven through a real :class:`lbclient.Balancer` (``_call.py``), with
-fake async functions and no network: endpoint exclusion, classification, cancellation,
-backoff and Retry-After, deadlines, the retry budget, the breaker state machine as the
-balancer drives it, and panic mode.
+"""The retry engine driven through a real :class:`lbclient.Balancer`
+(``lbclient/engine/retrying.py``), with fake async functions and no network: endpoint
+exclusion, classification, cancellation, backoff and Retry-After cooldowns, deadlines,
+the retry budget, the breaker state machine as the balancer drives it, and panic mode.
 
 Backoff sleeps run on ``FakeClock(auto_advance=True)`` (instant, recorded in ``slept``);
 breaker tests step a manual ``FakeClock``.  Only the deadline tests use real time, because
@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from strategies import acquire
 from yarl import URL
 
 import lbclient
@@ -32,6 +33,7 @@ from lbclient import (
     Balancer,
     Breaker,
     BreakerEvent,
+    CooldownEvent,
     DeadlineExceeded,
     Endpoint,
     LBError,
@@ -189,8 +191,15 @@ async def test_caller_errors_do_not_count_against_the_endpoint() -> None:
     for _ in range(10):
         with pytest.raises(aiohttp.ClientResponseError):
             await lb.route(fn)()
+    # A bug in the caller's own code is not the endpoint's fault either.
+    bug = ValueError("bad json in my own parsing code")
+    for _ in range(10):
+        with pytest.raises(ValueError) as info:
+            await lb.route(Script(lambda n, ep: bug))()
+        assert info.value is bug
     stats = lb.stats()
     assert [e.failures for e in stats.endpoints] == [0, 0]
+    assert sum(e.ignored for e in stats.endpoints) == 20
     assert [e.breaker for e in stats.endpoints] == ["closed", "closed"]
 
 
@@ -380,11 +389,11 @@ async def test_cancelled_half_open_probe_frees_its_slot_without_a_verdict() -> N
             break
     assert [e.url for e in hang.calls].count(bad) == 1
     assert breaker_state(lb, bad) == "half_open"
-    states = {s.url: s for s in lb._members.values()}
+    states = {s.url: s for s in lb._pool.members.values()}
     for _ in range(10):  # its single probe slot is taken: not pickable
-        s, probe = lb._acquire(None, None, clock.now())
-        assert s.url != bad
-        lb._cancelled(s, probe)
+        lease = acquire(lb, now=clock.now())
+        assert lease.state.url != bad
+        assert lease.cancel()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -393,10 +402,10 @@ async def test_cancelled_half_open_probe_frees_its_slot_without_a_verdict() -> N
     assert breaker_state(lb, bad) == "half_open"  # no verdict
     assert lb.stats().endpoint(bad).failures == 1
     # The slot is free again: the next call there is a probe, and its success closes.
-    s, probe = lb._acquire(None, [states[URLS[1]]], clock.now())
-    assert s.url == bad
-    assert probe
-    lb._succeeded(s, clock.now(), probe)
+    lease = acquire(lb, None, [states[URLS[1]]], clock.now())
+    assert lease.state.url == bad
+    assert lease.probe
+    assert lease.ok(clock.now())
     assert breaker_state(lb, bad) == "closed"
 
 
@@ -425,42 +434,146 @@ async def test_backoff_sleeps_are_full_jitter_within_the_exponential_ceiling() -
     assert len({round(s, 9) for _, s in all_sleeps}) > len(all_sleeps) // 2
 
 
+# Retry-After is a per-endpoint cooldown, not a sleep: the endpoint that sent it gets no
+# new calls for that long (capped by max_retry_after), the retry goes elsewhere at once,
+# and a call only waits when every endpoint is cooling down.
+
+
 @pytest.mark.parametrize("status", [503, 429])
-async def test_retry_after_is_honoured(status: int) -> None:
+async def test_retry_after_cools_the_endpoint_and_the_retry_goes_elsewhere_at_once(
+    status: int,
+) -> None:
     clock = FakeClock(auto_advance=True)
-    lb = Balancer(URLS[:3], retry=Retry(attempts=3), clock=clock, rng=8)
+    events: list[lbclient.Event] = []
+    lb = Balancer(
+        URLS[:3],
+        strategy="round_robin",  # would go everywhere in turn, but for the cooldown
+        retry=Retry(attempts=3),
+        clock=clock,
+        rng=8,
+        on_event=events.append,
+    )
     fn = Script(lambda n, ep: http_error(status, {"Retry-After": "2"}) if n == 0 else "ok")
     assert await lb.route(fn)() == "ok"
-    assert len(clock.slept) == 1
-    assert clock.slept[0] >= 2.0
-    assert clock.now() >= 2.0
+    cooled = fn.seen[0].url
+    assert fn.seen[1].url != cooled  # retried on another endpoint ...
+    assert all(d < 2.0 for d in clock.slept)  # ... without sleeping out the Retry-After
+    assert clock.now() < 2.0
+    stats = lb.stats()
+    assert stats.cooldowns == 1
+    assert stats.retries == 1
+    e = stats.endpoint(cooled)
+    assert e.pickable is False
+    assert e.cooling_s == pytest.approx(2.0 - clock.now())
+    assert [e.cooling_s for e in stats.endpoints if e.url != cooled] == [0.0, 0.0]
+    (cooldown,) = [e for e in events if isinstance(e, CooldownEvent)]
+    assert (cooldown.url, cooldown.seconds, cooldown.status) == (cooled, 2.0, status)
+    # While it cools, no call goes there; afterwards it is picked again.
+    ok = Script(lambda n, ep: "ok")
+    for _ in range(30):
+        assert await lb.route(ok)() == "ok"
+    assert cooled not in {e.url for e in ok.seen}
+    clock.advance(2.0)
+    assert lb.stats().endpoint(cooled).pickable is True
+    assert lb.stats().endpoint(cooled).cooling_s == 0.0
+    for _ in range(30):
+        await lb.route(ok)()
+    assert cooled in {e.url for e in ok.seen}
+
+
+async def test_retry_after_ms_wins_over_retry_after() -> None:
+    clock = FakeClock(auto_advance=True)
+    lb = Balancer(URLS[:3], retry=Retry(attempts=3), clock=clock, rng=8)
+    headers = {"Retry-After": "20", "retry-after-ms": "1500"}
+    fn = Script(lambda n, ep: http_error(429, headers) if n == 0 else "ok")
+    assert await lb.route(fn)() == "ok"
+    e = lb.stats().endpoint(fn.seen[0].url)
+    assert e.cooling_s == pytest.approx(1.5 - clock.now())
+
+
+async def test_when_every_endpoint_is_cooling_the_call_waits_for_the_first_back() -> None:
+    clock = FakeClock(auto_advance=True)
+    lb = Balancer(URLS[:1], retry=Retry(attempts=2), clock=clock, rng=8)
+    fn = Script(lambda n, ep: http_error(503, {"Retry-After": "3"}) if n == 0 else "ok")
+    assert await lb.route(fn)() == "ok"
+    assert [e.url for e in fn.seen] == [URLS[0]] * 2
+    assert clock.now() == pytest.approx(3.0, abs=0.01)  # waited out the cooldown, no more
+    assert lb.stats().retries == 1
 
 
 async def test_retry_after_is_capped_by_the_deadline() -> None:
     clock = FakeClock(auto_advance=True)
-    lb = Balancer(URLS[:3], retry=Retry(attempts=3, timeout=1.0), clock=clock, rng=9)
+    lb = Balancer(URLS[:3], retry=Retry(attempts=5, timeout=1.0), clock=clock, rng=9)
     error = http_error(503, {"Retry-After": "5"})
     fn = Script(lambda n, ep: error)
     t0 = time.monotonic()
     with pytest.raises(AttemptsExhausted) as info:
         await lb.route(fn)()
     assert time.monotonic() - t0 < 0.5
-    assert info.value.reason == "deadline"
+    # Each endpoint was tried once and is now cooling for 5 s: waiting for the first to
+    # come back would pass the 1 s deadline, so the call gives up at once.
+    assert len({e.url for e in fn.seen}) == len(fn.seen) == 3
+    assert "cooling down" in info.value.reason
     assert info.value.__cause__ is error
-    assert len(fn.seen) == 1
-    assert all(s < 1.0 for s in clock.slept)
+    assert all(d < 1.0 for d in clock.slept)
     assert clock.now() < 1.0
-    assert lb.stats().in_flight == 0
+    stats = lb.stats()
+    assert stats.in_flight == 0
+    assert (stats.calls_failed, dict(stats.failed_by)) == (1, {"no endpoint": 1})
+    assert stats.cooldowns == 3
 
 
-async def test_retry_after_longer_than_max_retry_after_gives_up() -> None:
+async def test_retry_after_longer_than_max_retry_after_is_capped() -> None:
     clock = FakeClock(auto_advance=True)
     lb = Balancer(URLS[:3], retry=Retry(max_retry_after=3.0), clock=clock, rng=9)
-    fn = Script(lambda n, ep: http_error(429, {"Retry-After": "60"}))
-    with pytest.raises(AttemptsExhausted) as info:
-        await lb.route(fn)()
-    assert info.value.reason == "retry-after too long"
+    fn = Script(lambda n, ep: http_error(429, {"Retry-After": "60"}) if n == 0 else "ok")
+    assert await lb.route(fn)() == "ok"
+    cooled = fn.seen[0].url
+    assert lb.stats().endpoint(cooled).cooling_s == pytest.approx(3.0 - clock.now())
+    assert all(d < 3.0 for d in clock.slept)
+    clock.advance(3.0)
+    assert lb.stats().endpoint(cooled).pickable is True
+
+
+async def test_a_cooldown_longer_than_max_retry_after_is_not_waited_for() -> None:
+    clock = FakeClock(auto_advance=True)
+    lb = Balancer(URLS[:2], retry=Retry(max_retry_after=3.0), clock=clock, rng=9)
+    for s in lb._pool.members.values():
+        lb._pool.cool(s, 60.0, 503, clock.now())
+    fn = Script(lambda n, ep: "ok")
+    with pytest.raises(NoEndpointAvailable, match="cooling down") as info:
+        await lb.route(timeout=120.0)(fn)()
+    assert info.value.retry_after == pytest.approx(60.0)
+    assert fn.seen == []
     assert clock.slept == []
+
+
+async def test_respect_retry_after_false_starts_no_cooldown() -> None:
+    clock = FakeClock(auto_advance=True)
+    lb = Balancer(URLS[:3], retry=Retry(respect_retry_after=False), clock=clock, rng=9)
+    fn = Script(lambda n, ep: http_error(429, {"Retry-After": "60"}) if n == 0 else "ok")
+    assert await lb.route(fn)() == "ok"
+    stats = lb.stats()
+    assert stats.cooldowns == 0
+    assert all(e.cooling_s == 0.0 and e.pickable for e in stats.endpoints)
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        pytest.param(None, id="fast-path"),
+        pytest.param(10.0, id="full-path"),
+    ],
+)
+async def test_a_new_call_waits_when_every_endpoint_is_cooling(timeout: float | None) -> None:
+    clock = FakeClock(auto_advance=True)
+    lb = Balancer(URLS[:2], retry=Retry(), clock=clock, rng=9)
+    for s in lb._pool.members.values():
+        lb._pool.cool(s, 2.0, 429, clock.now())
+    fn = Script(lambda n, ep: "ok")
+    route = lb.route(fn) if timeout is None else lb.route(timeout=timeout)(fn)
+    assert await route() == "ok"
+    assert clock.now() == pytest.approx(2.0, abs=0.01)
     assert len(fn.seen) == 1
 
 
@@ -675,9 +788,9 @@ async def test_breaker_opens_half_opens_admits_probes_and_closes(
     opened_at = opened[0].at
     clock.advance(opened_at + 4.99 - clock.now())
     for _ in range(50):
-        s, probe = lb._acquire(None, None, clock.now())
-        assert s.url != bad
-        lb._cancelled(s, probe)
+        lease = acquire(lb, now=clock.now())
+        assert lease.state.url != bad
+        assert lease.cancel()
 
     # Cooldown over: half-open admits exactly `half_open_probes` concurrent probes.
     broken = False
@@ -737,9 +850,9 @@ async def test_failed_probe_reopens_with_a_longer_cooldown() -> None:
     assert [e.cooldown for e in opens] == [2.0, 4.0]
     clock.advance(3.9)
     for _ in range(20):
-        s, probe = lb._acquire(None, None, clock.now())
-        assert s.url != bad
-        lb._cancelled(s, probe)
+        lease = acquire(lb, now=clock.now())
+        assert lease.state.url != bad
+        assert lease.cancel()
 
 
 @st.composite
@@ -772,14 +885,14 @@ def test_acquire_never_returns_an_open_endpoint(
         clock=clock,
         rng=seed,
     )
-    states = {s.url: s for s in lb._members.values()}
+    states = {s.url: s for s in lb._pool.members.values()}
     open_urls = {URLS[i] for i in opened}
     for url in open_urls:
         # Target `url` through the retry exclusion path, then fail it once.
         others = [s for u, s in states.items() if u != url]
-        s, probe = lb._acquire(None, others, clock.now())
-        assert s.url == url
-        lb._failed(s, clock.now(), ConnectionRefusedError("refused"), probe)
+        lease = acquire(lb, None, others, clock.now())
+        assert lease.state.url == url
+        assert lease.fail(ConnectionRefusedError("refused"), clock.now())
         clock.advance(0.01)
     stats = lb.stats()
     assert {e.url for e in stats.endpoints if e.breaker == "open"} == open_urls
@@ -789,9 +902,9 @@ def test_acquire_never_returns_an_open_endpoint(
     for i in range(60):
         # Plain picks, and retry picks that exclude all but (at most) one healthy endpoint.
         exclude = None if i % 2 == 0 else healthy[: i % len(healthy)] or None
-        s, probe = lb._acquire(None, exclude, clock.now())
-        assert s.url not in open_urls
-        lb._cancelled(s, probe)
+        lease = acquire(lb, None, exclude, clock.now())
+        assert lease.state.url not in open_urls
+        assert lease.cancel()
         clock.advance(0.05)
     assert lb.stats().in_flight == 0
     assert pickable(lb) == set(URLS[:n]) - open_urls
@@ -847,7 +960,10 @@ async def test_panic_mode_serves_least_recently_failed_and_recovers() -> None:
     # A success from an ejected endpoint served in panic mode closes its breaker (the
     # panic is over without waiting for the cooldown), and that recovery gets the other
     # ejected endpoints probed at once: a shared outage ends for all of them together.
-    assert served[:2] == [healthy, first_failed] or served[:2] == [first_failed, healthy]
+    # Panic serves the pickable pair: the first call goes to one of them (round robin's
+    # phase decides which) and the ejected one is served within the first two calls.
+    assert served[0] in (healthy, first_failed)
+    assert first_failed in served[:2]
     assert set(served) == set(URLS[:4])
     assert [e.breaker for e in lb.stats().endpoints] == ["closed"] * 4
     stats = lb.stats()
@@ -917,12 +1033,12 @@ async def test_ejecting_exactly_the_max_ejection_share_is_not_panic() -> None:
         clock=clock,
         rng=20,
     )
-    states = list(lb._members.values())
+    states = list(lb._pool.members.values())
     for target in states[:7]:
         others = [s for s in states if s is not target]
-        s, probe = lb._acquire(None, others, clock.now())
-        assert s is target
-        lb._failed(s, clock.now(), ConnectionRefusedError("refused"), probe)
+        lease = acquire(lb, None, others, clock.now())
+        assert lease.state is target
+        assert lease.fail(ConnectionRefusedError("refused"), clock.now())
         clock.advance(0.01)
     stats = lb.stats()
     assert sum(e.breaker == "open" for e in stats.endpoints) == 7
@@ -954,25 +1070,25 @@ async def test_max_ejection_one_disables_panic_mode() -> None:
 async def test_stats_are_current_right_after_a_trip() -> None:
     clock = FakeClock()
     lb = Balancer(URLS[:3], breaker=Breaker(failures=1, cooldown=1.0, jitter=0.0), clock=clock)
-    states = list(lb._members.values())
-    s, probe = lb._acquire(None, states[1:], clock.now())
-    lb._failed(s, clock.now(), ConnectionRefusedError("refused"), probe)
-    e = lb.stats().endpoint(s.url)
+    states = list(lb._pool.members.values())
+    lease = acquire(lb, None, states[1:], clock.now())
+    assert lease.fail(ConnectionRefusedError("refused"), clock.now())
+    e = lb.stats().endpoint(lease.state.url)
     assert (e.breaker, e.pickable) == ("open", False)
 
 
 async def test_stats_pickable_reflects_a_taken_probe_slot() -> None:
     clock = FakeClock()
     lb = Balancer(URLS[:3], breaker=Breaker(failures=1, cooldown=1.0, jitter=0.0), clock=clock)
-    states = list(lb._members.values())
-    s, probe = lb._acquire(None, states[1:], clock.now())
-    lb._failed(s, clock.now(), ConnectionRefusedError("refused"), probe)
-    lb._cancelled(*lb._acquire(None, None, clock.now()))  # any pick refreshes the snapshot
-    assert lb.stats().endpoint(s.url).pickable is False
+    states = list(lb._pool.members.values())
+    lease = acquire(lb, None, states[1:], clock.now())
+    assert lease.fail(ConnectionRefusedError("refused"), clock.now())
+    assert acquire(lb, now=clock.now()).cancel()  # any pick refreshes the snapshot
+    assert lb.stats().endpoint(lease.state.url).pickable is False
     clock.advance(1.0)
-    s, probe = lb._acquire(None, states[1:], clock.now())
-    assert s is states[0] and probe  # the single probe is out
-    assert lb.stats().endpoint(s.url).pickable is False
+    probe = acquire(lb, None, states[1:], clock.now())
+    assert probe.state is states[0] and probe.probe  # the single probe is out
+    assert lb.stats().endpoint(probe.state.url).pickable is False
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbclient._budget import Budget
-from lbclient._classify import DEFAULT_RETRY_ON, Classifier, retry_if_status
 from lbclient._errors import BalancerClosed, ConfigError, DeadlineExceeded
-from lbclient._retry import Retry, RetryDecision
+from lbclient.policies.budget import Budget
+from lbclient.policies.classify import DEFAULT_RETRY_ON, Classifier, retry_after, retry_if_status
+from lbclient.policies.retry import Retry, RetryDecision
 from lbclient.testing._clock import FakeClock
 
 
@@ -223,10 +223,16 @@ def test_classification_comes_before_attempts() -> None:
     assert Retry(attempts=1).decide(ValueError(), 1, rng=rng()).reason == "not retryable"
 
 
-def test_retry_after_seconds_sets_the_delay() -> None:
+# Retry-After is not a sleep any more: the pool cools the endpoint that sent it (see
+# test_retry_engine.py) and the retry goes elsewhere after the ordinary backoff.  The
+# policy's decision no longer looks at it; ``retry_after()`` parses it for the pool.
+
+
+def test_retry_after_seconds_does_not_change_the_decision() -> None:
     error = APIStatusError(429, {"Retry-After": "2"})
     decision = Retry().decide(error, 1, rng=MaxRandom())
-    assert decision == RetryDecision(retry=True, delay=2.0, reason="retry-after")
+    assert decision == RetryDecision(retry=True, delay=0.025, reason="retry")
+    assert retry_after(error) == 2.0  # what the pool cools the endpoint for
 
 
 def test_backoff_wins_when_longer_than_retry_after() -> None:
@@ -238,16 +244,27 @@ def test_backoff_wins_when_longer_than_retry_after() -> None:
 def test_retry_after_http_date() -> None:
     now = 1_700_000_000.0
     error = APIStatusError(503, {"Retry-After": email.utils.formatdate(now + 5, usegmt=True)})
-    decision = Retry().decide(error, 1, rng=MaxRandom(), now_wall=now)
-    assert decision == RetryDecision(retry=True, delay=5.0, reason="retry-after")
+    assert retry_after(error, now_wall=now) == 5.0
+    decision = Retry().decide(error, 1, rng=MaxRandom())
+    assert decision == RetryDecision(retry=True, delay=0.025, reason="retry")
 
 
-def test_retry_after_too_long_gives_up() -> None:
+def test_retry_after_too_long_is_still_a_plain_retry() -> None:
+    # Longer than max_retry_after: the pool caps the endpoint's cooldown; the decision
+    # is the same as without the header (never "retry-after too long" any more).
     error = APIStatusError(429, {"Retry-After": "120"})
-    assert Retry().decide(error, 1, rng=rng()) == RetryDecision(
-        retry=False, delay=0.0, reason="retry-after too long"
+    assert Retry().decide(error, 1, rng=MaxRandom()) == RetryDecision(
+        retry=True, delay=0.025, reason="retry"
     )
-    assert Retry(max_retry_after=120.0).decide(error, 1, rng=rng()).delay == 120.0
+    assert Retry(max_retry_after=120.0).decide(error, 1, rng=MaxRandom()).delay == 0.025
+    reasons = {
+        Retry(attempts=a, timeout=t).decide(error, n, elapsed=e, rng=rng()).reason
+        for a in (1, 3)
+        for t in (None, 0.01, 10.0)
+        for n in (1, 2, 3)
+        for e in (0.0, 5.0)
+    }
+    assert reasons <= {"retry", "attempts exhausted", "deadline"}
 
 
 def test_retry_after_ignored_when_not_respected() -> None:
@@ -259,25 +276,33 @@ def test_retry_after_ignored_when_not_respected() -> None:
 def test_retry_after_ignored_on_other_statuses() -> None:
     error = APIStatusError(500, {"Retry-After": "120"})
     assert Retry().decide(error, 1, rng=MaxRandom()).delay == 0.025
+    assert retry_after(error) is None
+
+
+def test_decide_takes_no_wall_clock() -> None:
+    error = APIStatusError(503, {"Retry-After": "1"})
+    with pytest.raises(TypeError):
+        Retry().decide(error, 1, rng=rng(), now_wall=0.0)  # type: ignore[call-arg]
 
 
 def test_deadline_from_timeout_and_elapsed() -> None:
-    policy = Retry(timeout=1.0)
-    error = APIStatusError(503, {"Retry-After": "0.5"})
-    assert policy.decide(error, 1, elapsed=0.4, rng=rng()).retry
-    assert policy.decide(error, 1, elapsed=0.5, rng=rng()) == RetryDecision(
+    policy = Retry(timeout=1.0, backoff=0.5, max_backoff=0.5)
+    error = APIStatusError(503)
+    assert policy.decide(error, 1, elapsed=0.4, rng=MaxRandom()).retry
+    assert policy.decide(error, 1, elapsed=0.5, rng=MaxRandom()) == RetryDecision(
         retry=False, delay=0.0, reason="deadline"
     )
     assert policy.decide(ConnectionError(), 1, elapsed=1.5, rng=rng()).reason == "deadline"
 
 
 def test_deadline_left_from_caller_and_tightest_wins() -> None:
-    error = APIStatusError(503, {"Retry-After": "0.5"})
-    assert not Retry().decide(error, 1, deadline_left=0.5, rng=rng()).retry
-    assert Retry().decide(error, 1, deadline_left=0.6, rng=rng()).retry
-    tight = Retry(timeout=10.0).decide(error, 1, elapsed=0.0, deadline_left=0.3, rng=rng())
+    error = APIStatusError(503)
+    policy = Retry(backoff=0.5, max_backoff=0.5)
+    assert not policy.decide(error, 1, deadline_left=0.5, rng=MaxRandom()).retry
+    assert policy.decide(error, 1, deadline_left=0.6, rng=MaxRandom()).retry
+    tight = Retry(timeout=10.0).decide(error, 1, elapsed=0.0, deadline_left=0.01, rng=MaxRandom())
     assert tight.reason == "deadline"
-    tight = Retry(timeout=1.0).decide(error, 1, elapsed=0.9, deadline_left=30.0, rng=rng())
+    tight = Retry(timeout=1.0).decide(error, 1, elapsed=0.99, deadline_left=30.0, rng=MaxRandom())
     assert tight.reason == "deadline"
 
 

@@ -1,8 +1,9 @@
 """Slow start: an endpoint added later, or back from breaker ejection, ramps its weight
 linearly from 10% to 100% over ``slow_start`` seconds (Envoy's slow_start_window).
 
-A :class:`FakeClock` is advanced by hand; picks go through ``Balancer._acquire`` and
-``_succeeded`` (the synchronous half of a call).  The effective weight is refreshed when
+A :class:`FakeClock` is advanced by hand; picks go through the balancer's pool
+(``acquire`` takes a lease, ``lease.ok()`` / ``fail()`` end it: the synchronous half of a
+call).  The effective weight is refreshed when
 the pick snapshot is rebuilt -- every tenth of the window while a ramp is running, on a
 pick or on ``stats()``.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from strategies import acquire
 
 from lbclient import Balancer, Breaker, Endpoint
 from lbclient.testing import FakeClock
@@ -27,10 +29,9 @@ WINDOW = 10.0
 def picks(lb: Balancer, clock: FakeClock, n: int) -> Counter[str]:
     counts: Counter[str] = Counter()
     for _ in range(n):
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
-        lb._succeeded(s, t0, probe)
-        counts[s.url] += 1
+        lease = acquire(lb, now=clock.now())
+        assert lease.ok()
+        counts[lease.state.url] += 1
     return counts
 
 
@@ -132,22 +133,20 @@ def test_recovery_from_breaker_ejection_restarts_the_ramp() -> None:
     assert weight(lb, C) == 1.0  # fully ramped up
     # One failure on C trips its breaker (failures=1).
     while True:
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
-        if s.url == C:
-            lb._failed(s, t0, ConnectionResetError("boom"), probe)
+        lease = acquire(lb, now=clock.now())
+        if lease.state.url == C:
+            assert lease.fail(ConnectionResetError("boom"))
             break
-        lb._succeeded(s, t0, probe)
+        assert lease.ok()
     assert lb.stats().endpoint(C).breaker == "open"
     assert C not in picks(lb, clock, 30)  # ejected
     clock.advance(1.2)  # past the cooldown (1 s +/- 10% jitter): half-open
     # The next pick of C is the probe; it succeeds and closes the breaker.
     for _ in range(30):
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
-        lb._succeeded(s, t0, probe)
-        if s.url == C:
-            assert probe  # it was the half-open probe
+        lease = acquire(lb, now=clock.now())
+        assert lease.ok()
+        if lease.state.url == C:
+            assert lease.probe  # it was the half-open probe
             break
     else:
         pytest.fail("the half-open endpoint was never probed")
@@ -176,12 +175,11 @@ def test_recovery_without_slow_start_is_at_full_weight() -> None:
         breaker=Breaker(failures=1, cooldown=1.0),
     )
     while True:
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
-        if s.url == C:
-            lb._failed(s, t0, ConnectionResetError("boom"), probe)
+        lease = acquire(lb, now=clock.now())
+        if lease.state.url == C:
+            assert lease.fail(ConnectionResetError("boom"))
             break
-        lb._succeeded(s, t0, probe)
+        assert lease.ok()
     clock.advance(1.2)
     counts = picks(lb, clock, 30)
     assert counts[C] >= 9  # probe, closed, then its full share at once
@@ -241,14 +239,13 @@ def test_half_open_endpoint_gets_its_probe_under_peak_ewma() -> None:
     )
 
     def call(latency: float = 0.05, fail_on: str | None = None) -> str:
-        t0 = clock.now()
-        s, probe = lb._acquire(None, None, t0)
+        lease = acquire(lb, now=clock.now())
         clock.advance(latency)
-        if s.url == fail_on:
-            lb._failed(s, t0, ConnectionResetError("boom"), probe)
+        if lease.state.url == fail_on:
+            assert lease.fail(ConnectionResetError("boom"))
         else:
-            lb._succeeded(s, t0, probe)
-        return s.url
+            assert lease.ok()
+        return lease.state.url
 
     for _ in range(30):  # every endpoint measured at ~50 ms
         call()

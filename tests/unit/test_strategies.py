@@ -1,7 +1,8 @@
 """Distribution and choice properties of every picking strategy.
 
-Pickers are tested directly (``strategy.picker(states, ctx).pick(key, exclude)``) with
-seeded RNGs and a fake clock; a few tests go through ``Balancer._acquire`` to see the
+Pickers are tested directly (``strategy.picker(states, ctx).pick(call, exclude)``, where
+``call`` is the :class:`CallContext` carrying the affinity key, or None) with seeded RNGs
+and a fake clock; a few tests go through the balancer's pool (``acquire``) to see the
 pool-wide counters that bounded-load hashing reads.
 
 Tolerances, stated once:
@@ -23,11 +24,11 @@ from collections import Counter
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import DECAY, PRIOR, ctx, states, weight_lists
+from strategies import DECAY, PRIOR, acquire, call_of, ctx, states, weight_lists
 
 import lbclient
 from lbclient import strategies as lbstrategies
-from lbclient._state import EndpointState
+from lbclient.pool.state import EndpointState
 from lbclient.strategies import (
     ConsistentHash,
     LeastConnections,
@@ -265,9 +266,10 @@ def test_peak_ewma_is_peak_sensitive() -> None:
 def test_peak_ewma_decays_with_the_clock(slow: float) -> None:
     clock = FakeClock()
     lb = lbclient.Balancer(["http://a"], clock=clock, rng=0, ewma_decay=DECAY)
-    s, probe = lb._acquire(None, None, clock.now())
+    lease = acquire(lb, now=clock.now())
+    s = lease.state
     clock.advance(slow)
-    lb._succeeded(s, 0.0, probe)
+    assert lease.ok()
     observed = s.ewma(clock.now())
     assert observed == pytest.approx(slow)  # above the prior: taken at once
     clock.advance(DECAY)
@@ -363,7 +365,7 @@ def test_least_response_time_breaks_ties_randomly(seed: int) -> None:
 
 
 def _ring_pick(picker: object, key: object) -> EndpointState:
-    s = picker.pick(key, None)  # type: ignore[attr-defined]
+    s = picker.pick(call_of(key), None)  # type: ignore[attr-defined]
     assert s is not None
     return s
 
@@ -430,9 +432,9 @@ def test_consistent_hash_bounded_load_never_exceeded(
     rnd = random.Random(seed)
     for _ in range(picks):
         key = "hot-user" if rnd.random() < hot else f"user-{rnd.randrange(50)}"
-        s, _ = lb._acquire(key, None, clock.now())
-        total = sum(m.inflight for m in lb._members.values())
-        assert lb._totals.inflight == total
+        s = acquire(lb, key, now=clock.now()).state
+        total = sum(m.inflight for m in lb._pool.members.values())
+        assert lb._pool.totals.inflight == total
         assert s.inflight <= math.ceil(balance * total / n), (s.inflight, total, n)
 
 
@@ -441,7 +443,7 @@ def test_consistent_hash_hot_key_spills_over() -> None:
     lb = lbclient.Balancer(
         [f"http://10.0.0.{i}" for i in range(4)], strategy="consistent_hash", clock=clock, rng=1
     )
-    homes = Counter(lb._acquire("hot", None, clock.now())[0].url for _ in range(40))
+    homes = Counter(acquire(lb, "hot", now=clock.now()).state.url for _ in range(40))
     assert len(homes) == 4
     assert max(homes.values()) <= math.ceil(1.25 * 40 / 4)
 
@@ -454,7 +456,7 @@ def test_consistent_hash_without_bound_keeps_hot_key_home() -> None:
         clock=clock,
         rng=1,
     )
-    homes = Counter(lb._acquire("hot", None, clock.now())[0].url for _ in range(40))
+    homes = Counter(acquire(lb, "hot", now=clock.now()).state.url for _ in range(40))
     assert len(homes) == 1
 
 
@@ -511,7 +513,7 @@ def test_exclude_is_honoured_when_another_exists(
     picker = lbstrategies.resolve(name).picker(ss, ctx(seed, totals=_totals(ss)))
     for i in range(12):
         key = (None, f"k{i}", i)[i % 3]
-        s = picker.pick(key, excluded)
+        s = picker.pick(call_of(key), excluded)
         assert s is not None and s not in excluded, (name, i, key)
 
 
@@ -519,7 +521,8 @@ def test_exclude_is_honoured_when_another_exists(
 def test_exclude_everything_gives_none(name: str) -> None:
     ss = states([1.0, 2.0, 3.0])
     picker = lbstrategies.resolve(name).picker(ss, ctx(0))
-    assert picker.pick("k", set(ss)) is None
+    assert picker.pick(call_of("k"), set(ss)) is None
+    assert picker.pick(None, set(ss)) is None
 
 
 @pytest.mark.parametrize("name", lbstrategies.names())
@@ -528,7 +531,8 @@ def test_every_strategy_picks_a_member(name: str) -> None:
     picker = lbstrategies.resolve(name).picker(ss, ctx(0))
     assert isinstance(picker, lbstrategies.Picker)
     for i in range(50):
-        assert picker.pick(f"k{i}", None) in ss
+        assert picker.pick(call_of(f"k{i}"), None) in ss
+        assert picker.pick(call_of(f"k{i}", stream=True), None) in ss
 
 
 def test_registry_names_match_strategy_names() -> None:

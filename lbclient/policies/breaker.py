@@ -28,8 +28,8 @@ from typing import Any, Final
 
 import attrs
 
-from ._errors import ConfigError
-from ._events import BreakerEvent
+from .._errors import ConfigError
+from ..observe.events import BreakerEvent
 
 __all__ = [
     "CLOSED",
@@ -59,7 +59,7 @@ def default_is_failure(exc: BaseException) -> bool:
     (the request was bad, not the replica), ``asyncio.CancelledError`` (the caller gave
     up, e.g. a lost hedge) and lbclient's own errors.
     """
-    from ._classify import is_endpoint_failure  # lazy: keeps import order free
+    from .classify import is_endpoint_failure  # lazy: keeps import order free
 
     return is_endpoint_failure(exc)
 

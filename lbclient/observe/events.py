@@ -1,7 +1,7 @@
 """Immutable event records, and the :class:`Listener` protocol that receives them.
 
-The balancer reports what it decides about the pool as events rather than log lines, so
-that you choose where they go (a logger, metrics, a test's list).  Three kinds exist:
+The balancer reports what it decides as events rather than log lines, so that you choose
+where they go (a logger, metrics, a test's list).  Pool events:
 
 * :class:`BreakerEvent` -- an endpoint's circuit breaker changed state
   (``closed -> open -> half_open -> closed``, or forced by an active health check).
@@ -9,6 +9,16 @@ that you choose where they go (a logger, metrics, a test's list).  Three kinds e
   ``Breaker.max_ejection``), so the balancer entered panic mode and picks from every
   endpoint again; or it left panic mode.
 * :class:`MembershipEvent` -- an endpoint was added, removed, drained or undrained.
+* :class:`CooldownEvent` -- an endpoint answered 429/503 with ``Retry-After``: it is not
+  picked for that long.
+
+Call events (one call, one or more attempts):
+
+* :class:`AttemptEvent` -- an attempt failed, was cut by the call's deadline, or lost a
+  hedge race while still running; says whether it counted against the endpoint.
+* :class:`RetryEvent` -- a retry was scheduled (with its delay and why), or refused
+  (budget, attempts, panic...: ``retry=False``).
+* :class:`HedgeEvent` -- a backup was sent, won, or denied by the hedging budget.
 
 Every event is an ``attrs`` frozen record: safe to keep, compare and hand to another
 thread.  ``str(event)`` (same as ``event.message()``) is a one-line log message and
@@ -37,16 +47,22 @@ from typing import Final, Protocol, TypeAlias, runtime_checkable
 import attrs
 
 __all__ = [
+    "AttemptEvent",
     "BreakerEvent",
+    "CooldownEvent",
     "Event",
     "EventHook",
+    "HedgeEvent",
     "Listener",
     "LoggingListener",
     "MembershipEvent",
     "PanicEvent",
+    "RetryEvent",
 ]
 
 _STATES: Final = ("closed", "open", "half_open")
+_OUTCOMES: Final = ("failed", "ignored", "cut", "lost")
+_HEDGE_ACTIONS: Final = ("sent", "won", "denied")
 _ACTIONS: Final = ("add", "remove", "drain", "undrain")
 _DONE: Final = {"add": "added", "remove": "removed", "drain": "draining", "undrain": "undrained"}
 
@@ -148,8 +164,133 @@ class MembershipEvent:
         return self.message()
 
 
-Event: TypeAlias = BreakerEvent | PanicEvent | MembershipEvent
+@attrs.frozen
+class CooldownEvent:
+    """Endpoint ``url`` answered ``status`` with ``Retry-After``: it gets no new picks for
+    ``seconds`` (the server's value, capped by ``Retry.max_retry_after``).  ``INFO``."""
+
+    url: str
+    seconds: float
+    status: int | None
+    at: float
+
+    @property
+    def level(self) -> int:
+        return logging.INFO
+
+    def message(self) -> str:
+        why = f"{self.status} with " if self.status is not None else ""
+        return f"endpoint {self.url} cooling down for {self.seconds:.3g} s ({why}Retry-After)"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+@attrs.frozen
+class AttemptEvent:
+    """One attempt of a call ended badly on ``url`` at time ``at`` after ``duration`` s.
+
+    ``outcome``: ``"failed"`` (it raised ``error`` and that counted against the endpoint),
+    ``"ignored"`` (it raised, but the error is not the endpoint's fault: a 4xx, a bug in
+    the wrapped code), ``"cut"`` (still running when the call's deadline passed: counted),
+    ``"lost"`` (a hedge race was won elsewhere while this attempt had already run much
+    longer than its endpoint usually takes: priced as a slow answer).  ``attempt`` is the
+    attempt's number in its call (1 = the first), ``hedge`` whether it was a backup.
+    ``DEBUG``; a dying fleet is rate-limited in the log (listeners see every event).
+    """
+
+    url: str
+    outcome: str = attrs.field(validator=attrs.validators.in_(_OUTCOMES))
+    error: str
+    counted: bool
+    attempt: int
+    hedge: bool
+    duration: float
+    at: float
+
+    @property
+    def level(self) -> int:
+        return logging.DEBUG
+
+    def message(self) -> str:
+        kind = "hedge" if self.hedge else f"attempt {self.attempt}"
+        verdict = "counted against it" if self.counted else "not its fault"
+        return (
+            f"{kind} on {self.url} {self.outcome} after {self.duration * 1000:.1f} ms "
+            f"({verdict}): {self.error}"
+        )
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+@attrs.frozen
+class RetryEvent:
+    """After attempt ``attempt`` failed on ``url``: retry after ``delay`` s (``retry``) or
+    give up.  ``reason``: ``"retry"``, ``"cooldown"`` (every endpoint is cooling down after
+    ``Retry-After``: the delay waits for the first to come back), or why not:
+    ``"not retryable"``, ``"attempts exhausted"``, ``"deadline"``, ``"retry budget
+    exhausted"``, ``"panic"``, ``"no endpoint"``.  A retry is ``DEBUG``; a budget
+    denial a ``WARNING`` (rate-limited: the fleet is failing faster than the budget).
+    """
+
+    url: str | None
+    retry: bool
+    reason: str
+    delay: float
+    attempt: int
+    at: float
+
+    @property
+    def level(self) -> int:
+        return logging.WARNING if self.reason == "retry budget exhausted" else logging.DEBUG
+
+    def message(self) -> str:
+        where = f" on {self.url}" if self.url is not None else ""
+        if self.retry:
+            return f"attempt {self.attempt}{where} failed: retrying in {self.delay * 1000:.1f} ms"
+        return f"attempt {self.attempt}{where} failed: giving up ({self.reason})"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+@attrs.frozen
+class HedgeEvent:
+    """A backup request: ``"sent"`` to ``url`` after ``delay`` s, ``"won"`` (it answered
+    first), or ``"denied"`` (the hedging budget is spent; ``url`` is None).  ``DEBUG``."""
+
+    action: str = attrs.field(validator=attrs.validators.in_(_HEDGE_ACTIONS))
+    url: str | None
+    delay: float
+    at: float
+
+    @property
+    def level(self) -> int:
+        return logging.DEBUG
+
+    def message(self) -> str:
+        if self.action == "denied":
+            return f"hedge after {self.delay * 1000:.1f} ms denied: hedging budget spent"
+        return f"hedge {self.action} on {self.url} (after {self.delay * 1000:.1f} ms)"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+Event: TypeAlias = (
+    BreakerEvent
+    | PanicEvent
+    | MembershipEvent
+    | CooldownEvent
+    | AttemptEvent
+    | RetryEvent
+    | HedgeEvent
+)
 """Any event the balancer reports."""
+
+POOL_EVENTS: Final = (BreakerEvent, PanicEvent, MembershipEvent, CooldownEvent)
+"""Events about the pool (logged at their level, never rate-limited)."""
 
 EventHook: TypeAlias = Callable[[Event], None]
 """A plain function that receives events (the callable face of :class:`Listener`)."""

@@ -1,9 +1,10 @@
 """Error classification: is this failure worth a retry, and is it the endpoint's fault?
 
-lbclient wraps *your* call, so it sees whatever your HTTP stack raises: aiohttp (a core
-dependency, imported here), httpx, or an LLM SDK such as openai (neither imported: we
-recognise their exceptions by shape and class name, so lbclient works with or without
-them installed and never pins their versions).
+lbclient wraps *your* call, so it sees whatever your HTTP stack raises: aiohttp, httpx,
+or an LLM SDK such as openai.  None of them is imported here: their exceptions are
+recognised by shape and class name (aiohttp's through ``sys.modules``, since an aiohttp
+error cannot exist unless aiohttp was imported), so ``import lbclient`` stays light and
+never pins their versions.
 
 Two questions are asked of every failed attempt:
 
@@ -38,16 +39,16 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
-import aiohttp
 import attrs
 
-from ._errors import ConfigError, LBError
+from .._errors import ConfigError, LBError
 
 __all__ = [
     "DEFAULT_RETRY_ON",
     "RETRYABLE_STATUSES",
     "Classifier",
     "ClassifierLike",
+    "error_kind",
     "headers_of",
     "is_caller_error",
     "is_connection_error",
@@ -153,17 +154,28 @@ def _header(headers: Mapping[str, str], name: str) -> object:
 def retry_after(exc: BaseException, now_wall: float | None = None) -> float | None:
     """Seconds the server asked us to wait (``Retry-After``), or None.
 
-    Only honoured on 429 and 503, where RFC 9110 gives it meaning.  The value is either
-    seconds (``"2"``, ``"1.5"``) or an HTTP-date, read relative to ``now_wall`` (Unix
-    seconds, default ``time.time()``; pass it in tests).  A date in the past or negative
-    seconds give 0; anything unparsable, NaN or infinite gives None (a garbled header
-    must not stall the retry loop).
+    Only honoured on 429 and 503, where RFC 9110 gives it meaning.  ``retry-after-ms``
+    (milliseconds, as OpenAI's and Azure's APIs send it) wins when present; otherwise
+    ``Retry-After`` is either seconds (``"2"``, ``"1.5"``) or an HTTP-date, read relative
+    to ``now_wall`` (Unix seconds, default ``time.time()``; pass it in tests).  A date in
+    the past or negative seconds give 0; anything unparsable, NaN or infinite gives None
+    (a garbled header must not stall the retry loop).
     """
     if status_of(exc) not in _RETRY_AFTER_STATUSES:
         return None
     headers = headers_of(exc)
     if headers is None:
         return None
+    ms = _header(headers, "retry-after-ms")
+    if isinstance(ms, bytes):
+        ms = ms.decode("latin-1")
+    if isinstance(ms, str):
+        try:
+            value = float(ms.strip()) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
     raw = _header(headers, "Retry-After")
     if isinstance(raw, bytes):
         raw = raw.decode("latin-1")
@@ -198,7 +210,10 @@ def is_connection_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, LBError):
         return False
-    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and isinstance(
+        exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+    ):
         return True
     if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
         return True
@@ -247,13 +262,32 @@ def is_caller_error(exc: BaseException) -> bool:
 def is_endpoint_failure(exc: BaseException) -> bool:
     """The breaker's default: does this failure count against the endpoint?
 
-    Yes for any ``Exception`` except caller errors (:func:`is_caller_error`) and errors
-    lbclient raised itself; never for ``CancelledError`` (the caller gave up, the endpoint
-    did nothing wrong).  Note 429 counts: a replica that sheds load should get less of it.
+    Yes for what only the endpoint (or the network to it) can cause: connection errors
+    (:func:`is_connection_error`), timeouts (:func:`is_timeout`), and HTTP 5xx, 408 and
+    429 -- a replica that sheds load should get less of it.  No for anything else: a 4xx
+    other than 408/429 (the request was bad), an exception raised by your own code (a
+    ``KeyError`` parsing the answer fails the same way on every replica), lbclient's own
+    errors, and ``CancelledError`` (the caller gave up; the endpoint did nothing wrong).
     """
     if not isinstance(exc, Exception) or isinstance(exc, LBError):
         return False
-    return not is_caller_error(exc)
+    status = status_of(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return is_connection_error(exc) or is_timeout(exc)
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short label for what kind of failure ``exc`` is, for counters and metrics:
+    ``"status 503"``, ``"connection"``, ``"timeout"`` or ``"other"``."""
+    status = status_of(exc)
+    if status is not None:
+        return f"status {status}"
+    if is_timeout(exc):
+        return "timeout"
+    if is_connection_error(exc):
+        return "connection"
+    return "other"
 
 
 # -- composable predicates ---------------------------------------------------------------

@@ -2,16 +2,24 @@
 
 A load metric is a plain function ``(state, now) -> float``; pick algorithms (P2C,
 argmin) take one as a parameter, so "what is load" and "how to choose" stay separate
-axes (Finagle's ``Balancer`` x ``Load`` split).
+axes (Finagle's ``Balancer`` x ``Load`` split).  Latency-based metrics come in two
+flavours: whole-call latency for plain calls, time to first chunk for streams.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._state import EndpointState
+from .state import EndpointState
 
-__all__ = ["SERVER_LOAD_TTL", "LoadMetric", "inflight_load", "outstanding", "peak_ewma_load"]
+__all__ = [
+    "SERVER_LOAD_TTL",
+    "LoadMetric",
+    "inflight_load",
+    "outstanding",
+    "peak_ewma_load",
+    "peak_ewma_ttft_load",
+]
 
 LoadMetric = Callable[[EndpointState, float], float]
 
@@ -41,3 +49,8 @@ def peak_ewma_load(s: EndpointState, now: float) -> float:
     its latency (Finagle ``PeakEwma``, Linkerd's ``PeakEwma`` load).
     """
     return s.ewma(now) * (outstanding(s, now) + 1.0) / s.weight
+
+
+def peak_ewma_ttft_load(s: EndpointState, now: float) -> float:
+    """:func:`peak_ewma_load` for streams: on the time to first chunk."""
+    return s.ttft_ewma(now) * (outstanding(s, now) + 1.0) / s.weight

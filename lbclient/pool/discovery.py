@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._endpoint import Endpoint, to_endpoint
-from ._errors import ConfigError
+from .._endpoint import Endpoint, to_endpoint
+from .._errors import ConfigError
 
 if TYPE_CHECKING:
     from dns.asyncresolver import Resolver
     from dns.name import Name
 
-    from ._balancer import Balancer
+    from .pool import Pool
 
 __all__ = [
     "CallableDiscovery",
@@ -48,6 +48,7 @@ __all__ = [
     "StaticDiscovery",
     "discovery_loop",
     "refresh_once",
+    "refresh_retrying",
 ]
 
 log = logging.getLogger("lbclient")
@@ -80,11 +81,19 @@ class Discovery(Protocol):
 # -- validators: messages name the bad value ----------------------------------------------
 
 
+_MIN_INTERVAL = 0.01  # seconds: faster refreshes would only spin the event loop
+
+
 def _check_interval(owner: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError(
             f"{owner} interval must be a number of seconds > 0 (math.inf: resolve only "
             f"once), got {value!r}"
+        )
+    if value < _MIN_INTERVAL:
+        raise ConfigError(
+            f"{owner} interval must be at least {_MIN_INTERVAL} s (a refresh that often "
+            f"would spin the event loop), got {value!r}"
         )
     return float(value)
 
@@ -490,13 +499,13 @@ def _srv_weights(weights: Sequence[int]) -> list[float]:
 # -- the driver -----------------------------------------------------------------------------
 
 
-async def refresh_once(lb: Balancer, provider: Discovery) -> bool:
+async def refresh_once(pool: Pool, provider: Discovery) -> bool:
     """Resolve once and make the pool match; ``True`` if the pool was updated.
 
     Never raises (except ``CancelledError``): on an error or an empty answer a warning
     is logged on the ``lbclient`` logger and the pool keeps its last good set.
     """
-    if lb.closed:
+    if pool.closed:
         return False
     try:
         result = await provider.resolve()
@@ -505,25 +514,25 @@ async def refresh_once(lb: Balancer, provider: Discovery) -> bool:
         endpoints = [to_endpoint(e) for e in result]
         if not endpoints:
             raise LookupError("no endpoints in the answer")
-        if lb.closed:
+        if pool.closed:
             return False
-        before = set(lb._members)
-        lb.sync(endpoints)
+        before = set(pool.members)
+        pool.sync(endpoints)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if lb.closed:
+        if pool.closed:
             return False
         detail = str(exc) or "(no message)"
         log.warning(
             "discovery failed, keeping the last good set of %d endpoints: %r: %s: %s",
-            len(lb.endpoints),
+            len(pool.members),
             provider,
             type(exc).__name__,
             detail,
         )
         return False
-    after = set(lb._members)
+    after = set(pool.members)
     if before != after:
         log.debug(
             "discovery %r: %d endpoint(s), +%d -%d",
@@ -535,34 +544,66 @@ async def refresh_once(lb: Balancer, provider: Discovery) -> bool:
     return True
 
 
-async def discovery_loop(lb: Balancer, provider: Discovery) -> None:
-    """Refresh every ``provider.interval`` seconds (on the balancer's clock) until the
-    balancer closes.  The first refresh is ``start()``'s; this loop does the later ones
-    -- except when the pool is empty as the loop starts (the balancer was started by its
-    first call rather than by ``start()``): then it refreshes at once.  Nothing but
-    cancellation ends it early; a provider with an infinite interval makes it return
-    after that."""
-    if not lb.closed and not lb._members:
-        await refresh_once(lb, provider)
-    while not lb.closed:
-        interval = getattr(provider, "interval", None)
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or math.isnan(interval)
-            or interval <= 0
-        ):
-            log.error(
-                "discovery %r has no usable interval (%r); refreshes stop", provider, interval
-            )
-            return
-        if math.isinf(interval):
+def _interval_of(provider: Discovery) -> float | None:
+    interval = getattr(provider, "interval", None)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or math.isnan(interval)
+        or interval <= 0
+    ):
+        log.error("discovery %r has no usable interval (%r); refreshes stop", provider, interval)
+        return None
+    return float(interval)
+
+
+async def refresh_retrying(pool: Pool, provider: Discovery, interval: float) -> bool:
+    """:func:`refresh_once`, and if it fails, again after a jittered exponential backoff
+    (tenacity: from ``min(1 s, interval / 8)``, doubling, capped at half the interval)
+    for at most one interval in all -- a DNS blip heals in about a second instead of
+    leaving the pool stale for a whole ``interval``.  Sleeps on the pool's clock."""
+    import tenacity
+
+    first = min(1.0, interval / 8)
+    cap = max(first, interval / 2)
+    waits, total = 0, 0.0
+    while total + min(cap, first * 2**waits) <= interval and waits < 16:
+        total += min(cap, first * 2**waits)
+        waits += 1
+    retrying = tenacity.AsyncRetrying(
+        wait=tenacity.wait_exponential(multiplier=first, max=cap)
+        + tenacity.wait_random(0, first / 2),
+        stop=tenacity.stop_after_attempt(waits + 1),
+        retry=tenacity.retry_if_result(lambda ok: not ok and not pool.closed),
+        retry_error_callback=lambda state: False,
+        sleep=pool.clock.sleep,
+    )
+    ok: bool = await retrying(refresh_once, pool, provider)
+    return ok
+
+
+async def discovery_loop(pool: Pool, provider: Discovery) -> None:
+    """Refresh every ``provider.interval`` seconds (on the pool's clock) until the pool
+    closes.  The first refresh is ``start()``'s; this loop does the later ones -- except
+    when the pool is empty as the loop starts (the balancer was started by its first call
+    rather than by ``start()``, or the first resolution failed): then it refreshes at
+    once.  A failed refresh is retried within the interval (:func:`refresh_retrying`).
+    Nothing but cancellation ends it early; a provider with an infinite interval makes
+    it return after the first success."""
+    interval = _interval_of(provider)
+    if interval is None:
+        return
+    if not pool.closed and not pool.members:
+        await refresh_retrying(pool, provider, min(interval, 60.0))
+    while not pool.closed:
+        interval = _interval_of(provider)
+        if interval is None or math.isinf(interval):
             return
         try:
-            await lb._clock.sleep(interval)
-            if lb.closed:
+            await pool.clock.sleep(interval)
+            if pool.closed:
                 return
-            await refresh_once(lb, provider)
+            await refresh_retrying(pool, provider, interval)
         except asyncio.CancelledError:
             raise
         except Exception:  # refresh_once never raises; a broken clock might

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["DEFAULT_LATENCY_MS", "GeoTable"]
 

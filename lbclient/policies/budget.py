@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 
-from ._clock import MONOTONIC, Clock
-from ._errors import ConfigError
+from .._clock import MONOTONIC, Clock
+from .._errors import ConfigError
 
 __all__ = ["Budget"]
 

@@ -2,7 +2,7 @@
 
 The policy is frozen configuration.  The loop (``HealthCheck.check_loop``, started by
 the balancer) owns one aiohttp session and the per-endpoint streaks; every round it
-probes each member concurrently and hands the verdicts to ``Balancer.set_health``.
+probes each member concurrently and hands the verdicts to the pool's ``set_health``.
 Deciding is separate from probing: :class:`HealthTracker` turns pass/fail results into
 up/down transitions without I/O or an event loop, so the thresholds are unit-testable.
 """
@@ -16,14 +16,15 @@ import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
 import attrs
 
-from ._errors import ConfigError, UnknownEndpoint
+from .._errors import ConfigError, UnknownEndpoint
 
 if TYPE_CHECKING:
-    from ._balancer import Balancer
-    from ._state import EndpointState
+    import aiohttp
+
+    from .pool import Pool
+    from .state import EndpointState
 
 __all__ = ["HealthCheck", "HealthTracker"]
 
@@ -151,6 +152,13 @@ class HealthCheck:
     healthy_threshold: int = attrs.field(default=1, converter=_healthy_threshold)
     jitter: float = attrs.field(default=0.1, converter=_jitter)
 
+    def __attrs_post_init__(self) -> None:
+        if self.interval < 0.01:
+            raise ConfigError(
+                f"HealthCheck interval must be at least 0.01 s (checks that often would "
+                f"spin the event loop), got {self.interval!r}"
+            )
+
     def __repr__(self) -> str:
         parts = [
             f"{f.name}={getattr(self, f.name)!r}"
@@ -168,6 +176,8 @@ class HealthCheck:
     # -- driving ------------------------------------------------------------------------
 
     def _session(self) -> aiohttp.ClientSession:
+        import aiohttp  # lazily: ``import lbclient`` does not import aiohttp
+
         return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             # No pool limit: a round probes every member at once, and a check waiting
@@ -195,39 +205,42 @@ class HealthCheck:
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
-    async def _check_all(
-        self, lb: Balancer, session: aiohttp.ClientSession
-    ) -> dict[str, str | None]:
-        urls = list(lb._members)
+    async def _check_all(self, pool: Pool, session: aiohttp.ClientSession) -> dict[str, str | None]:
+        urls = list(pool.members)
         if not urls:
             return {}
         reasons = await asyncio.gather(*(self.probe(session, url) for url in urls))
         return dict(zip(urls, reasons, strict=True))
 
-    async def check_once(self, lb: Balancer, session: aiohttp.ClientSession) -> dict[str, bool]:
+    async def check_once(self, pool: Pool, session: aiohttp.ClientSession) -> dict[str, bool]:
         """Probe every current member once, concurrently: ``{url: passed}``.
 
-        Only probes; it does not change the balancer (the loop's :class:`HealthTracker`
+        Only probes; it does not change the pool (the loop's :class:`HealthTracker`
         decides that from consecutive results)."""
-        return {url: reason is None for url, reason in (await self._check_all(lb, session)).items()}
+        results = await self._check_all(pool, session)
+        return {url: reason is None for url, reason in results.items()}
 
-    async def check_loop(self, lb: Balancer) -> None:
-        """Check every member each ``interval`` until the balancer closes or the task
-        is cancelled (``lb.aclose()`` does both).  Owns one aiohttp session, closed on
-        the way out.  Nothing raised by a check or by the balancer ends the loop."""
-        clock = lb._clock
-        # A private RNG seeded from the balancer's: injected randomness, without the
-        # loop's draws shifting the picker's sequence.
-        rng = random.Random(lb._rng.random())
+    async def check_loop(self, pool: Pool) -> None:
+        """Check every member each ``interval`` until the pool closes or the task is
+        cancelled (``lb.aclose()`` does both).  Owns one aiohttp session, closed on the
+        way out.  Nothing raised by a check or by the pool ends the loop.
+
+        A failed probe is not retried (tenacity has no place here): each probe is one
+        sample, and the thresholds exist to count consecutive failures -- retrying a
+        probe until it passes would hide exactly what they measure."""
+        clock = pool.clock
+        # A private RNG seeded from the pool's: injected randomness, without the loop's
+        # draws shifting the picker's sequence.
+        rng = random.Random(pool.rng.random())
         tracker = HealthTracker(self)
         async with self._session() as session:
-            while not lb.closed:
+            while not pool.closed:
                 started = clock.now()
                 try:
-                    results = await self._check_all(lb, session)
-                    if lb.closed:
+                    results = await self._check_all(pool, session)
+                    if pool.closed:
                         break
-                    tracker.apply(lb, results)
+                    tracker.apply(pool, results)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -288,10 +301,10 @@ class HealthTracker:
         for url in [u for u in self._streaks if not keep(u)]:
             del self._streaks[url]
 
-    def apply(self, lb: Balancer, results: Mapping[str, str | None]) -> None:
-        """Record a round (``{url: None if passed else reason}``) and tell the balancer
-        about every transition."""
-        members = lb._members
+    def apply(self, pool: Pool, results: Mapping[str, str | None]) -> None:
+        """Record a round (``{url: None if passed else reason}``) and tell the pool about
+        every transition."""
+        members = pool.members
         self.forget(members.__contains__)
         for url, reason in results.items():
             state = members.get(url)
@@ -301,7 +314,7 @@ class HealthTracker:
             if verdict is None:
                 continue
             try:
-                lb.set_health(url, verdict)
+                pool.set_health(url, verdict)
             except Exception as exc:
                 # Not applied, so not recorded: the next result retries the transition.
                 self._streaks[url].down = verdict  # as it was before this transition

@@ -1,8 +1,12 @@
 """`Retry`: the retry policy (frozen) and its pure decision function.
 
-The policy only *decides*; the balancer drives: it calls :meth:`Retry.decide` after a
+The policy only *decides*; the engine drives: it calls :meth:`Retry.decide` after a
 failed attempt, withdraws a budget token if the decision is to retry, sleeps on its
 clock and picks another endpoint.  No event loop is needed to test a decision.
+
+``Retry-After`` is not a sleep: the endpoint that sent it is cooled down (not picked for
+that long, capped by ``max_retry_after``) and the retry goes to another endpoint at once;
+the call only waits when every endpoint is cooling down.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import random
 
 import attrs
 
-from ._budget import Budget, check_non_negative, check_positive, check_ratio
-from ._classify import DEFAULT_RETRY_ON, Classifier, retry_after, to_classifier
-from ._clock import MONOTONIC, Clock
-from ._errors import BalancerClosed, ConfigError, DeadlineExceeded
+from .._clock import MONOTONIC, Clock
+from .._errors import BalancerClosed, ConfigError, DeadlineExceeded
+from .budget import Budget, check_non_negative, check_positive, check_ratio
+from .classify import DEFAULT_RETRY_ON, Classifier, to_classifier
 
 __all__ = ["Retry", "RetryDecision"]
 
@@ -64,11 +68,9 @@ class RetryDecision:
     """What to do after a failed attempt.
 
     ``retry`` -- try again; ``delay`` -- seconds to sleep first (0 when giving up);
-    ``reason`` -- why, one of: ``"retry"``, ``"retry-after"`` (the delay is the server's
-    Retry-After), ``"not retryable"``, ``"attempts exhausted"``,
-    ``"retry-after too long"`` (above ``max_retry_after``), ``"deadline"`` (the delay
-    would reach the call's deadline).  The balancer adds ``"budget exhausted"`` when it
-    cannot withdraw a token.
+    ``reason`` -- why, one of: ``"retry"``, ``"not retryable"``, ``"attempts exhausted"``,
+    ``"deadline"`` (the delay would reach the call's deadline).  The engine adds
+    ``"retry budget exhausted"`` when it cannot withdraw a token.
     """
 
     retry: bool
@@ -104,9 +106,11 @@ class Retry:
       type or tuple of types, or a predicate (default ``lbclient.DEFAULT_RETRY_ON``:
       connection errors, timeouts, 408/429/500/502/503/504).  ``CancelledError`` is
       never retried, whatever this says.
-    * ``respect_retry_after`` -- on a 429/503 with ``Retry-After``, wait at least that
-      long (default True).  ``max_retry_after`` -- if the server asks for more than this
-      many seconds (default 30), give up with its error instead of waiting.
+    * ``respect_retry_after`` -- on a 429/503 with ``Retry-After`` (or
+      ``retry-after-ms``), the endpoint that sent it gets no new calls for that long --
+      from any call -- and the retry goes to another endpoint at once (default True).
+      ``max_retry_after`` caps that cooldown (default 30 s), and is the longest a call
+      waits when *every* endpoint is cooling down; beyond it the call gives up.
     * ``budget_ratio`` / ``budget_min_per_second`` -- the retry budget shared by all
       calls through one balancer (:class:`lbclient.Budget`; defaults 20 % of calls plus
       10/s, Finagle's): without it, ``attempts=3`` triples the load on a fleet that is
@@ -115,8 +119,8 @@ class Retry:
       and every backoff (default None: no deadline).
 
     Order of checks after a failure: classify (``retry_on``) -> attempts left ->
-    delay (Retry-After limit, deadline) -> budget.  The budget comes last, and is the
-    balancer's job, so a token is only spent on a retry that will really be sent.
+    backoff vs deadline -> budget.  The budget comes last, and is the engine's job, so a
+    token is only spent on a retry that will really be sent.
 
     Foot-guns: a retry re-sends the request.  Completions are usually safe to repeat,
     but a call with side effects (a tool that sends mail, a paid job submission) is
@@ -164,17 +168,15 @@ class Retry:
         elapsed: float = 0.0,
         deadline_left: float | None = None,
         rng: random.Random,
-        now_wall: float | None = None,
     ) -> RetryDecision:
         """Decide what follows failed attempt number ``attempt_number`` (1 = the first).
 
         ``elapsed`` -- seconds since the call started (with ``timeout`` it gives the time
         left); ``deadline_left`` -- seconds left on a deadline the caller tracks itself
-        (the tighter of the two applies); ``rng`` draws the jitter; ``now_wall`` -- Unix
-        time for an HTTP-date ``Retry-After`` (default ``time.time()``).
+        (the tighter of the two applies); ``rng`` draws the jitter.
 
-        Pure: no clock read except that default, no sleep, no budget; the caller must
-        still ``try_withdraw()`` from the budget when this says ``retry``.
+        Pure: no clock read, no sleep, no budget; the caller must still
+        ``try_withdraw()`` from the budget when this says ``retry``.
         """
         if (
             not isinstance(error, Exception)
@@ -185,14 +187,6 @@ class Retry:
         if attempt_number >= self.attempts:
             return _give_up("attempts exhausted")
         delay = self.backoff_for(attempt_number, rng)
-        reason = "retry"
-        if self.respect_retry_after:
-            asked = retry_after(error, now_wall)
-            if asked is not None:
-                if asked > self.max_retry_after:
-                    return _give_up("retry-after too long")
-                if asked > delay:
-                    delay, reason = asked, "retry-after"
         left = deadline_left
         if self.timeout is not None:
             mine = self.timeout - elapsed
@@ -200,7 +194,7 @@ class Retry:
         # A retry that starts at the deadline has no time to succeed: give up instead.
         if left is not None and delay >= left:
             return _give_up("deadline")
-        return RetryDecision(retry=True, delay=delay, reason=reason)
+        return RetryDecision(retry=True, delay=delay, reason="retry")
 
     def make_budget(self, clock: Clock = MONOTONIC) -> Budget:
         """A fresh :class:`lbclient.Budget` with this policy's ratio and floor (ttl 10 s),

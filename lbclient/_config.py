@@ -1,0 +1,216 @@
+"""`BalancerConfig`: every ``Balancer(...)`` argument, checked once, frozen.
+
+Each converter turns what a user may pass into what the balancer uses, or raises a
+:class:`~lbclient.ConfigError` that names the bad value -- at construction, never at the
+first call.  Common mistakes get their own message: a class where an instance is meant
+(``strategy=PowerOfTwo``), a ``dict`` of endpoints (whose values would be dropped), the
+same endpoint spelled twice (``HTTP://A:80`` and ``http://a``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from . import strategies as _strategies
+from ._clock import MONOTONIC, Clock
+from ._endpoint import Endpoint, to_endpoint
+from ._errors import ConfigError
+from .observe.observer import EventHandler, to_listeners
+from .policies.breaker import Breaker
+from .policies.geo import GeoTable
+from .policies.hedge import Hedge
+from .policies.retry import Retry
+from .pool.locality import Locality
+from .strategies import Strategy
+
+__all__ = ["BalancerConfig"]
+
+
+def _instance(value: object, name: str, cls: type, example: str) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, type):
+        raise ConfigError(
+            f"{name} must be an instance, not the class: {name}={example}, got {value!r}"
+        )
+    raise ConfigError(f"{name} must be an lbclient.{cls.__name__} or None, got {value!r}")
+
+
+def _retry(value: object) -> Retry | None:
+    return _instance(value, "retry", Retry, "lbclient.Retry()")  # type: ignore[no-any-return]
+
+
+def _breaker(value: object) -> Breaker | None:
+    return _instance(value, "breaker", Breaker, "lbclient.Breaker()")  # type: ignore[no-any-return]
+
+
+def _hedge(value: object) -> Hedge | None:
+    return _instance(value, "hedge", Hedge, "lbclient.Hedge()")  # type: ignore[no-any-return]
+
+
+def _endpoints(value: object) -> tuple[Endpoint, ...]:
+    if isinstance(value, str | Endpoint) or not isinstance(value, Iterable):
+        raise ConfigError(f"endpoints must be a list of URLs or Endpoints, got {value!r}")
+    if isinstance(value, Mapping):
+        raise ConfigError(
+            "endpoints must be a list, not a mapping (its values would be silently dropped): "
+            f"use [lbclient.Endpoint(url, weight=w), ...], got {value!r}"
+        )
+    items = list(value)
+    eps = tuple(to_endpoint(e) for e in items)
+    seen: dict[str, object] = {}
+    for given, ep in zip(items, eps, strict=True):
+        if ep.url in seen:
+            first = seen[ep.url]
+            also = "" if first == given else f" (also given as {first!r})"
+            raise ConfigError(f"duplicate endpoint url {ep.url!r}: {given!r}{also}")
+        seen[ep.url] = given
+    return eps
+
+
+def _strategy(value: object) -> Strategy:
+    if isinstance(value, type):
+        raise ConfigError(
+            f"strategy must be a name or a strategy instance, not the class: "
+            f"strategy={value.__name__}(), got {value!r}"
+        )
+    return _strategies.resolve(value)
+
+
+def _seconds(value: object, name: str, *, optional: bool) -> float | None:
+    if value is None and optional:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        more = " or None" if optional else ""
+        raise ConfigError(f"{name} must be a finite number of seconds > 0{more}, got {value!r}")
+    return float(value)
+
+
+def _ewma_decay(value: object) -> float:
+    out = _seconds(value, "ewma_decay", optional=False)
+    assert out is not None
+    return out
+
+
+def _slow_start(value: object) -> float | None:
+    return _seconds(value, "slow_start", optional=True)
+
+
+def _region(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"region must be a non-empty str or None, got {value!r}")
+    return value.strip()
+
+
+def _locality(value: object) -> Locality | None:
+    if value is True:
+        return Locality()
+    if value is False or value is None:
+        return None
+    return _instance(value, "locality", Locality, "lbclient.Locality()")  # type: ignore[no-any-return]
+
+
+def _health(value: object) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, type):
+        raise ConfigError(
+            f"health must be an instance, not the class: health=lbclient.HealthCheck(), "
+            f"got {value!r}"
+        )
+    if not callable(getattr(value, "check_loop", None)):
+        raise ConfigError(f"health must be an lbclient.HealthCheck or None, got {value!r}")
+    return value
+
+
+def _discovery(value: object) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, type):
+        raise ConfigError(
+            f"discovery must be an instance, not the class: e.g. "
+            f"discovery=lbclient.DnsDiscovery('llm.internal'), got {value!r}"
+        )
+    if not callable(getattr(value, "resolve", None)):
+        raise ConfigError(
+            f"discovery must have an async resolve() method (lbclient.DnsDiscovery, "
+            f"lbclient.CallableDiscovery, ...), got {value!r}"
+        )
+    return value
+
+
+def _on_event(value: object) -> tuple[EventHandler, ...]:
+    try:
+        return to_listeners(value)
+    except TypeError as exc:
+        raise ConfigError(
+            f"on_event must be a callable, an lbclient.Listener (an object with an "
+            f"on_event method) or a list of them, got {exc.args[0]!r}"
+        ) from None
+
+
+def _clock(value: object) -> Clock:
+    if value is None:
+        return MONOTONIC
+    if isinstance(value, type) or not isinstance(value, Clock):
+        raise ConfigError(f"clock must implement lbclient.Clock (now, sleep), got {value!r}")
+    return value
+
+
+def _rng(value: object) -> random.Random:
+    if isinstance(value, random.Random):
+        return value
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return random.Random(value)
+    raise ConfigError(f"rng must be a random.Random, an int seed or None, got {value!r}")
+
+
+def _geo(value: object) -> GeoTable | None:
+    return _instance(value, "geo", GeoTable, "lbclient.GeoTable()")  # type: ignore[no-any-return]
+
+
+_DEFAULT_STRATEGY: Any = "peak_ewma"
+
+
+@attrs.frozen(kw_only=True)
+class BalancerConfig:
+    """The checked arguments of one :class:`~lbclient.Balancer` (see its docstring)."""
+
+    endpoints: tuple[Endpoint, ...] = attrs.field(converter=_endpoints)
+    strategy: Strategy = attrs.field(default=_DEFAULT_STRATEGY, converter=_strategy)
+    retry: Retry | None = attrs.field(default=None, converter=_retry)
+    breaker: Breaker | None = attrs.field(default=None, converter=_breaker)
+    hedge: Hedge | None = attrs.field(default=None, converter=_hedge)
+    region: str | None = attrs.field(default=None, converter=_region)
+    geo: GeoTable | None = attrs.field(default=None, converter=_geo)
+    on_event: tuple[EventHandler, ...] = attrs.field(default=None, converter=_on_event)
+    ewma_decay: float = attrs.field(default=10.0, converter=_ewma_decay)
+    slow_start: float | None = attrs.field(default=None, converter=_slow_start)
+    locality: Locality | None = attrs.field(default=None, converter=_locality)
+    health: Any = attrs.field(default=None, converter=_health)
+    discovery: Any = attrs.field(default=None, converter=_discovery)
+    clock: Clock = attrs.field(default=None, converter=_clock)
+    rng: random.Random = attrs.field(default=None, converter=_rng)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.endpoints and self.discovery is None:
+            raise ConfigError("endpoints must not be empty (or give discovery=): got []")
+        if self.locality is not None and self.region is None:
+            raise ConfigError("locality needs the client's own region: pass region=")
+        if self.ewma_decay < 0.01:
+            raise ConfigError(
+                f"ewma_decay must be at least 0.01 s (it is how long the latency estimate "
+                f"takes to forget), got {self.ewma_decay!r}"
+            )

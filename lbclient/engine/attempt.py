@@ -1,0 +1,77 @@
+"""One attempt: the wrapped function awaited under a lease, its outcome recorded once.
+
+How an attempt ended decides what its lease records, the same way on every path:
+
+* it returned -> ``lease.ok()``;
+* it raised an ``Exception`` -> ``lease.fail(exc)`` (which asks the failure classifier
+  whether that is the endpoint's fault) and the call remembers it as an
+  :class:`~lbclient.Attempt`;
+* it was cancelled because the *call's* deadline passed -> ``lease.cut()``: the endpoint
+  was too slow, which counts, and the call remembers a ``TimeoutError``;
+* it was cancelled for any other reason (the caller, a won hedge race) or raised a
+  ``BaseException`` that is not an ``Exception`` -> ``lease.cancel()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._errors import Attempt
+
+if TYPE_CHECKING:
+    from .._context import CallContext
+    from ..pool.lease import Lease
+
+__all__ = ["cut_error", "plain_try", "record", "settle", "start"]
+
+R = TypeVar("R")
+
+
+def cut_error(lease: Lease) -> TimeoutError:
+    return TimeoutError(f"attempt on {lease.state.url} still running at the call's deadline")
+
+
+def start(call: CallContext, lease: Lease) -> None:
+    """The call is about to send an attempt under ``lease``."""
+    call.sent += 1
+    lease.number = call.sent
+    call.tried.add(lease.state)
+
+
+def record(call: CallContext, lease: Lease, error: BaseException, t: float) -> None:
+    """Remember a failed attempt in the call (what ``AttemptsExhausted`` will list)."""
+    call.attempts.append(
+        Attempt(endpoint=lease.endpoint, error=error, duration=t - lease.t0, hedge=lease.hedge)
+    )
+
+
+def settle(call: CallContext | None, lease: Lease, exc: BaseException, t: float) -> None:
+    """Record how an attempt that raised ``exc`` ended (see the module docstring)."""
+    if isinstance(exc, Exception):
+        lease.fail(exc, t)
+        if call is not None:
+            record(call, lease, exc, t)
+    elif call is not None and call.expired():
+        lease.cut(t)
+        record(call, lease, cut_error(lease), t)
+    else:
+        lease.cancel()
+
+
+async def plain_try(
+    call: CallContext,
+    lease: Lease,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> R:
+    """One attempt, inline in the caller's task."""
+    start(call, lease)
+    try:
+        result = await fn(lease.endpoint, *args, **kwargs)
+    except BaseException as exc:
+        settle(call, lease, exc, lease.pool.now())
+        raise
+    lease.ok()
+    return result

@@ -1,0 +1,94 @@
+"""``async with lb.pick() as endpoint:`` -- one attempt, for code that cannot be decorated.
+
+The block is the attempt: a lease is taken on entry and given back on exit with the same
+outcome rules as every other path -- success, a failure (an ``Exception`` leaving the
+block; only the endpoint's faults count against it), a deadline cut (``timeout=``, which
+raises :class:`~lbclient.DeadlineExceeded` and counts against the endpoint), or a cancel.
+No retry or hedge: a block cannot be re-run for you -- use ``lb.call`` or ``@lb.route``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .._context import CallContext
+from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable
+from .attempt import cut_error, record, start
+
+if TYPE_CHECKING:
+    from .._endpoint import Endpoint
+    from ..pool.lease import Lease
+    from .engine import Engine
+
+__all__ = ["PickedEndpoint"]
+
+
+class PickedEndpoint:
+    """What ``lb.pick(key=..., timeout=...)`` returns: an async context manager giving
+    the picked :class:`~lbclient.Endpoint`.  Single use."""
+
+    __slots__ = ("_call", "_engine", "_lease")
+
+    def __init__(self, engine: Engine, call: CallContext) -> None:
+        self._engine = engine
+        self._call = call
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Endpoint:
+        engine = self._engine
+        if engine.pool.closed:
+            raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+        if self._lease is not None:
+            raise RuntimeError("this lb.pick() context is already in use; call lb.pick() again")
+        call = self._call
+        t = engine.now()
+        call.started = t
+        engine.counters.calls += 1
+        if engine.budget is not None:
+            engine.budget.deposit(t)
+        try:
+            lease = engine.pool.acquire(call, None, t)
+        except NoEndpointAvailable:
+            engine.counters.failed("no endpoint")
+            raise
+        start(call, lease)
+        self._lease = lease
+        if call.timeout is not None:
+            call.deadline = t + call.timeout
+            scope = asyncio.timeout(call.timeout)
+            await scope.__aenter__()
+            call.scope = scope
+        return lease.endpoint
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease = self._lease
+        if lease is None:
+            return
+        engine = self._engine
+        call = self._call
+        scope = call.scope
+        if scope is not None:
+            try:
+                await scope.__aexit__(exc_type, exc, tb)
+            except TimeoutError as err:
+                if not scope.expired():
+                    raise
+                t = engine.now()
+                lease.cut(t)
+                record(call, lease, cut_error(lease), t)
+                engine.counters.failed("deadline")
+                raise DeadlineExceeded(call.timeout or 0.0, call.attempts) from err
+        if exc is None:
+            lease.ok()
+        elif isinstance(exc, Exception):
+            lease.fail(exc)
+            engine.counters.failed("error")
+        else:
+            lease.cancel()

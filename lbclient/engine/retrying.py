@@ -1,0 +1,265 @@
+"""The call loop: try (an attempt, or a hedged race of attempts), and on failure ask the
+retry policy, the budget and the pool whether and when to try again.
+
+:func:`run` is the one path of every call that is not on the plain fast path: a call with
+a deadline, an affinity key, hedging, or after its first attempt failed.  Each round
+acquires a lease -- avoiding the endpoints this call tried and those that failed for
+anyone in the last second -- and runs the round's try.  After a failure,
+:func:`next_retry` asks in order: the policy (classification, attempts left, backoff vs
+deadline), panic mode (no healthy endpoint left to try), the budget; a refusal raises.
+When every endpoint is cooling down after ``Retry-After``, the round waits for the first
+to come back (if the policy allows that long) instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._errors import AttemptsExhausted, DeadlineExceeded, NoEndpointAvailable
+from ..observe.events import RetryEvent
+from ..policies.classify import error_kind
+from .attempt import plain_try
+
+if TYPE_CHECKING:
+    from .._context import CallContext
+    from ..pool.lease import Lease
+    from ..pool.state import EndpointState
+    from .engine import Engine
+
+__all__ = ["acquire", "avoid", "next_retry", "retry_from", "run"]
+
+R = TypeVar("R")
+
+RECENT_FAILURE = 1.0  # seconds: a retry avoids endpoints that failed this recently
+_NOT_RETRYABLE = "not retryable"
+
+
+def avoid(engine: Engine, call: CallContext, now: float) -> set[EndpointState]:
+    """What a retry should not go to: the endpoints this call tried, and -- while others
+    remain -- those that failed for anyone in the last second.  When a replica crashes,
+    the calls already in flight learn it first; the retry should not bet on a peer that
+    is failing the same way."""
+    tried = call.tried
+    pickable = engine.pool.pickable
+    out = set(tried)
+    for s in pickable:
+        if now - s.last_failure < RECENT_FAILURE:
+            out.add(s)
+    if len(out) >= len(pickable):
+        return tried
+    return out
+
+
+async def acquire(engine: Engine, call: CallContext, err: BaseException | None) -> Lease:
+    """A lease for the call's next round (``err``: the error that ended the last one).
+
+    Waits while every endpoint is cooling down after ``Retry-After`` (the call's
+    policy permitting); otherwise a failure to pick ends the call."""
+    pool = engine.pool
+    while True:
+        now = engine.now()
+        try:
+            return pool.acquire(call, avoid(engine, call, now) if call.tried else None, now)
+        except NoEndpointAvailable as exc:
+            wait = _cooling_wait(engine, call, exc, now)
+            if wait is None:
+                engine.counters.failed("no endpoint")
+                if err is None:
+                    raise
+                raise AttemptsExhausted(
+                    call.attempts, f"no endpoint available to retry: {exc}"
+                ) from err
+        await engine.clock.sleep(wait)
+
+
+def _cooling_wait(
+    engine: Engine, call: CallContext, exc: NoEndpointAvailable, now: float
+) -> float | None:
+    wait = exc.retry_after
+    retry = engine.retry
+    if wait is None or retry is None or not retry.respect_retry_after:
+        return None
+    if wait > retry.max_retry_after:
+        return None
+    left = call.left(now)
+    if left is not None and wait >= left:
+        return None
+    return max(wait, 0.001)
+
+
+def next_retry(engine: Engine, call: CallContext, err: BaseException) -> float:
+    """May this call try again after ``err``?  Returns the backoff (seconds) or raises.
+
+    A non-retryable error (or any error without a retry policy, after one attempt) is
+    raised as it is; every other refusal raises :class:`AttemptsExhausted` chained to
+    ``err``."""
+    retry = engine.retry
+    attempts = call.attempts
+    last = attempts[-1].endpoint if attempts else None
+    url = last.url if last is not None else None
+    now = engine.now()
+    if retry is None:
+        _give_up(engine, call, url, "error" if len(attempts) <= 1 else "attempts exhausted", now)
+        if len(attempts) > 1:
+            raise AttemptsExhausted(attempts, "every attempt failed") from err
+        raise err
+    decision = retry.decide(
+        err,
+        len(attempts),
+        elapsed=now - call.started,
+        deadline_left=call.left(now),
+        rng=engine.rng,
+    )
+    if not decision.retry:
+        if decision.reason == _NOT_RETRYABLE:
+            _give_up(engine, call, url, "error", now, decision.reason)
+            if len(attempts) > 1:
+                err.add_note(
+                    "lbclient: earlier attempts: " + "; ".join(str(a) for a in attempts[:-1])
+                )
+            raise err
+        _give_up(engine, call, url, decision.reason, now)
+        raise AttemptsExhausted(attempts, decision.reason) from err
+    pool = engine.pool
+    if pool.panic and not _other_healthy(engine, call):
+        # Every endpoint we could still try is ejected: retrying would only add load to a
+        # fleet that is already failing (the retry storm budgets exist to stop).
+        _give_up(engine, call, url, "panic", now)
+        raise AttemptsExhausted(
+            attempts, "no healthy endpoint left to retry on (panic mode)"
+        ) from err
+    budget = engine.budget
+    if budget is not None and not budget.try_withdraw(now):
+        engine.counters.retries_denied += 1
+        if url is not None:
+            pool.retry_denied(url)  # the failure here could not be retried
+        _give_up(engine, call, url, "retry budget exhausted", now)
+        raise AttemptsExhausted(attempts, "retry budget exhausted") from err
+    if engine.observer.wants(logging.DEBUG):
+        engine.observer.emit(
+            RetryEvent(
+                url=url,
+                retry=True,
+                reason="retry",
+                delay=decision.delay,
+                attempt=len(attempts),
+                at=now,
+            )
+        )
+    return decision.delay
+
+
+def _give_up(
+    engine: Engine,
+    call: CallContext,
+    url: str | None,
+    reason: str,
+    now: float,
+    event_reason: str | None = None,
+) -> None:
+    engine.counters.failed(reason)
+    why = event_reason or reason
+    level = logging.WARNING if why == "retry budget exhausted" else logging.DEBUG
+    if engine.observer.wants(level):
+        engine.observer.emit(
+            RetryEvent(
+                url=url, retry=False, reason=why, delay=0.0, attempt=len(call.attempts), at=now
+            )
+        )
+
+
+def _other_healthy(engine: Engine, call: CallContext) -> bool:
+    """Is there an untried endpoint that is pickable on its own merit (not by panic)?"""
+    for s in engine.pool.pickable:
+        if s in call.tried:
+            continue
+        b = s.breaker
+        if b is None or b.state == "closed":
+            return True
+    return False
+
+
+def counted_retry(engine: Engine, lease: Lease, err: BaseException) -> None:
+    """A retry is being sent under ``lease`` after ``err``."""
+    lease.sent_as_retry()
+    engine.counters.retried(error_kind(err))
+
+
+Try = Callable[..., Awaitable[Any]]
+
+
+async def run(
+    engine: Engine,
+    call: CallContext,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    first: Lease | None = None,
+) -> R:
+    """Run ``fn(endpoint, *args, **kwargs)`` for ``call``: rounds of tries under the
+    call's deadline, retried per policy, hedged when the balancer hedges (``first``: a
+    lease already taken for the first attempt)."""
+    if call.timeout is None:
+        return await _rounds(engine, call, fn, args, kwargs, None, first)
+    try:
+        async with asyncio.timeout(call.timeout) as scope:
+            call.scope = scope
+            return await _rounds(engine, call, fn, args, kwargs, None, first)
+    except TimeoutError as exc:
+        if scope.expired():
+            engine.counters.failed("deadline")
+            attempts = call.attempts
+            raise DeadlineExceeded(call.timeout, attempts) from (
+                attempts[-1].error if attempts else exc
+            )
+        raise
+
+
+async def retry_from(
+    engine: Engine,
+    call: CallContext,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    err: Exception,
+) -> R:
+    """Continue a call whose first attempt (made on the fast path) failed with ``err``."""
+    return await _rounds(engine, call, fn, args, kwargs, err)
+
+
+async def _rounds(
+    engine: Engine,
+    call: CallContext,
+    fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    err: Exception | None,
+    first: Lease | None = None,
+) -> R:
+    hedger = engine.hedger
+    if hedger is not None:
+        from .hedging import hedged_try
+
+        attempt: Try = hedged_try
+    else:
+        attempt = plain_try
+    while True:
+        if err is not None:
+            delay = next_retry(engine, call, err)
+            if delay > 0:
+                await engine.clock.sleep(delay)
+        if first is not None:
+            lease, first = first, None
+        else:
+            lease = await acquire(engine, call, err)
+        if err is not None:
+            counted_retry(engine, lease, err)
+        try:
+            if hedger is not None:
+                return await attempt(engine, call, lease, fn, args, kwargs)  # type: ignore[no-any-return]
+            return await attempt(call, lease, fn, args, kwargs)  # type: ignore[no-any-return]
+        except Exception as exc:
+            err = exc

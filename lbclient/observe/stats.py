@@ -1,0 +1,210 @@
+"""Immutable snapshots of what the balancer knows: ``lb.stats()``."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..pool.pool import Pool
+    from ..pool.state import EndpointState
+
+__all__ = ["BalancerStats", "EndpointStats", "snapshot"]
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+@attrs.frozen(kw_only=True)
+class EndpointStats:
+    """One endpoint at the moment of the snapshot.  Latencies in milliseconds.
+
+    ``state`` is ``"active"`` or ``"draining"``; ``breaker`` is ``None`` without a
+    breaker, else ``"closed"``, ``"open"`` or ``"half_open"``; ``pickable`` says whether
+    new calls can go there now; ``cooling_s`` how long it stays out after a
+    ``Retry-After`` (0 when it is not cooling).  ``p50_ms``/``p99_ms`` cover the last 256
+    calls, ``ttft_ms`` (an average) and ``ttft_p50_ms``/``ttft_p99_ms`` the last 256
+    streams' time to first chunk.
+
+    Attempts sent here (``requests``) end as ``successes``, ``failures`` (counted against
+    the endpoint; ``cut`` of them by a call's deadline), ``ignored`` (failed, not its
+    fault: a 4xx, a bug in the wrapped code) or ``cancelled`` (``lost`` of them: hedge
+    losers held against it).  ``retries`` counts retries sent *to* this endpoint;
+    ``retries_denied`` counts failures *here* that the retry budget did not let the
+    balancer retry.
+    """
+
+    url: str
+    region: str | None
+    zone: str | None
+    weight: float
+    effective_weight: float
+    state: str
+    pickable: bool
+    breaker: str | None
+    trips: int
+    in_flight: int
+    requests: int
+    successes: int
+    failures: int
+    ignored: int
+    cancelled: int
+    cut: int
+    lost: int
+    retries: int
+    retries_denied: int
+    hedges_sent: int
+    hedges_won: int
+    latency_ewma_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    ttft_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    chunks_per_s: float | None
+    server_load: float | None
+    cooling_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class BalancerStats:
+    """The whole pool: per-endpoint stats plus call-level totals.
+
+    ``calls`` counts calls made through the balancer (one per decorated call, however
+    many attempts it took); ``attempts`` counts what reached endpoints (first tries,
+    retries and hedges).  ``failed_by`` counts failed calls by reason, ``retries_by``
+    retries by the kind of error retried (``"status 503"``, ``"connection"``...).
+    ``panic`` is true while the breaker's max-ejection share is reached and ejected
+    endpoints are being used anyway.
+    """
+
+    strategy: str
+    closed: bool
+    panic: bool
+    calls: int
+    calls_failed: int
+    failed_by: Mapping[str, int]
+    attempts: int
+    retries: int
+    retries_by: Mapping[str, int]
+    retries_denied: int
+    hedges_sent: int
+    hedges_won: int
+    hedges_denied: int
+    hedge_delay_ms: float | None
+    cooldowns: int
+    in_flight: int
+    endpoints: tuple[EndpointStats, ...]
+
+    def endpoint(self, url: str) -> EndpointStats:
+        """The stats of one endpoint by url (trailing ``/`` ignored)."""
+        url = url.rstrip("/")
+        for e in self.endpoints:
+            if e.url == url:
+                return e
+        raise KeyError(url)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self, value_serializer=_plain)
+
+    def __str__(self) -> str:
+        lines = [
+            f"strategy={self.strategy} calls={self.calls} failed={self.calls_failed} "
+            f"attempts={self.attempts} retries={self.retries} hedges={self.hedges_sent} "
+            f"in_flight={self.in_flight}{' PANIC' if self.panic else ''}"
+        ]
+        for e in self.endpoints:
+            ewma = "-" if e.latency_ewma_ms is None else f"{e.latency_ewma_ms:.1f}"
+            p99 = "-" if e.p99_ms is None else f"{e.p99_ms:.1f}"
+            lines.append(
+                f"  {e.url} {e.state}{'' if e.breaker in (None, 'closed') else '/' + e.breaker}"
+                f" in_flight={e.in_flight} requests={e.requests} failures={e.failures}"
+                f" ewma={ewma}ms p99={p99}ms"
+            )
+        return "\n".join(lines)
+
+
+def _plain(_inst: object, _field: object, value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return None if not values else _quantile(values, q) * 1000  # type: ignore[operator]
+
+
+def endpoint_stats(s: EndpointState, now: float) -> EndpointStats:
+    lat = sorted(s.call.recent())
+    ttft = sorted(s.ttft.recent())
+    b = s.breaker
+    return EndpointStats(
+        url=s.url,
+        region=s.endpoint.region,
+        zone=s.endpoint.zone,
+        weight=s.endpoint.weight,
+        effective_weight=s.weight,
+        state="draining" if s.draining else "active",
+        pickable=s.available and not s.draining,
+        breaker=None if b is None else b.state,
+        trips=0 if b is None else b.trips,
+        in_flight=s.inflight,
+        requests=s.requests,
+        successes=s.successes,
+        failures=s.failures,
+        ignored=s.ignored,
+        cancelled=s.cancelled,
+        cut=s.cut,
+        lost=s.lost,
+        retries=s.retries_sent,
+        retries_denied=s.retries_denied,
+        hedges_sent=s.hedges_sent,
+        hedges_won=s.hedges_won,
+        latency_ewma_ms=s.ewma(now) * 1000 if s.call.count else None,
+        p50_ms=_ms(lat, 0.5),
+        p99_ms=_ms(lat, 0.99),
+        ttft_ms=s.ttft.at(now) * 1000 if s.ttft.count else None,
+        ttft_p50_ms=_ms(ttft, 0.5),
+        ttft_p99_ms=_ms(ttft, 0.99),
+        chunks_per_s=(s.chunks / s.stream_time) if s.stream_time > 0 else None,
+        server_load=s.server_load,
+        cooling_s=max(0.0, s.cooldown_until - now),
+    )
+
+
+def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
+    """``lb.stats()``: every endpoint and the call totals, now."""
+    now = pool.now()
+    if now >= pool.next_refresh and not pool.closed:
+        pool.refresh()  # so ``pickable`` reflects health/breaker changes already made
+    eps = tuple(endpoint_stats(s, now) for s in pool.members.values())
+    c = engine.counters
+    hedger = engine.hedger
+    return BalancerStats(
+        strategy=pool.strategy.name,
+        closed=pool.closed,
+        panic=pool.panic,
+        calls=c.calls,
+        calls_failed=c.calls_failed,
+        failed_by=types.MappingProxyType(dict(c.failed_by)),
+        attempts=sum(e.requests for e in eps),
+        retries=c.retries,
+        retries_by=types.MappingProxyType(dict(c.retries_by)),
+        retries_denied=c.retries_denied,
+        hedges_sent=c.hedges_sent,
+        hedges_won=c.hedges_won,
+        hedges_denied=c.hedges_denied,
+        hedge_delay_ms=None if hedger is None else hedger.current_delay() * 1000,
+        cooldowns=c.cooldowns,
+        in_flight=sum(e.in_flight for e in eps),
+        endpoints=eps,
+    )

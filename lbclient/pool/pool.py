@@ -1,0 +1,540 @@
+"""`Pool`: the members, their runtime state and the pickable snapshot.
+
+The pool is the only writer of endpoint state (with :mod:`lbclient.pool.lease`, which
+records call outcomes on its behalf).  Membership, health, load reports and cooldowns
+change state here and mark the snapshot stale with one call, :meth:`Pool.invalidate`;
+the next pick rebuilds it (:mod:`lbclient.pool.snapshot`).  Picking is synchronous:
+:meth:`Pool.acquire` reads the snapshot, takes an in-flight slot and returns a
+:class:`~lbclient.pool.lease.Lease`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Collection, Iterable
+from typing import TYPE_CHECKING
+
+from .._clock import Clock
+from .._endpoint import Endpoint, normalize_url, to_endpoint
+from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
+from ..observe.events import CooldownEvent, MembershipEvent, PanicEvent
+from ..strategies import PickContext, Strategy, Totals
+from .lease import PANIC_PICK, Lease
+from .snapshot import MIN_RAMP, Snapshot, build
+from .state import EndpointState
+
+if TYPE_CHECKING:
+    from .._context import CallContext
+    from ..observe.observer import Observer
+    from ..policies.breaker import Breaker
+    from ..policies.geo import GeoTable
+    from .locality import Locality
+
+__all__ = ["DEFAULT_COST", "Handoff", "Pool"]
+
+_exp = math.exp
+
+DEFAULT_COST = 0.05  # seconds: the latency prior of a pool with no samples yet
+_TYPICAL_SAMPLE = 64  # endpoints sampled for the pool's typical latency (O(1) at any size)
+
+
+class Handoff(Exception):
+    """Raised by :meth:`Pool.acquire_fast` for a pick that needs the full path: carries
+    the lease taken on it (with its probe token)."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(lease)
+        self.lease = lease
+
+
+class Pool:
+    """Endpoints, their state, and what may be picked now.  See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        breaker: Breaker | None,
+        health: bool,
+        slow_start: float | None,
+        locality: Locality | None,
+        region: str | None,
+        geo: GeoTable | None,
+        decay: float,
+        clock: Clock,
+        rng: random.Random,
+        observer: Observer,
+        is_failure: Callable[[BaseException], bool],
+        cooldown_cap: float | None,
+    ) -> None:
+        self.strategy = strategy
+        self.breaker = breaker
+        self.ejecting = breaker is not None or health
+        self.slow_start = slow_start
+        self.locality = locality
+        self.region = region
+        self.geo = geo
+        self.decay = decay
+        self.clock = clock
+        self.now = clock.now
+        self.rng = rng
+        self.observer = observer
+        self.is_failure = is_failure
+        self.cooldown_cap = cooldown_cap  # None: Retry-After starts no cooldown
+        self.members: dict[str, EndpointState] = {}
+        self.totals = Totals()
+        self.ctx = PickContext(clock=clock, rng=rng, totals=self.totals, region=region, geo=geo)
+        self.snap = Snapshot()
+        self.pick_now = self.snap.pick_now
+        # When the snapshot must be rebuilt: a clock time (breaker cooldown, Retry-After,
+        # slow-start step) or -inf for "now" (membership, health or breaker changed;
+        # closed).  One float compare per call is all the hot path pays.
+        self.next_refresh = -math.inf
+        self.closed = False
+        self.on_refresh: Callable[[], None] | None = None  # the façade's background hook
+        self._typical: tuple[object, int, float, float] | None = None
+        self.outcomes = 0  # attempts ended (keys the typical-cost cache)
+
+    # -- membership -------------------------------------------------------------------------
+
+    def new_state(self, ep: Endpoint, *, initial: bool = False) -> EndpointState:
+        now = self.now()
+        # A newcomer starts at the pool's typical latency: optimistic (it has no queue, so
+        # it wins most comparisons) but not absurdly so (a zero estimate would flood it).
+        cost, ttft = (DEFAULT_COST, DEFAULT_COST) if initial else self.typical(now)
+        s = EndpointState(ep, now=now, decay=self.decay, cost=cost, ttft_cost=ttft)
+        if self.slow_start is not None and not initial:
+            s.ramp_from = now
+            s.weight = ep.weight * MIN_RAMP
+        if self.breaker is not None:
+            from ..policies.breaker import BreakerState
+
+            s.breaker = BreakerState(self.breaker, ep.url, rng=self.rng, emit=self.observer.emit)
+        return s
+
+    def add(self, endpoint: Endpoint | str, *, initial: bool = False) -> Endpoint:
+        ep = to_endpoint(endpoint)
+        if ep.url in self.members:
+            raise ConfigError(f"endpoint {ep.url!r} is already in the pool")
+        self.members[ep.url] = self.new_state(ep, initial=initial)
+        self.invalidate()
+        if not initial:
+            self._membership(ep.url, "add")
+        return ep
+
+    def remove(self, url: str) -> Endpoint:
+        s = self.state_of(url)
+        del self.members[s.url]
+        s.remove_when_idle = False
+        self.invalidate()
+        self._membership(s.url, "remove")
+        return s.endpoint
+
+    def drain(self, url: str) -> EndpointState:
+        s = self.state_of(url)
+        if not s.draining:
+            s.draining = True
+            self.invalidate()
+            self._membership(s.url, "drain")
+        return s
+
+    def undrain(self, url: str) -> None:
+        s = self.state_of(url)
+        s.remove_when_idle = False
+        if s.draining:
+            s.draining = False
+            self.invalidate()
+            self._membership(s.url, "undrain")
+
+    def retire(self, url: str) -> None:
+        """Drain ``url`` and remove it as soon as no call is in flight there."""
+        s = self.drain(url)
+        if s.inflight <= 0:
+            self.remove(url)
+        else:
+            s.remove_when_idle = True
+
+    def sync(self, endpoints: Iterable[Endpoint | str]) -> None:
+        """Make the members exactly ``endpoints``: add the new, retire the missing (drained,
+        removed once idle), update the survivors' attributes, keep their statistics."""
+        wanted: dict[str, Endpoint] = {}
+        for e in endpoints:
+            ep = to_endpoint(e)
+            wanted[ep.url] = ep
+        for url, ep in wanted.items():
+            s = self.members.get(url)
+            if s is None:
+                self.add(ep)
+                continue
+            if s.draining:
+                self.undrain(url)
+            if s.endpoint != ep or s.endpoint.metadata != ep.metadata:
+                ratio = s.weight / s.endpoint.weight
+                s.endpoint = ep
+                s.weight = ep.weight * ratio
+                self.invalidate()
+        for url in [u for u in self.members if u not in wanted]:
+            self.retire(url)
+
+    def set_health(self, url: str, healthy: bool) -> None:
+        s = self.state_of(url)
+        now = self.now()
+        b = s.breaker
+        if not healthy:
+            if not s.health_down:
+                s.health_down = True
+                self.invalidate()
+                if b is not None:
+                    b.force_open(now)
+        elif s.health_down:
+            s.health_down = False
+            self.invalidate()
+            if b is not None:
+                b.allow_probe(now)
+
+    def report_load(self, endpoint: Endpoint | str, load: object) -> None:
+        if load is None:
+            return
+        url = endpoint.url if isinstance(endpoint, Endpoint) else endpoint
+        if not isinstance(url, str):
+            return
+        s = self.members.get(url) or self.members.get(normalize_url(url, strict=False))
+        if s is None:
+            return
+        try:
+            value = float(load)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if math.isfinite(value) and value >= 0:
+            s.server_load = value
+            s.server_load_at = self.now()
+
+    def retry_denied(self, url: str) -> None:
+        """A failure on ``url`` could not be retried (the retry budget was spent)."""
+        s = self.members.get(url)
+        if s is not None:
+            s.retries_denied += 1
+
+    def cool(self, s: EndpointState, seconds: float, status: int | None, now: float) -> None:
+        """No new picks of ``s`` for ``seconds`` (the server's ``Retry-After``)."""
+        until = now + seconds
+        if until <= s.cooldown_until:
+            return
+        s.cooldown_until = until
+        self.invalidate()
+        self.observer.counters.cooldowns += 1
+        if self.observer.wants(20):
+            self.observer.emit(CooldownEvent(url=s.url, seconds=seconds, status=status, at=now))
+
+    def state_of(self, url: str) -> EndpointState:
+        s = self.members.get(url) if isinstance(url, str) else None
+        if s is None and isinstance(url, str):
+            s = self.members.get(normalize_url(url, strict=False))
+        if s is None:
+            raise UnknownEndpoint(f"no endpoint {url!r} in the pool")
+        return s
+
+    def _membership(self, url: str, action: str) -> None:
+        if self.observer.wants(20):
+            self.observer.emit(MembershipEvent(url=url, action=action, at=self.now()))
+
+    # -- the snapshot -----------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Something changed: the next pick rebuilds the snapshot."""
+        self.next_refresh = -math.inf
+
+    def refresh(self) -> None:
+        """Rebuild the snapshot now."""
+        if self.on_refresh is not None:
+            self.on_refresh()
+        now = self.now()
+        old = self.snap
+        snap = build(
+            list(self.members.values()),
+            now,
+            strategy=self.strategy,
+            ctx=self.ctx,
+            breaker=self.breaker,
+            ejecting=self.ejecting,
+            slow_start=self.slow_start,
+            locality=self.locality,
+            region=self.region,
+            geo=self.geo,
+            previous=old,
+        )
+        self.snap = snap
+        self.pick_now = self._pick_probe if snap.probes_due else snap.pick_now
+        self.next_refresh = -math.inf if self.closed else snap.next_refresh
+        if snap.panic != old.panic:
+            total = sum(1 for s in self.members.values() if not s.draining)
+            self.observer.emit(
+                PanicEvent(entered=snap.panic, at=now, pickable=snap.healthy, total=total)
+            )
+
+    @property
+    def panic(self) -> bool:
+        return self.snap.panic
+
+    @property
+    def pickable(self) -> tuple[EndpointState, ...]:
+        return self.snap.pickable
+
+    # -- picking ----------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        call: CallContext | None,
+        exclude: Collection[EndpointState] | None,
+        now: float,
+    ) -> Lease:
+        """Pick an endpoint for ``call`` (avoiding ``exclude`` while others remain) and take
+        an in-flight slot on it.  Synchronous.  Raises :class:`NoEndpointAvailable`."""
+        if now >= self.next_refresh:
+            if self.closed:
+                raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+            self.refresh()
+        snap = self.snap
+        picker = snap.picker
+        if picker is None:
+            raise self.empty(now)
+        s = None
+        probes = snap.probes_due
+        while probes and s is None:
+            s = probes.pop()
+            b = s.breaker
+            if (exclude and s in exclude) or b is None or b.state != "half_open":
+                s = None
+        if s is None:
+            s = picker.pick(call, exclude)
+            if s is None:
+                s = picker.pick(call, None)  # everything excluded: reuse beats failing
+                if s is None:
+                    raise self.empty(now)
+        return self._take(s, now)
+
+    def _take(self, s: EndpointState, now: float) -> Lease:
+        """Take an in-flight slot on the picked ``s`` (a probe slot, when its breaker is
+        half-open)."""
+        probe = 0
+        b = s.breaker
+        if b is not None and b.state != "closed":
+            probe = b.on_pick(now)
+            if probe == 0 and b.state == "open":
+                probe = PANIC_PICK  # an ejected endpoint served because of panic mode
+            self.next_refresh = -math.inf  # a half-open probe slot was taken
+        n = s.inflight + 1
+        s.inflight = n
+        if n > s.peak_inflight:
+            s.peak_inflight = n
+        s.requests += 1
+        self.totals.inflight += 1
+        return Lease(self, s, now, probe)
+
+    def acquire_fast(self, now: float) -> EndpointState:
+        """:meth:`acquire` for a call with no context and nothing to exclude (the
+        decorator's fast path): one compare, one pick, one slot taken on the returned
+        state -- and no :class:`Lease` object.  The caller ends the attempt with
+        :meth:`succeeded` (``probe`` 0), or on the rare failure path with a ``Lease``
+        made then (``Lease(pool, state, t0, 0).fail(exc)``): one outcome, the same code
+        as every other path.  When the pick lands on an endpoint whose breaker is not
+        closed (a half-open probe, a panic pick), its outcome must carry a probe token:
+        the lease is taken here and handed over in :class:`Handoff`, for the full path."""
+        if now >= self.next_refresh:
+            if self.closed:
+                raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+            self.refresh()
+        s = self.pick_now(now)
+        if s is None:
+            raise self.empty(now)
+        b = s.breaker
+        if b is not None and b.state != "closed":
+            raise Handoff(self._take(s, now))
+        n = s.inflight + 1
+        s.inflight = n
+        if n > s.peak_inflight:
+            s.peak_inflight = n
+        s.requests += 1
+        self.totals.inflight += 1
+        return s
+
+    def _pick_probe(self, now: float) -> EndpointState | None:
+        """``pick_now`` while half-open endpoints are due a probe: takes one off the list
+        (its breaker is not closed, so the fast path hands it to the full path with a
+        probe token); once none is left, the snapshot's own ``pick_now`` is back."""
+        probes = self.snap.probes_due
+        while probes:
+            s = probes.pop()
+            b = s.breaker
+            if b is not None and b.state == "half_open":
+                return s
+        self.pick_now = self.snap.pick_now
+        return self.pick_now(now)
+
+    def empty(self, now: float) -> NoEndpointAvailable:
+        """The error for "nothing to pick", saying why (and when to come back, if the
+        only reason is Retry-After cooldowns)."""
+        until = self.snap.cooling_until
+        if self.closed:
+            return NoEndpointAvailable("the balancer is closed")
+        if not self.members:
+            return NoEndpointAvailable("the pool is empty (every endpoint was removed)")
+        if until < math.inf:
+            wait = max(0.0, until - now)
+            return NoEndpointAvailable(
+                f"every pickable endpoint is cooling down after Retry-After; the first is "
+                f"back in {wait:.3g} s",
+                retry_after=wait,
+            )
+        n = len(self.members)
+        draining = sum(1 for s in self.members.values() if s.draining)
+        if draining == n:
+            return NoEndpointAvailable(f"all {draining} endpoint(s) are draining")
+        return NoEndpointAvailable(f"no endpoint is pickable ({n} member(s), {draining} draining)")
+
+    # -- outcomes (the lease's helpers) -----------------------------------------------------
+
+    def release(self, s: EndpointState, tokens: float = 0.0) -> None:
+        """Give an in-flight slot back."""
+        self.outcomes += 1
+        n = s.inflight - 1
+        if n >= 0:
+            s.inflight = n
+            totals = self.totals
+            if totals.inflight > 0:
+                totals.inflight -= 1
+        if tokens:
+            s.tokens -= tokens
+            self.totals.tokens -= tokens
+        if n <= 0 and (s._idle or s.remove_when_idle):
+            self.idle(s)
+
+    def idle(self, s: EndpointState) -> None:
+        """No call is in flight on ``s`` any more: wake drains, remove it if retired."""
+        s.wake_idle()
+        if s.remove_when_idle and self.members.get(s.url) is s:
+            self.remove(s.url)
+
+    def succeeded(
+        self,
+        s: EndpointState,
+        t0: float,
+        t: float,
+        probe: int = 0,
+        tokens: float = 0.0,
+        sample: bool = True,
+    ) -> None:
+        """An attempt on ``s`` that started at ``t0`` succeeded at ``t``: its latency
+        sample (unless ``sample`` is false: a stream's is its time to first chunk), the
+        slot back, the breaker told.  Every successful attempt ends here."""
+        if sample:
+            # EndpointState.sample, inlined: this is every successful call.
+            rtt = t - t0
+            cost = s.cost
+            n = s.inflight
+            if n > s.cap_seen and rtt <= 2.0 * cost:
+                s.cap_seen = n
+            if rtt > cost:
+                s.cost = rtt
+            else:
+                decay = s.decay
+                dt = t - s.stamp
+                # exp(-dt/decay) > 0.97 (the clamp) whenever dt < 0.0304 decay: skip the exp.
+                w = 0.97 if dt < 0.0304 * decay else _exp(-dt / decay)
+                s.cost = cost * w + rtt * (1.0 - w)
+            s.stamp = t
+            i = s._i
+            if i < 256:
+                s._ring.append(rtt)
+            else:
+                s._ring[i & 255] = rtt
+            s._i = i + 1
+        s.successes += 1
+        # release, inlined
+        self.outcomes += 1
+        n = s.inflight - 1
+        if n >= 0:
+            s.inflight = n
+            totals = self.totals
+            if totals.inflight > 0:
+                totals.inflight -= 1
+        if tokens:
+            s.tokens -= tokens
+            self.totals.tokens -= tokens
+        if n <= 0 and (s._idle or s.remove_when_idle):
+            self.idle(s)
+        b = s.breaker
+        if b is not None:
+            if b.state != "closed" or probe:
+                self.breaker_succeeded(s, probe, t, t - t0)
+            else:
+                b.on_success(t, 0)
+
+    def breaker_succeeded(self, s: EndpointState, probe: int, now: float, latency: float) -> None:
+        """A success on an endpoint whose breaker is not plainly closed (or a probe)."""
+        b = s.breaker
+        assert b is not None
+        before = b.state
+        if probe == PANIC_PICK and before == "open":
+            # Panic mode sent a real call to an ejected endpoint and it worked: that is as
+            # good as a probe.  Closing now ends the panic as soon as the fleet is back,
+            # instead of waiting out cooldowns grown during a long outage.
+            b.force_close(now, "succeeded while serving in panic mode")
+        else:
+            b.on_success(now, probe)
+        if b.state != before or probe:
+            self.invalidate()
+            if b.state == "closed":
+                # Back from ejection: forget the failure penalty, restart at the pool's
+                # typical latency (or what this probe just measured, if higher).
+                s.reset_cost(max(latency, self.typical(now, s)[0]), now)
+                self._hasten_probes(now)
+                if self.slow_start is not None:
+                    s.ramp_from = now
+                    s.weight = s.endpoint.weight * MIN_RAMP
+
+    def _hasten_probes(self, now: float) -> None:
+        """One ejected endpoint just recovered: outages are often shared (a deploy, a
+        network partition), so probe the others now instead of waiting out cooldowns that
+        grew while everything was down (a probe that fails only re-opens its breaker)."""
+        for other in self.members.values():
+            ob = other.breaker
+            if ob is not None and ob.state == "open" and ob.reopen_at > now:
+                ob.reopen_at = now
+                self.invalidate()
+
+    def typical(self, now: float, skip: EndpointState | None = None) -> tuple[float, float]:
+        """The pool's median call latency and median time to first chunk (seconds), from a
+        sample of at most 64 pickable endpoints; cached until an attempt ends or the
+        snapshot changes, so adding 10,000 endpoints at once computes it once."""
+        cached = self._typical
+        if skip is None and cached is not None:
+            snap, outcomes, cost, ttft = cached
+            if snap is self.snap and outcomes == self.outcomes:
+                return cost, ttft
+        states = self.snap.pickable
+        step = max(1, len(states) // _TYPICAL_SAMPLE)
+        calls: list[float] = []
+        ttfts: list[float] = []
+        for s in states[::step]:
+            if s is skip or s.failures >= s.requests:
+                continue
+            if s.count:
+                calls.append(s.ewma(now))
+            if s.ttft.count:
+                ttfts.append(s.ttft_ewma(now))
+        calls.sort()
+        ttfts.sort()
+        cost = calls[len(calls) // 2] if calls else DEFAULT_COST
+        ttft = ttfts[len(ttfts) // 2] if ttfts else cost
+        if skip is None:
+            self._typical = (self.snap, self.outcomes, cost, ttft)
+        return cost, ttft
+
+    def close(self) -> None:
+        self.closed = True
+        self.next_refresh = -math.inf  # the hot path's one compare now sees "closed"
+
+    def __repr__(self) -> str:
+        return f"<Pool members={len(self.members)} pickable={len(self.snap.pickable)}>"
