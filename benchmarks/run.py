@@ -157,7 +157,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 progress.update(task, completed=round(duration), visible=False)
                 progress.advance(overall)
             progress.console.print(_report.scenario_table(sc, list(results[sc.name].values())))
-    outcomes = _report.evaluate_targets([sc for sc, _, _ in runs], results)
+    outcomes = _report.evaluate_targets([sc for sc, _, _ in runs], results, quick=args.quick)
     if outcomes:
         console.print(_report.targets_table(outcomes))
     elapsed = time.perf_counter() - started

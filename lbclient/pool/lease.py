@@ -268,6 +268,11 @@ class Lease:
             b.on_failure(t, self.probe)
             if b.state != before or self.probe:
                 pool.invalidate()
+                return
+        if pool.snap.panic and (s.health_down or (b is not None and b.state != "closed")):
+            # Panic mode serves the ejected endpoints that failed longest ago: this one
+            # just failed, so the ranking must be made again.
+            pool.invalidate()
 
     def _event(self, outcome: str, exc: BaseException | None, counted: bool, t: float) -> None:
         observer = self.pool.observer

@@ -301,11 +301,8 @@ class Pool:
             raise self.empty(now)
         s = None
         probes = snap.probes_due
-        while probes and s is None:
-            s = probes.pop()
-            b = s.breaker
-            if (exclude and s in exclude) or b is None or b.state != "half_open":
-                s = None
+        if probes:
+            s = self._due_probe(probes, exclude)
         if s is None:
             s = picker.pick(call, exclude)
             if s is None:
@@ -359,16 +356,36 @@ class Pool:
         self.totals.inflight += 1
         return s
 
+    @staticmethod
+    def _due_probe(
+        probes: list[EndpointState], exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
+        """Take the next endpoint due a probe off ``probes``: half-open with a free probe
+        slot, and not excluded (an excluded one keeps its place for the next call).  The
+        ones no longer due (closed, reopened, slot taken) are dropped."""
+        i = len(probes) - 1
+        while i >= 0:
+            s = probes[i]
+            b = s.breaker
+            if (
+                b is None
+                or b.state != "half_open"
+                or b.probes_in_flight >= b.policy.half_open_probes
+            ):
+                del probes[i]
+            elif not exclude or s not in exclude:
+                del probes[i]
+                return s
+            i -= 1
+        return None
+
     def _pick_probe(self, now: float) -> EndpointState | None:
         """``pick_now`` while half-open endpoints are due a probe: takes one off the list
         (its breaker is not closed, so the fast path hands it to the full path with a
         probe token); once none is left, the snapshot's own ``pick_now`` is back."""
-        probes = self.snap.probes_due
-        while probes:
-            s = probes.pop()
-            b = s.breaker
-            if b is not None and b.state == "half_open":
-                return s
+        s = self._due_probe(self.snap.probes_due, None)
+        if s is not None:
+            return s
         self.pick_now = self.snap.pick_now
         return self.pick_now(now)
 

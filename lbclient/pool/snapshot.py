@@ -114,8 +114,11 @@ def build(
                 next_refresh = min(next_refresh, now + slow_start / 10)
         b = s.breaker
         if s.health_down:
+            # Out until a health check says otherwise (set_health invalidates): its
+            # breaker's own cooldown is no reason to rebuild.
             ejected.append(s)
-        elif b is None or b.available(now):
+            continue
+        if b is None or b.available(now):
             pickable.append(s)
         else:
             ejected.append(s)
