@@ -131,3 +131,50 @@ def test_overhead_tiny_writes_json(tmp_path: Path) -> None:
     for mode in http["modes"].values():
         assert mode["cpu_us_per_request"] > 0
     assert data["targets"]
+
+
+@pytest.mark.timeout(90)
+def test_hedging_grid_tiny_writes_json(tmp_path: Path) -> None:
+    _run(
+        "hedging.py",
+        "--cells",
+        "ref,b20_s1_r5_l30_het",
+        "--calls",
+        "200",
+        "--out",
+        str(tmp_path),
+        timeout=80.0,
+    )
+    data = json.loads((tmp_path / "hedging.json").read_text())
+    cells = {c["name"]: c for c in data["cells"]}
+    assert set(cells) == {"b40_s4_r2_l50_hom", "b20_s1_r5_l30_het"}
+    for cell in cells.values():
+        policies = cell["policies"]
+        assert set(policies) >= {"none", "hedge", "envoy"}
+        for p in policies.values():
+            assert p["success_pct"] == 100.0
+            lat = p["latency_ms"]
+            assert 10.0 < lat["p50"] <= lat["p99"] <= lat["p99.9"] < 10_000.0, p
+        assert policies["none"]["extra_load_pct"] == 0.0
+    assert 55.0 < cells["b40_s4_r2_l50_hom"]["envoy_delay_ms"] < 70.0
+
+
+@pytest.mark.timeout(60)
+def test_simulator_oracle_and_hedge_cells_are_sane() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sim
+    finally:
+        sys.path.remove(str(BENCH))
+    cell = sim.Cell(base=0.04, slots=2, speeds=(1.0, 0.5, 0.8), straggler_rate=0.0, load=0.7)
+    cell.calls = 3000
+    oracle = sim.run_oracle(cell, seed=0).q(0.99)
+    pe = sim.run_lbclient(cell, strategy="peak_ewma", seed=0).q(0.99)
+    rr = sim.run_lbclient(cell, strategy="round_robin", seed=0).q(0.99)
+    assert 0.04 < oracle <= pe < 1.3 * oracle < rr  # latency-aware picking near the limit
+    cell = sim.Cell(base=0.04, slots=4, straggler_rate=0.02, load=0.5)
+    cell.calls = 3000
+    none = sim.run_lbclient(cell, seed=1)
+    hedged = sim.run_lbclient(cell, seed=1, hedge=lbclient.Hedge())
+    assert hedged.q(0.999) < none.q(0.999) / 4
+    assert 0.0 < hedged.extra_load <= 0.05
