@@ -11,13 +11,19 @@ the engine writes it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._errors import Attempt
     from .pool.state import EndpointState
 
-__all__ = ["CallContext"]
+__all__ = ["CURRENT", "CallContext", "report_usage"]
+
+_NONE_TRIED: frozenset[Any] = frozenset()
 
 
 class CallContext:
@@ -32,13 +38,22 @@ class CallContext:
       by (``None``: none); ``scope`` -- the ``asyncio.timeout`` enforcing it.
     * ``tried`` -- endpoints this call has sent an attempt to; ``attempts`` -- each
       failed attempt, in order; ``sent`` -- attempts sent (first, retries and hedges).
+    * ``priority`` -- admission order (higher first).
+    * What the engine learns for admission: ``sample`` (the successful attempt's latency,
+      or a stream's time to first chunk), ``overloaded`` (an attempt met 429/503),
+      ``rejected`` (the fleet refused it: 429/503 or no connection), ``usage`` (real
+      ``(input, output)`` tokens, from :func:`report_usage`).
     """
 
     __slots__ = (
         "attempts",
         "deadline",
         "key",
+        "overloaded",
         "prefix",
+        "priority",
+        "rejected",
+        "sample",
         "scope",
         "sent",
         "started",
@@ -47,6 +62,7 @@ class CallContext:
         "timeout",
         "tokens",
         "tried",
+        "usage",
     )
 
     def __init__(
@@ -59,6 +75,7 @@ class CallContext:
         stream: bool = False,
         started: float = 0.0,
         timeout: float | None = None,
+        priority: int = 0,
     ) -> None:
         self.key = key
         self.tenant = tenant
@@ -69,9 +86,32 @@ class CallContext:
         self.timeout = timeout
         self.deadline = None if timeout is None else started + timeout
         self.scope: asyncio.Timeout | None = None
-        self.tried: set[EndpointState] = set()
-        self.attempts: list[Attempt] = []
+        # Made on first use: most calls never fail or hedge, and a burst of 10,000 waiting
+        # calls should not carry 10,000 empty sets and lists (memory, and GC passes).
+        self.tried: AbstractSet[EndpointState] = _NONE_TRIED
+        self.attempts: Sequence[Attempt] = ()
         self.sent = 0
+        self.priority = priority
+        self.sample: float | None = None
+        self.overloaded = False
+        self.rejected = False
+        self.usage: tuple[float, float] | None = None
+
+    def add_tried(self, s: EndpointState) -> None:
+        """The call sent an attempt to ``s``."""
+        tried = self.tried
+        if tried is _NONE_TRIED:
+            self.tried = {s}
+        else:
+            tried.add(s)  # type: ignore[attr-defined]
+
+    def add_attempt(self, attempt: Attempt) -> None:
+        """A failed attempt of this call."""
+        attempts = self.attempts
+        if isinstance(attempts, list):
+            attempts.append(attempt)
+        else:
+            self.attempts = [attempt]
 
     def expired(self) -> bool:
         """Has the call's own deadline cut it off (as opposed to a caller's cancel)?"""
@@ -86,3 +126,31 @@ class CallContext:
         fields: dict[str, Any] = {"key": self.key, "tenant": self.tenant, "tokens": self.tokens}
         shown = " ".join(f"{k}={v!r}" for k, v in fields.items() if v is not None)
         return f"<CallContext {shown} tried={len(self.tried)} sent={self.sent}>".replace("  ", " ")
+
+
+CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "lbclient_call", default=None
+)
+"""The call the running code belongs to, while admission or a cost policy needs to hear
+about its real token use (the built-in client and the httpx transport report it)."""
+
+
+def report_usage(input_tokens: float, output_tokens: float) -> None:
+    """Tell lbclient how many tokens the current call really used (e.g. from the
+    response's ``usage``), from inside a balanced function::
+
+        lbclient.report_usage(body["usage"]["prompt_tokens"],
+                              body["usage"]["completion_tokens"])
+
+    It settles the call's estimate (``tokens=``) in tenant quotas and fairness.  Outside
+    a balanced call, or with nothing to settle, it does nothing.  Bad values are ignored
+    (a malformed ``usage`` must never fail a call)."""
+    call = CURRENT.get()
+    if call is None:
+        return
+    try:
+        pair = (float(input_tokens), float(output_tokens))
+    except (TypeError, ValueError):
+        return
+    if all(math.isfinite(x) and x >= 0 for x in pair):
+        call.usage = pair

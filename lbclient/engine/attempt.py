@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import Attempt
+from ..policies.classify import is_connection_error, status_of
 
 if TYPE_CHECKING:
     from .._context import CallContext
@@ -36,12 +37,12 @@ def start(call: CallContext, lease: Lease) -> None:
     """The call is about to send an attempt under ``lease``."""
     call.sent += 1
     lease.number = call.sent
-    call.tried.add(lease.state)
+    call.add_tried(lease.state)
 
 
 def record(call: CallContext, lease: Lease, error: BaseException, t: float) -> None:
     """Remember a failed attempt in the call (what ``AttemptsExhausted`` will list)."""
-    call.attempts.append(
+    call.add_attempt(
         Attempt(endpoint=lease.endpoint, error=error, duration=t - lease.t0, hedge=lease.hedge)
     )
 
@@ -52,6 +53,11 @@ def settle(call: CallContext | None, lease: Lease, exc: BaseException, t: float)
         lease.fail(exc, t)
         if call is not None:
             record(call, lease, exc, t)
+            status = status_of(exc)
+            if status == 429 or status == 503:
+                call.overloaded = call.rejected = True
+            elif status is None and is_connection_error(exc):
+                call.rejected = True
     elif call is not None and call.expired():
         lease.cut(t)
         record(call, lease, cut_error(lease), t)
@@ -73,5 +79,7 @@ async def plain_try(
     except BaseException as exc:
         settle(call, lease, exc, lease.pool.now())
         raise
-    lease.ok()
+    t = lease.pool.now()
+    lease.ok(t)
+    call.sample = t - lease.t0
     return result

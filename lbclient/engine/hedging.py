@@ -20,6 +20,7 @@ import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._clock import Clock
@@ -183,6 +184,12 @@ class Hedger:
         self._armed_at = math.inf
         self._queue.clear()
 
+    def close(self) -> None:
+        """The balancer closed: cancel the timer and drop every queued race."""
+        if self._armed is not None:
+            self._armed.cancel()
+        self.rebind(None)  # type: ignore[arg-type]
+
     def schedule(self, engine: Engine, loop: asyncio.AbstractEventLoop, race: _Race) -> None:
         """Fire ``race``'s next hedge at loop time ``race.due`` unless it is done by then."""
         self._engine = engine
@@ -237,7 +244,7 @@ class Hedger:
         (self.ttft_window if stream else self.window).add(latency, now)
 
 
-def prefer_elsewhere(pool: Pool, tried: set[EndpointState]) -> set[EndpointState]:
+def prefer_elsewhere(pool: Pool, tried: AbstractSet[EndpointState]) -> AbstractSet[EndpointState]:
     """Exclusion set that also avoids the tried endpoints' zones (or, without zones,
     regions): a backup in another failure domain is less likely to share the delay."""
     zones = {s.endpoint.zone for s in tried if s.endpoint.zone is not None}
@@ -327,7 +334,7 @@ class _Race:
         primary: Lease,
     ) -> None:
         self.call = call
-        self.caller = caller
+        self.caller: asyncio.Task[Any] | None = caller
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
@@ -341,6 +348,16 @@ class _Race:
         self.result: Any = None
         self.won_in: float | None = None  # the winning backup's own latency
         self.backups: list[tuple[asyncio.Task[Any], Lease]] = []
+
+
+def _finish(race: _Race) -> None:
+    """The race is over: drop what it holds of the call (its arguments, the caller's
+    task, the result), so a race still queued on the hedge timer keeps nothing alive."""
+    race.done = True
+    race.args = ()
+    race.kwargs = {}
+    race.result = None
+    race.caller = None
 
 
 def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
@@ -381,7 +398,7 @@ async def _backup(engine: Engine, race: _Race, lease: Lease) -> Any:
         race.result = result
         race.won_in = t - lease.t0
         hedge_won(engine, lease, race.delay)
-        if race.primary_running:
+        if race.primary_running and race.caller is not None:
             race.caller.cancel()  # interrupt the primary; hedged_try un-cancels
     return result
 
@@ -439,57 +456,64 @@ async def hedged_try(
     cancelling = caller.cancelling()
     t0 = lease.t0
     try:
-        result = await fn(lease.endpoint, *args, **kwargs)
-    except asyncio.CancelledError as exc:
-        race.primary_running = False
-        if race.winner is not None and caller.uncancel() <= cancelling:
-            # A backup won and cancelled us out of the primary: that is a success.
-            t = engine.now()
-            lease.lose(t, race.won_in)
-            _end(engine, race, "lost", race.won_in)
-            hedger.observe(t - t0, t)
-            return race.result  # type: ignore[no-any-return]
-        settle(call, lease, exc, engine.now())
-        _end(engine, race, "cut" if call.expired() else "cancel")
-        raise
-    except BaseException as exc:
-        race.primary_running = False
-        settle(call, lease, exc, engine.now())
-        if not isinstance(exc, Exception):
-            _end(engine, race, "cancel")
+        try:
+            result = await fn(lease.endpoint, *args, **kwargs)
+        except asyncio.CancelledError as exc:
+            race.primary_running = False
+            if race.winner is not None and caller.uncancel() <= cancelling:
+                # A backup won and cancelled us out of the primary: that is a success.
+                t = engine.now()
+                lease.lose(t, race.won_in)
+                _end(engine, race, "lost", race.won_in)
+                hedger.observe(t - t0, t)
+                call.sample = race.won_in
+                return race.result  # type: ignore[no-any-return]
+            settle(call, lease, exc, engine.now())
+            _end(engine, race, "cut" if call.expired() else "cancel")
             raise
-    else:
-        race.primary_running = False
-        t = engine.now()
-        lease.ok(t)
-        hedger.observe(t - t0, t)
+        except BaseException as exc:
+            race.primary_running = False
+            settle(call, lease, exc, engine.now())
+            if not isinstance(exc, Exception):
+                _end(engine, race, "cancel")
+                raise
+        else:
+            race.primary_running = False
+            t = engine.now()
+            lease.ok(t)
+            hedger.observe(t - t0, t)
+            call.sample = t - t0
+            if race.winner is not None:
+                # The wrapped function swallowed our cancellation; the backup's result stands.
+                if caller.cancelling() > cancelling:
+                    caller.uncancel()
+                return race.result  # type: ignore[no-any-return]
+            if race.backups:
+                _end(engine, race, "lost", t - t0)
+            race.done = True
+            return result
+        # The primary failed: a backup may have won meanwhile, or may still win.
         if race.winner is not None:
-            # The wrapped function swallowed our cancellation; the backup's result stands.
             if caller.cancelling() > cancelling:
                 caller.uncancel()
+            _end(engine, race, "lost", race.won_in)
+            call.sample = race.won_in
             return race.result  # type: ignore[no-any-return]
-        if race.backups:
-            _end(engine, race, "lost", t - t0)
+        try:
+            while not race.done:
+                pending = [task for task, _ in race.backups if not task.done()]
+                if not pending:
+                    break
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            _end(engine, race, "cut" if call.expired() else "cancel")
+            raise
+        if race.winner is not None:
+            t = engine.now()
+            hedger.observe(t - t0, t)
+            call.sample = race.won_in
+            return race.result
         race.done = True
-        return result
-    # The primary failed: a backup may have won meanwhile, or may still win.
-    if race.winner is not None:
-        if caller.cancelling() > cancelling:
-            caller.uncancel()
-        _end(engine, race, "lost", race.won_in)
-        return race.result  # type: ignore[no-any-return]
-    try:
-        while not race.done:
-            pending = [task for task, _ in race.backups if not task.done()]
-            if not pending:
-                break
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        _end(engine, race, "cut" if call.expired() else "cancel")
-        raise
-    if race.winner is not None:
-        t = engine.now()
-        hedger.observe(t - t0, t)
-        return race.result
-    race.done = True
-    raise call.attempts[-1].error
+        raise call.attempts[-1].error
+    finally:
+        _finish(race)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import AttemptsExhausted, DeadlineExceeded, NoEndpointAvailable
@@ -37,7 +38,7 @@ RECENT_FAILURE = 1.0  # seconds: a retry avoids endpoints that failed this recen
 _NOT_RETRYABLE = "not retryable"
 
 
-def avoid(engine: Engine, call: CallContext, now: float) -> set[EndpointState]:
+def avoid(engine: Engine, call: CallContext, now: float) -> AbstractSet[EndpointState]:
     """What a retry should not go to: the endpoints this call tried, and -- while others
     remain -- those that failed for anyone in the last second.  When a replica crashes,
     the calls already in flight learn it first; the retry should not bet on a peer that
