@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ._balancer import Balancer, DrainResult
 from ._clock import Clock, MonotonicClock
-from ._context import CallContext
+from ._context import CallContext, report_usage
 from ._endpoint import Endpoint
 from ._errors import (
     Attempt,
@@ -26,10 +26,14 @@ from ._errors import (
     DeadlineExceeded,
     LBError,
     NoEndpointAvailable,
+    Overloaded,
+    QuotaExceeded,
     StreamIdleTimeout,
     UnknownEndpoint,
 )
+from .admission.policy import Admission, Quota
 from .observe.events import (
+    AdmissionEvent,
     AttemptEvent,
     BreakerEvent,
     CooldownEvent,
@@ -61,6 +65,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_RETRY_ON",
+    "Admission",
+    "AdmissionEvent",
     "Attempt",
     "AttemptEvent",
     "AttemptsExhausted",
@@ -93,13 +99,17 @@ __all__ = [
     "MembershipEvent",
     "MonotonicClock",
     "NoEndpointAvailable",
+    "Overloaded",
     "PanicEvent",
+    "Quota",
+    "QuotaExceeded",
     "Retry",
     "RetryEvent",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
     "__version__",
+    "report_usage",
     "retry_if",
     "retry_if_exception",
     "retry_if_status",

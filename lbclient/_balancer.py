@@ -19,9 +19,10 @@ from ._config import BalancerConfig
 from ._context import CallContext
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
+from .admission.policy import Admission
 from .engine.engine import Engine
 from .engine.pick import PickedEndpoint
-from .engine.route import check_async, check_timeout, make_route, run_call
+from .engine.route import check_async, check_timeout, check_tokens, make_route, run_call
 from .observe.observer import Observer
 from .observe.stats import BalancerStats, snapshot
 from .policies.breaker import Breaker
@@ -68,6 +69,9 @@ class Balancer:
       default ``"peak_ewma"``: P2C on latency x load, the best tail latency for replicas
       of unequal speed, at O(1) per pick.
     * ``retry`` / ``breaker`` / ``hedge`` -- policies, ``None`` disables each.
+    * ``admission`` -- admission control (:class:`Admission`): a concurrency limit over
+      the pool, a bounded fair queue, tenant quotas, fast shedding; ``None`` (default):
+      every call goes straight to picking.
     * ``region`` -- this client's own region, for geo scoring and locality.
     * ``geo`` -- the :class:`GeoTable` of region latencies (default: the playbook table).
     * ``on_event`` -- a callable, a :class:`Listener` or a list of them, given every
@@ -96,6 +100,7 @@ class Balancer:
         retry: Retry | None = None,
         breaker: Breaker | None = None,
         hedge: Hedge | None = None,
+        admission: Admission | None = None,
         region: str | None = None,
         geo: GeoTable | None = None,
         on_event: object = None,
@@ -113,6 +118,7 @@ class Balancer:
             retry=retry,
             breaker=breaker,
             hedge=hedge,
+            admission=admission,
             region=region,
             geo=geo,
             on_event=on_event,
@@ -148,6 +154,7 @@ class Balancer:
             hedge=cfg.hedge,
             clock=cfg.clock,
             rng=cfg.rng,
+            admission=cfg.admission,
         )
         self._background = Background(self._pool, self._engine, cfg.discovery, cfg.health)
         for ep in cfg.endpoints:
@@ -176,6 +183,9 @@ class Balancer:
         key: Callable[..., object] | None = None,
         timeout: float | None = None,
         idle_timeout: float | None = None,
+        tenant: Callable[..., object] | None = None,
+        tokens: Callable[..., object] | None = None,
+        priority: int | Callable[..., object] | None = None,
     ) -> RouteDecorator: ...
     def route(
         self,
@@ -185,6 +195,9 @@ class Balancer:
         key: Callable[..., object] | None = None,
         timeout: float | None = None,
         idle_timeout: float | None = None,
+        tenant: Callable[..., object] | None = None,
+        tokens: Callable[..., object] | None = None,
+        priority: int | Callable[..., object] | None = None,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
 
@@ -199,34 +212,80 @@ class Balancer:
           stream it bounds the time to the first chunk.
         * ``idle_timeout`` -- streams only: the longest gap between chunks after the first
           before :class:`StreamIdleTimeout` is raised (default: none).
+        * ``tenant`` -- a callable giving who the call is for (fairness and quotas under
+          :class:`Admission`; e.g. ``tenant=lambda payload: payload["user"]``).
+        * ``tokens`` -- a callable giving the call's estimated token cost: load is then
+          counted in tokens in flight (a 30k-token prompt is not a 50-token one), and
+          quotas and fairness are charged in tokens, settled by :func:`report_usage`.
+        * ``priority`` -- an int (or a callable giving one): under admission, waiting
+          calls of higher priority are served first.
         """
         self._check_open()
         options = functools.partial(
-            make_route, self._engine, key=key, timeout=timeout, idle_timeout=idle_timeout
+            make_route,
+            self._engine,
+            key=key,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            tenant=tenant,
+            tokens=tokens,
+            priority=priority,
         )
         return options if fn is None else options(fn)
 
     async def call(
-        self, fn: Callable[..., Awaitable[R]], /, *args: Any, key: object = None, **kwargs: Any
+        self,
+        fn: Callable[..., Awaitable[R]],
+        /,
+        *args: Any,
+        key: object = None,
+        tenant: object = None,
+        tokens: float | None = None,
+        priority: int = 0,
+        **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key`` is the affinity key value itself."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
+        are this call's values themselves (see :meth:`route`); to pass arguments of those
+        names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
         retry = self._engine.retry
-        call = CallContext(key=key, timeout=retry.timeout if retry is not None else None)
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=check_tokens(tokens),
+            timeout=retry.timeout if retry is not None else None,
+            priority=_priority(priority),
+        )
         return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
 
-    def pick(self, *, key: object = None, timeout: float | None = None) -> PickedEndpoint:
+    def pick(
+        self,
+        *,
+        key: object = None,
+        timeout: float | None = None,
+        tenant: object = None,
+        tokens: float | None = None,
+        priority: int = 0,
+    ) -> PickedEndpoint:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
-        :class:`DeadlineExceeded` raised."""
+        :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
+        :meth:`route`, under :class:`Admission`."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
             seconds = retry.timeout
-        return PickedEndpoint(self._engine, CallContext(key=key, timeout=seconds))
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=check_tokens(tokens),
+            timeout=seconds,
+            priority=_priority(priority),
+        )
+        return PickedEndpoint(self._engine, call)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -308,6 +367,8 @@ class Balancer:
         if self._pool.closed:
             return
         self._pool.close()
+        if self._engine.hedger is not None:
+            self._engine.hedger.close()
         await self._background.stop()
 
     async def __aenter__(self) -> Balancer:
@@ -334,6 +395,12 @@ class Balancer:
             f"<lbclient.Balancer strategy={self._pool.strategy.name!r} "
             f"endpoints={len(self._pool.members)}{closed}>"
         )
+
+
+def _priority(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"priority must be an int, got {value!r}")
+    return value
 
 
 def _cooldown_cap(retry: Retry | None) -> float | None:

@@ -20,6 +20,7 @@ from . import strategies as _strategies
 from ._clock import MONOTONIC, Clock
 from ._endpoint import Endpoint, to_endpoint
 from ._errors import ConfigError
+from .admission.policy import Admission
 from .observe.observer import EventHandler, to_listeners
 from .policies.breaker import Breaker
 from .policies.geo import GeoTable
@@ -177,6 +178,10 @@ def _rng(value: object) -> random.Random:
     raise ConfigError(f"rng must be a random.Random, an int seed or None, got {value!r}")
 
 
+def _admission(value: object) -> Admission | None:
+    return _instance(value, "admission", Admission, "lbclient.Admission()")  # type: ignore[no-any-return]
+
+
 def _geo(value: object) -> GeoTable | None:
     return _instance(value, "geo", GeoTable, "lbclient.GeoTable()")  # type: ignore[no-any-return]
 
@@ -193,6 +198,7 @@ class BalancerConfig:
     retry: Retry | None = attrs.field(default=None, converter=_retry)
     breaker: Breaker | None = attrs.field(default=None, converter=_breaker)
     hedge: Hedge | None = attrs.field(default=None, converter=_hedge)
+    admission: Admission | None = attrs.field(default=None, converter=_admission)
     region: str | None = attrs.field(default=None, converter=_region)
     geo: GeoTable | None = attrs.field(default=None, converter=_geo)
     on_event: tuple[EventHandler, ...] = attrs.field(default=None, converter=_on_event)

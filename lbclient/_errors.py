@@ -14,7 +14,9 @@ one, chained to the last).
     ├── NoEndpointAvailable(LBError)            nothing pickable (all removed, draining or ejected)
     ├── AttemptsExhausted(LBError)              every attempt failed; ``.attempts`` lists them
     ├── DeadlineExceeded(LBError, TimeoutError) the call's overall ``timeout=`` ran out
-    └── StreamIdleTimeout(LBError, TimeoutError) a stream went quiet between chunks for too long
+    ├── StreamIdleTimeout(LBError, TimeoutError) a stream went quiet between chunks for too long
+    └── Overloaded(LBError)                     shed at admission: ``.reason``, ``.retry_after``
+        └── QuotaExceeded(Overloaded)           a tenant over its quota; ``.tenant``
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "DeadlineExceeded",
     "LBError",
     "NoEndpointAvailable",
+    "Overloaded",
+    "QuotaExceeded",
     "StreamIdleTimeout",
     "UnknownEndpoint",
 ]
@@ -111,3 +115,36 @@ class DeadlineExceeded(LBError, TimeoutError):
 
 class StreamIdleTimeout(LBError, TimeoutError):
     """A committed stream produced no chunk for ``idle_timeout`` seconds."""
+
+
+class Overloaded(LBError):
+    """The call was shed at admission, at once, instead of queueing without bound.
+
+    ``reason`` says why: ``"queue full"``, ``"wait exceeded"`` (it waited ``max_wait`` or
+    its own deadline without getting a slot, or would have: the queue ahead of it
+    drains too slowly), ``"throttled"`` (the fleet itself is rejecting calls: lbclient
+    rejects a share locally), ``"quota"`` (see :class:`QuotaExceeded`), ``"budget"`` (a
+    cost ceiling), ``"closed"``.  ``retry_after`` is when to come back, in seconds (an
+    estimate; ``None`` when unknown).  ``tenant`` is the call's tenant, if it had one.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str | None = None,
+        *,
+        retry_after: float | None = None,
+        tenant: object = None,
+    ) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        self.tenant = tenant
+        text = message or reason
+        if retry_after is not None:
+            text += f"; retry after {retry_after:.3g} s"
+        super().__init__(text)
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant is over its :class:`lbclient.Quota`; ``retry_after`` is when its bucket
+    will hold enough again."""

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from .._clock import Clock
 
 if TYPE_CHECKING:
+    from ..admission.gate import Gate
+    from ..admission.policy import Admission
     from ..observe.observer import Observer
     from ..policies.budget import Budget
     from ..policies.hedge import Hedge
@@ -36,6 +38,7 @@ class Engine:
         "budget",
         "clock",
         "counters",
+        "gate",
         "hedger",
         "now",
         "observer",
@@ -53,6 +56,7 @@ class Engine:
         hedge: Hedge | None,
         clock: Clock,
         rng: random.Random,
+        admission: Admission | None = None,
     ) -> None:
         self.pool = pool
         self.observer = observer
@@ -64,6 +68,11 @@ class Engine:
         self.budget: Budget | None = retry.make_budget(clock) if retry is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rebind: list[Callable[[asyncio.AbstractEventLoop], None]] = []
+        self.gate: Gate | None = None
+        if admission is not None:
+            from ..admission.gate import Gate
+
+            self.gate = Gate(admission, clock, rng, observer)
         self.hedger: Hedger | None = None
         if hedge is not None:
             from .hedging import Hedger

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 from .._context import CallContext
 from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable
-from .attempt import cut_error, record, start
+from .attempt import cut_error, record, settle, start
+from .route import admit, release
 
 if TYPE_CHECKING:
     from .._endpoint import Endpoint
+    from ..admission.gate import Permit
     from ..pool.lease import Lease
     from .engine import Engine
 
@@ -29,12 +31,13 @@ class PickedEndpoint:
     """What ``lb.pick(key=..., timeout=...)`` returns: an async context manager giving
     the picked :class:`~lbclient.Endpoint`.  Single use."""
 
-    __slots__ = ("_call", "_engine", "_lease")
+    __slots__ = ("_call", "_engine", "_lease", "_permit")
 
     def __init__(self, engine: Engine, call: CallContext) -> None:
         self._engine = engine
         self._call = call
         self._lease: Lease | None = None
+        self._permit: Permit | None = None
 
     async def __aenter__(self) -> Endpoint:
         engine = self._engine
@@ -48,16 +51,21 @@ class PickedEndpoint:
         engine.counters.calls += 1
         if engine.budget is not None:
             engine.budget.deposit(t)
+        if call.timeout is not None:
+            call.deadline = t + call.timeout
+        if engine.gate is not None:
+            self._permit = await admit(engine, call)
         try:
-            lease = engine.pool.acquire(call, None, t)
+            lease = engine.pool.acquire(call, None, engine.now())
         except NoEndpointAvailable:
             engine.counters.failed("no endpoint")
+            if self._permit is not None:
+                release(self._permit, call, False)
             raise
         start(call, lease)
         self._lease = lease
         if call.timeout is not None:
-            call.deadline = t + call.timeout
-            scope = asyncio.timeout(call.timeout)
+            scope = asyncio.timeout(call.deadline - engine.now())  # type: ignore[operator]
             await scope.__aenter__()
             call.scope = scope
         return lease.endpoint
@@ -73,22 +81,29 @@ class PickedEndpoint:
             return
         engine = self._engine
         call = self._call
+        permit = self._permit
         scope = call.scope
-        if scope is not None:
-            try:
-                await scope.__aexit__(exc_type, exc, tb)
-            except TimeoutError as err:
-                if not scope.expired():
-                    raise
+        try:
+            if scope is not None:
+                try:
+                    await scope.__aexit__(exc_type, exc, tb)
+                except TimeoutError as err:
+                    if not scope.expired():
+                        raise
+                    t = engine.now()
+                    lease.cut(t)
+                    record(call, lease, cut_error(lease), t)
+                    engine.counters.failed("deadline")
+                    raise DeadlineExceeded(call.timeout or 0.0, call.attempts) from err
+            if exc is None:
                 t = engine.now()
-                lease.cut(t)
-                record(call, lease, cut_error(lease), t)
-                engine.counters.failed("deadline")
-                raise DeadlineExceeded(call.timeout or 0.0, call.attempts) from err
-        if exc is None:
-            lease.ok()
-        elif isinstance(exc, Exception):
-            lease.fail(exc)
-            engine.counters.failed("error")
-        else:
-            lease.cancel()
+                lease.ok(t)
+                call.sample = t - lease.t0
+            elif isinstance(exc, Exception):
+                settle(call, lease, exc, engine.now())
+                engine.counters.failed("error")
+            else:
+                lease.cancel()
+        finally:
+            if permit is not None:
+                release(permit, call, exc is None and call.sample is not None)

@@ -17,20 +17,31 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .._context import CallContext
-from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable
+from .._context import CURRENT, CallContext
+from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
 from .attempt import record, settle
 from .retrying import retry_from, run
 
 if TYPE_CHECKING:
+    from ..admission.gate import Permit
     from .engine import Engine
 
-__all__ = ["check_async", "check_timeout", "make_route", "run_call"]
+__all__ = [
+    "Extract",
+    "admit",
+    "check_async",
+    "check_timeout",
+    "check_tokens",
+    "make_route",
+    "release",
+    "run_call",
+]
 
 
 def check_timeout(value: object, name: str = "timeout") -> float | None:
@@ -71,6 +82,70 @@ def check_async(fn: object, where: str, *, streams: bool) -> None:
     )
 
 
+def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
+    if value is not None and (isinstance(value, type) or not callable(value)):
+        raise ConfigError(
+            f"route {name} must be a callable taking the call's arguments, got {value!r}"
+        )
+    return value
+
+
+class Extract:
+    """What a route computes from each call's arguments: its affinity key, tenant,
+    estimated tokens and priority (each a callable, or absent)."""
+
+    __slots__ = ("key", "priority", "tenant", "tokens")
+
+    def __init__(
+        self,
+        key: Callable[..., object] | None,
+        tenant: Callable[..., object] | None,
+        tokens: Callable[..., object] | None,
+        priority: int | Callable[..., object] | None,
+    ) -> None:
+        self.key = _callable_or_none(key, "key")
+        self.tenant = _callable_or_none(tenant, "tenant")
+        self.tokens = _callable_or_none(tokens, "tokens")
+        if (
+            priority is not None
+            and not callable(priority)
+            and (isinstance(priority, bool) or not isinstance(priority, int))
+        ):
+            raise ConfigError(f"route priority must be an int or a callable, got {priority!r}")
+        self.priority = priority
+
+    @property
+    def any(self) -> bool:
+        return any(x is not None for x in (self.key, self.tenant, self.tokens, self.priority))
+
+    def context(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, timeout: float | None, stream: bool
+    ) -> CallContext:
+        call = CallContext(
+            key=self.key(*args, **kwargs) if self.key is not None else None,
+            tenant=self.tenant(*args, **kwargs) if self.tenant is not None else None,
+            tokens=check_tokens(self.tokens(*args, **kwargs)) if self.tokens is not None else None,
+            stream=stream,
+            timeout=timeout,
+        )
+        p = self.priority
+        if p is not None:
+            call.priority = int(p(*args, **kwargs)) if callable(p) else p  # type: ignore[call-overload]
+        return call
+
+
+def check_tokens(value: object) -> float | None:
+    """A call's token estimate: a number >= 0 (None: no estimate).  A bad one is the
+    caller's bug: TypeError/ValueError naming it, before anything is sent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"tokens= must give a finite number of tokens, got {value!r}")
+    if value < 0:
+        raise ValueError(f"tokens= must give a number of tokens >= 0, got {value!r}")
+    return float(value)
+
+
 def make_route(
     engine: Engine,
     fn: Callable[..., Any],
@@ -78,11 +153,13 @@ def make_route(
     key: Callable[..., object] | None,
     timeout: float | None,
     idle_timeout: float | None,
+    tenant: Callable[..., object] | None = None,
+    tokens: Callable[..., object] | None = None,
+    priority: int | Callable[..., object] | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    if key is not None and (isinstance(key, type) or not callable(key)):
-        raise ConfigError(f"route key must be a callable taking the call's arguments, got {key!r}")
+    extract = Extract(key, tenant, tokens, priority)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
     if deadline is None and engine.retry is not None:
@@ -92,20 +169,20 @@ def make_route(
     ):
         from .streaming import make_stream_route
 
-        return make_stream_route(engine, fn, key, deadline, idle)
+        return make_stream_route(engine, fn, extract, deadline, idle)
     if idle is not None:
         raise ConfigError(
             f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
             "plain async function: use timeout="
         )
-    if deadline is None:
-        if engine.hedger is not None:
-            return functools.wraps(fn)(_hedged(engine, fn, key))
-        if key is None:
+    if engine.gate is None and deadline is None:
+        if engine.hedger is not None and extract.tenant is None and extract.tokens is None:
+            return functools.wraps(fn)(_hedged(engine, fn, extract.key))
+        if not extract.any:
             if engine.retry is None:
                 return functools.wraps(fn)(_fast(engine, fn))
             return functools.wraps(fn)(_fast_then_retry(engine, fn))
-    return functools.wraps(fn)(_full(engine, fn, key, deadline))
+    return functools.wraps(fn)(_full(engine, fn, extract, deadline))
 
 
 def _fast(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -177,7 +254,7 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             lease.fail(exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
-            ctx.tried.add(s)
+            ctx.add_tried(s)
             record(ctx, lease, exc, t1)
             return await retry_from(engine, ctx, fn, args, kwargs, exc)
         except BaseException:
@@ -227,14 +304,14 @@ def _hedged(
 def _full(
     engine: Engine,
     fn: Callable[..., Awaitable[Any]],
-    key: Callable[..., object] | None,
+    extract: Extract,
     timeout: float | None,
 ) -> Callable[..., Any]:
-    """A call context from the start: affinity key, deadline, hedging."""
+    """A call context from the start: key, tenant, tokens, deadline, admission."""
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        k = key(*args, **kwargs) if key is not None else None
-        return await run_call(engine, fn, args, kwargs, CallContext(key=k, timeout=timeout))
+        ctx = extract.context(args, kwargs, timeout=timeout, stream=False)
+        return await run_call(engine, fn, args, kwargs, ctx)
 
     return call
 
@@ -258,4 +335,52 @@ async def run_call(
     engine.counters.calls += 1
     if engine.budget is not None:
         engine.budget.deposit(t)
-    return await run(engine, call, fn, args, kwargs, first)
+    if engine.gate is None:
+        if call.tokens is None:
+            return await run(engine, call, fn, args, kwargs, first)
+        token = CURRENT.set(call)
+        try:
+            return await run(engine, call, fn, args, kwargs, first)
+        finally:
+            CURRENT.reset(token)
+    permit = await admit(engine, call)
+    token = CURRENT.set(call)
+    try:
+        result = await run(engine, call, fn, args, kwargs, first)
+    except BaseException:
+        release(permit, call, False)
+        raise
+    finally:
+        CURRENT.reset(token)
+    release(permit, call, True)
+    return result
+
+
+async def admit(engine: Engine, call: CallContext) -> Permit:
+    """A permit for ``call`` from the admission gate (or :class:`Overloaded`)."""
+    gate = engine.gate
+    assert gate is not None
+    tokens = call.tokens or 0.0
+    try:
+        permit = gate.try_admit(call.tenant, tokens, call.priority, call.started)
+        if permit is None:
+            permit = await gate.wait(call.tenant, tokens, call.priority, call.left(engine.now()))
+    except Overloaded as exc:
+        engine.counters.failed(f"shed: {exc.reason}")
+        raise
+    return permit
+
+
+def release(permit: Permit, call: CallContext, ok: bool) -> None:
+    """Give the permit back, with what the call taught the limiter."""
+    sample = call.sample if ok else None
+    if sample is None:
+        kind = None
+    elif call.stream:
+        kind = "ttft"
+    elif call.tokens:
+        kind, sample = "per_token", sample / call.tokens
+    else:
+        kind = "latency"
+    accepted = None if not call.sent else not call.rejected
+    permit.release(kind, sample, overloaded=call.overloaded, accepted=accepted, usage=call.usage)

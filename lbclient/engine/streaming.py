@@ -24,19 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from .._context import CallContext
+from .._context import CURRENT, CallContext
 from .._errors import BalancerClosed, DeadlineExceeded, StreamIdleTimeout
 from .attempt import record, start
 from .hedging import hedge_won, send_backup
 from .retrying import acquire, counted_retry, next_retry
+from .route import admit, release
 
 if TYPE_CHECKING:
     from ..pool.lease import Lease
     from .engine import Engine
+    from .route import Extract
 
 __all__ = ["BUFFER", "make_stream_route"]
 
@@ -109,7 +112,7 @@ async def _pump(
 def make_stream_route(
     engine: Engine,
     fn: Callable[..., AsyncIterator[Any]],
-    key: Callable[..., object] | None,
+    extract: Extract,
     timeout: float | None,
     idle_timeout: float | None,
 ) -> Callable[..., AsyncGenerator[Any, None]]:
@@ -119,24 +122,28 @@ def make_stream_route(
     async def stream(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
         if engine.pool.closed:
             raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
-        t = now()
-        call = CallContext(
-            key=key(*args, **kwargs) if key is not None else None,
-            stream=True,
-            started=t,
-            timeout=timeout,
-        )
+        call = extract.context(args, kwargs, timeout=timeout, stream=True)
+        t = call.started = now()
+        if timeout is not None:
+            call.deadline = t + timeout
         counters.calls += 1
         if engine.budget is not None:
             engine.budget.deposit(t)
         if engine.hedger is not None:
             engine.hedger.budget.deposit(t)
-        # aclosing: closing this stream closes the inner one (and frees its slot) at once.
-        async with contextlib.aclosing(
-            _stream_call(engine, call, fn, args, kwargs, idle_timeout)
-        ) as inner:
-            async for item in inner:
-                yield item
+        permit = None if engine.gate is None else await admit(engine, call)
+        ok = False
+        try:
+            # aclosing: closing this stream closes the inner one (and frees its slot) now.
+            async with contextlib.aclosing(
+                _stream_call(engine, call, fn, args, kwargs, idle_timeout)
+            ) as inner:
+                async for item in inner:
+                    yield item
+            ok = True
+        finally:
+            if permit is not None:
+                release(permit, call, ok or call.sample is not None)
 
     return functools.wraps(fn)(stream)
 
@@ -157,10 +164,15 @@ async def _stream_call(
     hedges_left = hedger.policy.max_hedges if hedger is not None else 0
     deadline = call.deadline
 
+    # The generators run in their own tasks, in a copy of this context where the call is
+    # current (for report_usage) -- never set in the consumer's own context.
+    ctx = contextvars.copy_context()
+    ctx.run(CURRENT.set, call)
+
     def launch(lease: Lease) -> None:
         lease.stream = True
         att = _Attempt(lease)
-        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals))
+        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals), context=ctx)
         task.add_done_callback(att.ended)  # a no-op unless it was cancelled before running
         att.task = task
         live.append(att)
@@ -236,6 +248,7 @@ async def _stream_call(
             committed = att
             t = engine.now()
             won_in = t - att.lease.t0
+            call.sample = won_in
             for other in live:
                 if other is not att:
                     other.lease.lose(t, won_in)

@@ -19,6 +19,7 @@ Call events (one call, one or more attempts):
 * :class:`RetryEvent` -- a retry was scheduled (with its delay and why), or refused
   (budget, attempts, panic...: ``retry=False``).
 * :class:`HedgeEvent` -- a backup was sent, won, or denied by the hedging budget.
+* :class:`AdmissionEvent` -- a call was shed at admission, or the adaptive limit moved.
 
 Every event is an ``attrs`` frozen record: safe to keep, compare and hand to another
 thread.  ``str(event)`` (same as ``event.message()``) is a one-line log message and
@@ -47,6 +48,7 @@ from typing import Final, Protocol, TypeAlias, runtime_checkable
 import attrs
 
 __all__ = [
+    "AdmissionEvent",
     "AttemptEvent",
     "BreakerEvent",
     "CooldownEvent",
@@ -63,6 +65,7 @@ __all__ = [
 _STATES: Final = ("closed", "open", "half_open")
 _OUTCOMES: Final = ("failed", "ignored", "cut", "lost")
 _HEDGE_ACTIONS: Final = ("sent", "won", "denied")
+_ADMISSION_ACTIONS: Final = ("shed", "limit")
 _ACTIONS: Final = ("add", "remove", "drain", "undrain")
 _DONE: Final = {"add": "added", "remove": "removed", "drain": "draining", "undrain": "undrained"}
 
@@ -278,6 +281,45 @@ class HedgeEvent:
         return self.message()
 
 
+@attrs.frozen
+class AdmissionEvent:
+    """Admission control acted at time ``at``.
+
+    ``action``: ``"shed"`` -- a call of ``tenant`` was refused at once (``reason``: ``"queue
+    full"``, ``"wait exceeded"``, ``"throttled"``, ``"quota"``, ``"budget"``), a
+    ``WARNING`` (rate-limited in the log); ``"limit"`` -- the adaptive concurrency limit
+    moved (``reason``: ``"increase"`` or ``"decrease"``), ``DEBUG``.  ``limit``,
+    ``in_flight`` and ``queued`` are the gate's state at that moment.
+    """
+
+    action: str = attrs.field(validator=attrs.validators.in_(_ADMISSION_ACTIONS))
+    reason: str
+    tenant: object
+    limit: float
+    in_flight: int
+    queued: int
+    at: float
+
+    @property
+    def level(self) -> int:
+        return logging.WARNING if self.action == "shed" else logging.DEBUG
+
+    def message(self) -> str:
+        if self.action == "limit":
+            return (
+                f"admission limit {self.reason}d to {self.limit:.1f} "
+                f"({self.in_flight} in flight, {self.queued} waiting)"
+            )
+        who = "" if self.tenant is None else f" of tenant {self.tenant!r}"
+        return (
+            f"call{who} shed ({self.reason}): limit {self.limit:.0f}, {self.in_flight} in "
+            f"flight, {self.queued} waiting"
+        )
+
+    def __str__(self) -> str:
+        return self.message()
+
+
 Event: TypeAlias = (
     BreakerEvent
     | PanicEvent
@@ -286,6 +328,7 @@ Event: TypeAlias = (
     | AttemptEvent
     | RetryEvent
     | HedgeEvent
+    | AdmissionEvent
 )
 """Any event the balancer reports."""
 

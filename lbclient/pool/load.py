@@ -9,8 +9,12 @@ flavours: whole-call latency for plain calls, time to first chunk for streams.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .state import EndpointState
+
+if TYPE_CHECKING:
+    from ..strategies import Totals
 
 __all__ = [
     "SERVER_LOAD_TTL",
@@ -19,6 +23,8 @@ __all__ = [
     "outstanding",
     "peak_ewma_load",
     "peak_ewma_ttft_load",
+    "token_loads",
+    "token_outstanding",
 ]
 
 LoadMetric = Callable[[EndpointState, float], float]
@@ -54,3 +60,32 @@ def peak_ewma_load(s: EndpointState, now: float) -> float:
 def peak_ewma_ttft_load(s: EndpointState, now: float) -> float:
     """:func:`peak_ewma_load` for streams: on the time to first chunk."""
     return s.ttft_ewma(now) * (outstanding(s, now) + 1.0) / s.weight
+
+
+def token_outstanding(s: EndpointState, now: float, mean_tokens: float) -> float:
+    """Outstanding work in *calls of average size*: the estimated tokens in flight
+    divided by the pool's mean call size (a 30,000-token prompt weighs 60 calls of 500),
+    or the plain count when that is higher (calls that gave no estimate)."""
+    q = outstanding(s, now)
+    if mean_tokens > 0:
+        t = s.tokens / mean_tokens
+        if t > q:
+            return t
+    return q
+
+
+def token_loads(totals: Totals) -> tuple[LoadMetric, LoadMetric, LoadMetric]:
+    """The token-aware versions of ``(inflight_load, peak_ewma_load,
+    peak_ewma_ttft_load)``, for calls that gave ``tokens=``: load is counted in tokens
+    in flight, not requests."""
+
+    def inflight_tokens(s: EndpointState, now: float) -> float:
+        return token_outstanding(s, now, totals.mean_tokens) / s.weight
+
+    def peak_ewma_tokens(s: EndpointState, now: float) -> float:
+        return s.ewma(now) * (token_outstanding(s, now, totals.mean_tokens) + 1.0) / s.weight
+
+    def peak_ewma_ttft_tokens(s: EndpointState, now: float) -> float:
+        return s.ttft_ewma(now) * (token_outstanding(s, now, totals.mean_tokens) + 1.0) / s.weight
+
+    return inflight_tokens, peak_ewma_tokens, peak_ewma_ttft_tokens

@@ -309,9 +309,9 @@ class Pool:
                 s = picker.pick(call, None)  # everything excluded: reuse beats failing
                 if s is None:
                     raise self.empty(now)
-        return self._take(s, now)
+        return self._take(s, now, call.tokens if call is not None else None)
 
-    def _take(self, s: EndpointState, now: float) -> Lease:
+    def _take(self, s: EndpointState, now: float, tokens: float | None = None) -> Lease:
         """Take an in-flight slot on the picked ``s`` (a probe slot, when its breaker is
         half-open)."""
         probe = 0
@@ -326,8 +326,16 @@ class Pool:
         if n > s.peak_inflight:
             s.peak_inflight = n
         s.requests += 1
-        self.totals.inflight += 1
-        return Lease(self, s, now, probe)
+        totals = self.totals
+        totals.inflight += 1
+        lease = Lease(self, s, now, probe)
+        if tokens:
+            lease.tokens = tokens
+            s.tokens += tokens
+            totals.tokens += tokens
+            mean = totals.mean_tokens
+            totals.mean_tokens = tokens if not mean else mean + 0.05 * (tokens - mean)
+        return lease
 
     def acquire_fast(self, now: float) -> EndpointState:
         """:meth:`acquire` for a call with no context and nothing to exclude (the

@@ -19,14 +19,16 @@ __all__ = ["PickContext", "Picker", "Strategy", "Totals"]
 
 
 class Totals:
-    """Pool-wide counters the pool keeps current (read by bounded-load hashing): calls in
-    flight, and estimated tokens in flight (calls that gave ``tokens=``)."""
+    """Pool-wide counters the pool keeps current (read by bounded-load hashing and the
+    token-aware load metrics): calls in flight, estimated tokens in flight (calls that
+    gave ``tokens=``) and the running mean of such calls' tokens."""
 
-    __slots__ = ("inflight", "tokens")
+    __slots__ = ("inflight", "mean_tokens", "tokens")
 
     def __init__(self) -> None:
         self.inflight = 0
         self.tokens = 0.0
+        self.mean_tokens = 0.0  # running mean of the calls that gave tokens=
 
 
 @attrs.frozen(kw_only=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load
+from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load, token_loads
 from ..pool.state import EndpointState
 from ._base import PickContext
 
@@ -28,7 +28,7 @@ LEAST_RESPONSE_TIME = "least_response_time"
 
 
 class _ArgminPicker:
-    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load")
+    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load", "_tokens")
 
     def __init__(
         self,
@@ -43,12 +43,19 @@ class _ArgminPicker:
         self._stream_load = stream_load or load
         self._now: Callable[[], float] = ctx.clock.now
         self._random = ctx.rng.random
+        inflight_t, peak_t, ttft_t = token_loads(ctx.totals)
+        self._tokens = (inflight_t, inflight_t) if load is inflight_load else (peak_t, ttft_t)
 
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
     ) -> EndpointState | None:
         states, n = self._states, self._n
-        load = self._stream_load if call is not None and call.stream else self._load
+        if call is None:
+            load = self._load
+        elif call.tokens:
+            load = self._tokens[1] if call.stream else self._tokens[0]
+        else:
+            load = self._stream_load if call.stream else self._load
         now = self._now()
         start = int(self._random() * n)  # random start: random tie-breaking
         best: EndpointState | None = None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load
+from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load, token_loads
 from ..pool.state import EndpointState
 from ._base import PickContext
 
@@ -47,9 +47,10 @@ class P2CPicker:
     """Two random distinct candidates, the lower load wins (ties: the first drawn).
 
     ``load`` is the metric for plain calls, ``stream_load`` for streams (default: the
-    same)."""
+    same); calls that gave ``tokens=`` use the token-aware version of either
+    (:func:`~lbclient.pool.load.token_loads`)."""
 
-    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load")
+    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load", "_tokens")
 
     def __init__(
         self,
@@ -64,6 +65,18 @@ class P2CPicker:
         self._stream_load = stream_load or load
         self._now: Callable[[], float] = ctx.clock.now
         self._random = ctx.rng.random
+        inflight_t, peak_t, ttft_t = token_loads(ctx.totals)
+        if load is inflight_load:
+            self._tokens = (inflight_t, inflight_t)
+        else:
+            self._tokens = (peak_t, ttft_t if stream_load is peak_ewma_ttft_load else peak_t)
+
+    def _load_for(self, call: CallContext | None) -> LoadMetric:
+        if call is None:
+            return self._load
+        if call.tokens:
+            return self._tokens[1] if call.stream else self._tokens[0]
+        return self._stream_load if call.stream else self._load
 
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
@@ -73,7 +86,7 @@ class P2CPicker:
         if n == 1:
             s = states[0]
             return None if exclude and s in exclude else s
-        load = self._stream_load if call is not None and call.stream else self._load
+        load = self._load_for(call)
         rnd = self._random
         i = int(rnd() * n)
         j = int(rnd() * (n - 1))
@@ -117,7 +130,7 @@ class _P2CInflight(P2CPicker):
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
     ) -> EndpointState | None:
-        if exclude or self._n == 1:
+        if exclude or self._n == 1 or (call is not None and call.tokens):
             return super().pick(call, exclude)
         return self.pick_now(0.0)
 
@@ -149,9 +162,9 @@ class _P2CPeakEwma(P2CPicker):
     ) -> EndpointState | None:
         n = self._n
         if n <= SCAN_UP_TO and n > 1:
-            stream = call is not None and call.stream
-            return self._scan(self._now(), exclude, peak_ewma_ttft_load if stream else None)
-        if exclude or n == 1 or (call is not None and call.stream):
+            special = call is not None and (call.stream or call.tokens)
+            return self._scan(self._now(), exclude, self._load_for(call) if special else None)
+        if exclude or n == 1 or (call is not None and (call.stream or call.tokens)):
             return super().pick(call, exclude)
         return self.pick_now(self._now())
 

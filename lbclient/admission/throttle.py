@@ -1,0 +1,69 @@
+"""Client-side throttling when the fleet itself rejects (Google SRE book, "Handling
+Overload"): reject locally with probability ``max(0, (requests - K x accepts) /
+(requests + 1))`` over a sliding window of 2 minutes.
+
+A request is counted when its answer is known -- accepted (anything but a 429/503 or a
+refused connection) or rejected -- not when it is sent.  Counted at send time, every
+call in flight is a request without its accept yet: a burst of 2,000 calls to a healthy
+fleet looks like 2,000 rejections and is throttled (go-zero #5011 is that bug with a
+window shorter than a call; a burst shows it with any window).  Counted at the answer,
+``requests - K x accepts`` is the fleet's own verdict.  ``K = 2``: a fleet must reject
+more than half of what it answers before anything is rejected locally; then local
+rejects keep what is sent at about twice what is accepted.  Calls rejected locally are
+not counted (they tell nothing about the fleet), so the throttle lets probes through and
+eases off as soon as the fleet accepts again.
+"""
+
+from __future__ import annotations
+
+import random
+
+__all__ = ["Throttle"]
+
+_SLOTS = 24
+WINDOW = 120.0  # seconds
+
+
+class Throttle:
+    __slots__ = ("_acc", "_k", "_req", "_rng", "_slot", "_width", "accepts", "requests")
+
+    def __init__(self, k: float, rng: random.Random, now: float, window: float = WINDOW) -> None:
+        self._k = k
+        self._rng = rng
+        self._width = window / _SLOTS
+        self._slot = int(now // self._width)
+        self._req = [0] * _SLOTS
+        self._acc = [0] * _SLOTS
+        self.requests = 0  # in the window
+        self.accepts = 0
+
+    def _rotate(self, now: float) -> int:
+        slot = int(now // self._width)
+        if slot != self._slot:
+            for s in range(max(self._slot + 1, slot - _SLOTS + 1), slot + 1):
+                i = s % _SLOTS
+                self.requests -= self._req[i]
+                self.accepts -= self._acc[i]
+                self._req[i] = self._acc[i] = 0
+            self._slot = slot
+        return slot % _SLOTS
+
+    def probability(self, now: float) -> float:
+        self._rotate(now)
+        reject = (self.requests - self._k * self.accepts) / (self.requests + 1)
+        return reject if reject > 0 else 0.0
+
+    def admit(self, now: float) -> bool:
+        """May a call be sent (False: reject it locally)?"""
+        self._rotate(now)
+        reject = (self.requests - self._k * self.accepts) / (self.requests + 1)
+        return not (reject > 0 and self._rng.random() < reject)
+
+    def answered(self, accepted: bool, now: float) -> None:
+        """The fleet answered a call: accepted it, or rejected it (429/503, refused)."""
+        i = self._rotate(now)
+        self._req[i] += 1
+        self.requests += 1
+        if accepted:
+            self._acc[i] += 1
+            self.accepts += 1
