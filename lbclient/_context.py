@@ -45,16 +45,14 @@ class CallContext:
       ``(input, output)`` tokens, from :func:`report_usage`).
     """
 
+    # The fields every call sets are slots; the rarely set ones read a class default
+    # until set (into a lazily made __dict__): building a context is a few stores.
     __slots__ = (
+        "__dict__",
         "attempts",
         "deadline",
         "key",
-        "overloaded",
-        "prefix",
-        "priority",
-        "rejected",
         "sample",
-        "scope",
         "sent",
         "started",
         "stream",
@@ -62,8 +60,14 @@ class CallContext:
         "timeout",
         "tokens",
         "tried",
-        "usage",
     )
+
+    prefix: str | None = None
+    priority = 0
+    scope: asyncio.Timeout | None = None
+    overloaded = False
+    rejected = False
+    usage: tuple[float, float] | None = None
 
     def __init__(
         self,
@@ -80,22 +84,20 @@ class CallContext:
         self.key = key
         self.tenant = tenant
         self.tokens = tokens
-        self.prefix = prefix
         self.stream = stream
         self.started = started
         self.timeout = timeout
         self.deadline = None if timeout is None else started + timeout
-        self.scope: asyncio.Timeout | None = None
         # Made on first use: most calls never fail or hedge, and a burst of 10,000 waiting
         # calls should not carry 10,000 empty sets and lists (memory, and GC passes).
         self.tried: AbstractSet[EndpointState] = _NONE_TRIED
         self.attempts: Sequence[Attempt] = ()
         self.sent = 0
-        self.priority = priority
         self.sample: float | None = None
-        self.overloaded = False
-        self.rejected = False
-        self.usage: tuple[float, float] | None = None
+        if prefix is not None:
+            self.prefix = prefix
+        if priority:
+            self.priority = priority
 
     def add_tried(self, s: EndpointState) -> None:
         """The call sent an attempt to ``s``."""

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from ._balancer import Balancer
+from ._context import report_usage
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
 
@@ -123,9 +124,48 @@ def _encode_body(messages: object, model: object, params: dict[str, Any], *, str
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _affinity(body: bytes, key: object) -> object:
+def _affinity(body: bytes, key: object, tenant: object, tokens: float) -> object:
     """The stream route's ``key=``: the affinity key passed along with the body."""
     return key
+
+
+def _tenant_of(body: bytes, key: object, tenant: object, tokens: float) -> object:
+    return tenant
+
+
+def _tokens_of(body: bytes, key: object, tenant: object, tokens: float) -> float:
+    return tokens
+
+
+DEFAULT_MAX_TOKENS = 256  # the output assumed when a request names no max_tokens
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> float:
+    """A call's token estimate: its prompt (about 4 characters a token, the common rule of
+    thumb for English text with GPT-style tokenizers) plus the output it may produce
+    (``max_tokens`` / ``max_completion_tokens``, else 256).  The real ``usage`` in the
+    answer settles it."""
+    chars = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):  # content parts: count the text ones
+            for part in content:
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    out = params.get("max_tokens", params.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
+    if isinstance(out, bool) or not isinstance(out, int | float) or out < 0:
+        out = DEFAULT_MAX_TOKENS
+    return float(chars // 4 + 4 * len(messages) + out)
+
+
+def _report_usage(usage: object) -> None:
+    """Settle the call's token estimate with an OpenAI-style ``usage`` object."""
+    if isinstance(usage, Mapping):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int | float) and isinstance(completion, int | float):
+            report_usage(prompt, completion)
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -347,9 +387,9 @@ class ChatClient:
         )
         # Built once: an async-generator route gets first-token hedging, retries before
         # the first chunk and TTFT statistics from the balancer.
-        self._stream_route: Callable[[bytes, object], AsyncIterator[str]] = lb.route(key=_affinity)(
-            self._stream_attempt
-        )
+        self._stream_route: Callable[[bytes, object, object, float], AsyncIterator[str]] = lb.route(
+            key=_affinity, tenant=_tenant_of, tokens=_tokens_of
+        )(self._stream_attempt)
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -368,6 +408,8 @@ class ChatClient:
         messages: Sequence[Mapping[str, Any]],
         model: str | None = None,
         key: object = None,
+        tenant: object = None,
+        tokens: float | None = None,
         **params: Any,
     ) -> dict[str, Any]:
         """One chat completion; returns the parsed JSON answer.
@@ -381,14 +423,20 @@ class ChatClient:
         ``params`` go into the request body as they are (``max_tokens``, ``tools``...);
         ``model`` is left out when None (single-model servers accept that).  ``key`` is
         the affinity key for ``consistent_hash`` (e.g. a conversation id, so its KV cache
-        is reused), not sent.  The body is serialised once, before any endpoint is
-        picked: a value JSON cannot encode raises ``TypeError`` here and never counts
-        against a replica.  Raises ``aiohttp.ClientResponseError`` on an HTTP error (or
-        what the balancer raises: :class:`lbclient.AttemptsExhausted`...).
+        is reused), not sent.  ``tenant`` is who the call is for (admission fairness and
+        quotas); ``tokens`` its estimated token cost (default: the prompt's length / 4 plus
+        ``max_tokens``), settled by the answer's ``usage``.  The body is serialised once,
+        before any endpoint is picked: a value JSON cannot encode raises ``TypeError``
+        here and never counts against a replica.  Raises ``aiohttp.ClientResponseError``
+        on an HTTP error (or what the balancer raises: :class:`lbclient.AttemptsExhausted`,
+        :class:`lbclient.Overloaded`...).
         """
         self._check_open()
         body = _encode_body(messages, model, params, stream=False)
-        return await self._lb.call(self._create_attempt, body, key=key)
+        estimate = estimate_tokens(messages, params) if tokens is None else tokens
+        return await self._lb.call(
+            self._create_attempt, body, key=key, tenant=tenant, tokens=estimate
+        )
 
     def stream(
         self,
@@ -396,6 +444,8 @@ class ChatClient:
         messages: Sequence[Mapping[str, Any]],
         model: str | None = None,
         key: object = None,
+        tenant: object = None,
+        tokens: float | None = None,
         **params: Any,
     ) -> AsyncGenerator[str, None]:
         """Stream a chat completion: yields the text of each token chunk as it arrives.
@@ -418,7 +468,8 @@ class ChatClient:
         """
         self._check_open()
         body = _encode_body(messages, model, params, stream=True)
-        return self._relay(body, key)
+        estimate = estimate_tokens(messages, params) if tokens is None else tokens
+        return self._relay(body, key, tenant, estimate)
 
     async def text(
         self,
@@ -426,6 +477,8 @@ class ChatClient:
         messages: Sequence[Mapping[str, Any]],
         model: str | None = None,
         key: object = None,
+        tenant: object = None,
+        tokens: float | None = None,
         **params: Any,
     ) -> str:
         """:meth:`create`, returning only ``choices[0].message.content``.
@@ -437,7 +490,9 @@ class ChatClient:
         An answer without text (only tool calls) gives ``""``; an answer with no
         ``choices[0].message`` at all raises ``ValueError``.
         """
-        reply = await self.create(messages=messages, model=model, key=key, **params)
+        reply = await self.create(
+            messages=messages, model=model, key=key, tenant=tenant, tokens=tokens, **params
+        )
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -510,10 +565,11 @@ class ChatClient:
                 raise _bad_payload(url, f"{resp.status} with JSON that is not an object")
             if "error" in reply and "choices" not in reply:
                 raise _in_band_error(resp, reply["error"])
+            _report_usage(reply.get("usage"))
             return reply
 
     async def _stream_attempt(
-        self, endpoint: Endpoint, body: bytes, key: object
+        self, endpoint: Endpoint, body: bytes, key: object, tenant: object, tokens: float
     ) -> AsyncIterator[str]:
         url = endpoint.url + self._path
         http = self._http()
@@ -558,8 +614,10 @@ class ChatClient:
                 if token:
                     yield token
 
-    async def _relay(self, body: bytes, key: object) -> AsyncGenerator[str, None]:
-        inner = self._stream_route(body, key)
+    async def _relay(
+        self, body: bytes, key: object, tenant: object, tokens: float
+    ) -> AsyncGenerator[str, None]:
+        inner = self._stream_route(body, key, tenant, tokens)
         try:
             async for token in inner:
                 yield token
@@ -589,6 +647,8 @@ def _delta_content(resp: aiohttp.ClientResponse, url: str, data: str) -> str | N
     error = event.get("error")
     if error is not None:
         raise _in_band_error(resp, error)
+    if "usage" in event:
+        _report_usage(event["usage"])  # the final chunk, with stream_options.include_usage
     choices = event.get("choices")
     if not choices or not isinstance(choices, list):
         return None  # e.g. the usage chunk of stream_options={"include_usage": true}

@@ -110,13 +110,14 @@ class FairQueue:
             band = self._bands[max(live)]
             best_key: object = None
             best: collections.deque[Waiter] | None = None
-            best_c = 0.0
+            best_c = (0.0, 0)
             for key, q in band.queues.items():
                 while q and q[0].gone:
                     q.popleft()
                 if not q:
                     continue
-                c = self.counters.get(key, 0.0) if self.fair else float(q[0].seq)
+                # Least service first; among equals (a tenant just lifted), the oldest.
+                c = (self.counters.get(key, 0.0) if self.fair else 0.0, q[0].seq)
                 if best is None or c < best_c:
                     best_key, best, best_c = key, q, c
             if best is None:

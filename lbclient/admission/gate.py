@@ -44,6 +44,7 @@ log = logging.getLogger("lbclient")
 
 _RATE_SAMPLES = 64  # completions remembered to estimate how fast slots free up
 OUTPUT_WEIGHT = 2.0  # VTC: an output token costs twice an input token (the paper's default)
+WAIT_MARGIN = 0.5  # queue a caller only if its expected wait is within this share of its budget
 
 
 class TenantCounters:
@@ -124,6 +125,8 @@ class Gate:
         self.in_flight = 0
         self.tokens_in_flight = 0.0
         self.queue = FairQueue(policy.fair, policy.weights)
+        self._fair = policy.fair
+        self._quotas_on = bool(policy.quotas)
         self.throttle = None if policy.throttle is None else Throttle(policy.throttle, rng, now)
         self._quotas: dict[object, TenantQuota] = {}
         self.tenants: dict[object, TenantCounters] = {}
@@ -150,7 +153,7 @@ class Gate:
     def try_admit(self, tenant: object, tokens: float, priority: int, now: float) -> Permit | None:
         """Admit now if there is room; ``None`` if the caller must wait.  Raises
         :class:`QuotaExceeded` or :class:`Overloaded` (throttled) at once."""
-        if self.policy.quotas:
+        if self._quotas_on:
             q = self._quota(tenant, now)
             if q is not None:
                 wait = q.check(tokens, now)
@@ -185,16 +188,21 @@ class Gate:
         self, tenant: object, tokens: float, priority: int, now: float, *, waited: bool
     ) -> Permit:
         self.in_flight += 1
-        self.tokens_in_flight += tokens
-        c = self.tenant(tenant)
+        c = self.tenants.get(tenant)
+        if c is None:
+            c = self.tenants[tenant] = TenantCounters()
         c.admitted += 1
         c.in_flight += 1
-        c.tokens_in_flight += tokens
+        cost = 1.0
+        if tokens:
+            self.tokens_in_flight += tokens
+            c.tokens_in_flight += tokens
+            cost = tokens
         if waited:
             c.waited += 1
-        cost = self._cost(tokens)
-        if self.policy.fair:
-            self.queue.charge(tenant, cost)
+        if self._fair:
+            counters = self.queue.counters
+            counters[tenant] = counters.get(tenant, 0.0) + cost / self.queue.weight(tenant)
         return Permit(self, tenant, tokens, cost, now)
 
     async def wait(
@@ -217,7 +225,11 @@ class Gate:
             )
         ahead = self._ahead(tenant)
         expected = self._expected_wait(ahead, now)
-        if expected is not None and expected > budget:
+        # Only queue a caller likely to be served in time: one whose expected wait is
+        # within half its budget.  The rest are shed now -- a caller learns in
+        # microseconds, not after waiting out max_wait (estimates move: the margin
+        # keeps those that do wait from timing out).
+        if expected is not None and expected > WAIT_MARGIN * budget:
             self._refund_quota(tenant, tokens)
             raise self._shed(
                 "wait exceeded",
@@ -342,10 +354,11 @@ class Gate:
         now = self.now()
         inflight = self.in_flight
         self.in_flight = inflight - 1
-        self.tokens_in_flight -= permit.tokens
-        c = self.tenant(permit.tenant)
+        c = self.tenants[permit.tenant]
         c.in_flight -= 1
-        c.tokens_in_flight -= permit.tokens
+        if permit.tokens:
+            self.tokens_in_flight -= permit.tokens
+            c.tokens_in_flight -= permit.tokens
         self._done_at.append(now)
         if usage is not None:
             used = usage[0] + usage[1]
@@ -356,8 +369,9 @@ class Gate:
                 q = self._quotas.get(permit.tenant)
                 if q is not None:
                     q.settle(permit.tokens, used)
-        if self.throttle is not None and accepted is not None:
-            self.throttle.answered(accepted, now)
+        throttle = self.throttle
+        if throttle is not None and accepted is not None and (throttle.active or not accepted):
+            throttle.answered(accepted, now)
         limiter = self.limiter
         if limiter is not None:
             changed = False
@@ -380,7 +394,8 @@ class Gate:
                             at=now,
                         )
                     )
-        self._wake(now)
+        if self.queue.size:
+            self._wake(now)
 
     def _wake(self, now: float) -> None:
         queue = self.queue

@@ -7,7 +7,8 @@ first chunk), ``"per_token"`` (latency divided by the call's estimated tokens) o
 no-load baseline, so a balancer serving streams and batch calls compares like with like,
 and a long generation never reads as congestion.
 
-Every window (>= 8 samples and >= 20 ms, or 1 s with at least one) the window's median
+Every window (>= 8 samples and >= 20 ms, or 256 samples, or 1 s with at least one) the
+window's median
 ``short`` is compared with the baseline ``base``::
 
     gradient = clamp(tolerance x base / short, 0.5, 1.0)     # tolerance 1.5
@@ -33,10 +34,12 @@ __all__ = ["KINDS", "GradientLimiter"]
 KINDS = ("ttft", "per_token", "latency")
 TOLERANCE = 1.5  # latency up to this multiple of the baseline is not congestion
 MIN_SAMPLES = 8
+MAX_SAMPLES = 256  # a busy client closes a window at this many (its median is plenty)
 MIN_WINDOW = 0.02  # seconds
 MAX_WINDOW = 1.0  # seconds: a window closes by then with at least one sample
 BACKOFF = 0.9  # multiplicative decrease on an explicit overload signal
 DRIFT = 0.1  # how fast a quiet window may raise the baseline
+SMOOTHING = 0.2  # each window moves the limit this share of the way to its new value
 
 
 class _Signal:
@@ -71,7 +74,7 @@ class GradientLimiter:
             sig.peak = inflight
         n = len(sig.samples)
         age = now - sig.start
-        if (n >= MIN_SAMPLES and age >= MIN_WINDOW) or age >= MAX_WINDOW:
+        if (n >= MIN_SAMPLES and age >= MIN_WINDOW) or n >= MAX_SAMPLES or age >= MAX_WINDOW:
             return self._close(sig, now)
         return False
 
@@ -99,9 +102,10 @@ class GradientLimiter:
         if gradient < 1.0:
             new = limit * gradient
         elif peak >= limit / 2:
-            new = limit + 0.5 * math.sqrt(limit)  # probe upwards, by half steps
+            new = limit + math.sqrt(limit)  # probe upwards
         else:
             new = limit  # not used: nothing learned about more concurrency
+        new = limit + SMOOTHING * (new - limit)
         if self._overload:
             new = min(new, limit * BACKOFF)
             self._overload = False

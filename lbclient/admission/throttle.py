@@ -11,7 +11,8 @@ window shorter than a call; a burst shows it with any window).  Counted at the a
 more than half of what it answers before anything is rejected locally; then local
 rejects keep what is sent at about twice what is accepted.  Calls rejected locally are
 not counted (they tell nothing about the fleet), so the throttle lets probes through and
-eases off as soon as the fleet accepts again.
+eases off as soon as the fleet accepts again.  Counting starts at the first rejection and
+stops after a window without one: a healthy fleet costs a flag check per call.
 """
 
 from __future__ import annotations
@@ -25,7 +26,19 @@ WINDOW = 120.0  # seconds
 
 
 class Throttle:
-    __slots__ = ("_acc", "_k", "_req", "_rng", "_slot", "_width", "accepts", "requests")
+    __slots__ = (
+        "_acc",
+        "_k",
+        "_last_reject",
+        "_req",
+        "_rng",
+        "_slot",
+        "_width",
+        "_window",
+        "accepts",
+        "active",
+        "requests",
+    )
 
     def __init__(self, k: float, rng: random.Random, now: float, window: float = WINDOW) -> None:
         self._k = k
@@ -36,6 +49,11 @@ class Throttle:
         self._acc = [0] * _SLOTS
         self.requests = 0  # in the window
         self.accepts = 0
+        self._window = window
+        # Dormant until the fleet rejects something, and again once a whole window has
+        # passed without a rejection: a healthy fleet costs one flag check per call.
+        self.active = False
+        self._last_reject = -window
 
     def _rotate(self, now: float) -> int:
         slot = int(now // self._width)
@@ -55,12 +73,28 @@ class Throttle:
 
     def admit(self, now: float) -> bool:
         """May a call be sent (False: reject it locally)?"""
+        if not self.active:
+            return True
         self._rotate(now)
         reject = (self.requests - self._k * self.accepts) / (self.requests + 1)
         return not (reject > 0 and self._rng.random() < reject)
 
     def answered(self, accepted: bool, now: float) -> None:
         """The fleet answered a call: accepted it, or rejected it (429/503, refused)."""
+        if accepted:
+            if not self.active:
+                return
+            if now - self._last_reject > self._window:
+                self.active = False  # a whole window without a rejection: dormant again
+                return
+        else:
+            self._last_reject = now
+            if not self.active:
+                self.active = True
+                self._slot = int(now // self._width)
+                self._req = [0] * _SLOTS
+                self._acc = [0] * _SLOTS
+                self.requests = self.accepts = 0
         i = self._rotate(now)
         self._req[i] += 1
         self.requests += 1

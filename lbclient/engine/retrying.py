@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .._errors import AttemptsExhausted, DeadlineExceeded, NoEndpointAvailable
 from ..observe.events import RetryEvent
 from ..policies.classify import error_kind
-from .attempt import plain_try
+from .attempt import settle, start
 
 if TYPE_CHECKING:
     from .._context import CallContext
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..pool.state import EndpointState
     from .engine import Engine
 
-__all__ = ["acquire", "avoid", "next_retry", "retry_from", "run"]
+__all__ = ["acquire", "avoid", "next_retry", "retry_from", "rounds", "run"]
 
 R = TypeVar("R")
 
@@ -189,9 +189,6 @@ def counted_retry(engine: Engine, lease: Lease, err: BaseException) -> None:
     engine.counters.retried(error_kind(err))
 
 
-Try = Callable[..., Awaitable[Any]]
-
-
 async def run(
     engine: Engine,
     call: CallContext,
@@ -204,11 +201,11 @@ async def run(
     call's deadline, retried per policy, hedged when the balancer hedges (``first``: a
     lease already taken for the first attempt)."""
     if call.timeout is None:
-        return await _rounds(engine, call, fn, args, kwargs, None, first)
+        return await rounds(engine, call, fn, args, kwargs, None, first)
     try:
         async with asyncio.timeout(call.timeout) as scope:
             call.scope = scope
-            return await _rounds(engine, call, fn, args, kwargs, None, first)
+            return await rounds(engine, call, fn, args, kwargs, None, first)
     except TimeoutError as exc:
         if scope.expired():
             engine.counters.failed("deadline")
@@ -228,10 +225,10 @@ async def retry_from(
     err: Exception,
 ) -> R:
     """Continue a call whose first attempt (made on the fast path) failed with ``err``."""
-    return await _rounds(engine, call, fn, args, kwargs, err)
+    return await rounds(engine, call, fn, args, kwargs, err)
 
 
-async def _rounds(
+async def rounds(
     engine: Engine,
     call: CallContext,
     fn: Callable[..., Awaitable[R]],
@@ -240,13 +237,13 @@ async def _rounds(
     err: Exception | None,
     first: Lease | None = None,
 ) -> R:
+    """The rounds of one call.  A plain attempt runs inline here (one coroutine frame for
+    the whole call); a hedged round is :func:`~lbclient.engine.hedging.hedged_try`."""
     hedger = engine.hedger
     if hedger is not None:
         from .hedging import hedged_try
-
-        attempt: Try = hedged_try
-    else:
-        attempt = plain_try
+    pool = engine.pool
+    now = engine.now
     while True:
         if err is not None:
             delay = next_retry(engine, call, err)
@@ -255,12 +252,29 @@ async def _rounds(
         if first is not None:
             lease, first = first, None
         else:
-            lease = await acquire(engine, call, err)
+            t = now()
+            try:
+                lease = pool.acquire(call, avoid(engine, call, t) if call.tried else None, t)
+            except NoEndpointAvailable:
+                lease = await acquire(engine, call, err)  # waits out cooldowns, or raises
         if err is not None:
             counted_retry(engine, lease, err)
+        if hedger is not None:
+            try:
+                return await hedged_try(engine, call, lease, fn, args, kwargs)
+            except Exception as exc:
+                err = exc
+                continue
+        start(call, lease)
         try:
-            if hedger is not None:
-                return await attempt(engine, call, lease, fn, args, kwargs)  # type: ignore[no-any-return]
-            return await attempt(call, lease, fn, args, kwargs)  # type: ignore[no-any-return]
-        except Exception as exc:
+            result = await fn(lease.endpoint, *args, **kwargs)
+        except BaseException as exc:
+            settle(call, lease, exc, now())
+            if not isinstance(exc, Exception):
+                raise
             err = exc
+            continue
+        t = now()
+        lease.ok(t)
+        call.sample = t - lease.t0
+        return result

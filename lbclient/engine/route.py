@@ -26,7 +26,7 @@ from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overload
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
 from .attempt import record, settle
-from .retrying import retry_from, run
+from .retrying import retry_from, rounds, run
 
 if TYPE_CHECKING:
     from ..admission.gate import Permit
@@ -128,10 +128,20 @@ class Extract:
             stream=stream,
             timeout=timeout,
         )
-        p = self.priority
-        if p is not None:
-            call.priority = int(p(*args, **kwargs)) if callable(p) else p  # type: ignore[call-overload]
+        if self.priority is not None:
+            call.priority = _priority_of(self.priority, args, kwargs)
         return call
+
+
+def _priority_of(
+    priority: int | Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> int:
+    if not callable(priority):
+        return priority
+    value = priority(*args, **kwargs)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"priority= must give an int, got {value!r}")
+    return value
 
 
 def check_tokens(value: object) -> float | None:
@@ -175,13 +185,23 @@ def make_route(
             f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
             "plain async function: use timeout="
         )
-    if engine.gate is None and deadline is None:
-        if engine.hedger is not None and extract.tenant is None and extract.tokens is None:
-            return functools.wraps(fn)(_hedged(engine, fn, extract.key))
-        if not extract.any:
-            if engine.retry is None:
-                return functools.wraps(fn)(_fast(engine, fn))
-            return functools.wraps(fn)(_fast_then_retry(engine, fn))
+    if deadline is None and extract.key is None and extract.tokens is None:
+        if engine.gate is None:
+            if engine.hedger is not None and extract.tenant is None:
+                return functools.wraps(fn)(_hedged(engine, fn, None))
+            if not extract.any:
+                if engine.retry is None:
+                    return functools.wraps(fn)(_fast(engine, fn))
+                return functools.wraps(fn)(_fast_then_retry(engine, fn))
+        elif engine.hedger is None:
+            return functools.wraps(fn)(_fast_admitted(engine, fn, extract))
+    elif (
+        engine.gate is None
+        and engine.hedger is not None
+        and deadline is None
+        and (extract.tenant is None and extract.tokens is None and extract.priority is None)
+    ):
+        return functools.wraps(fn)(_hedged(engine, fn, extract.key))
     return functools.wraps(fn)(_full(engine, fn, extract, deadline))
 
 
@@ -266,6 +286,83 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
     return call
 
 
+def _fast_admitted(
+    engine: Engine, fn: Callable[..., Awaitable[Any]], extract: Extract
+) -> Callable[..., Any]:
+    """The fast path under admission (no key, tokens, deadline or hedging): the permit is
+    taken synchronously when there is room and the attempt runs in this frame.  Anything
+    else -- a caller that must wait, a probe hand-over, a failure to retry -- continues on
+    the full path with the permit it holds."""
+    gate = engine.gate
+    assert gate is not None
+    pool = engine.pool
+    acquire = pool.acquire_fast
+    succeeded = pool.succeeded
+    now = engine.now
+    counters = engine.counters
+    budget = engine.budget
+    retry = engine.retry
+    tenant_of = extract.tenant
+    prio = extract.priority
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        t0 = now()
+        tenant = tenant_of(*args, **kwargs) if tenant_of is not None else None
+        priority = 0 if prio is None else _priority_of(prio, args, kwargs)
+        try:
+            permit = gate.try_admit(tenant, 0.0, priority, t0)
+        except Overloaded as exc:
+            counters.calls += 1
+            counters.failed(f"shed: {exc.reason}")
+            raise
+        ctx = None
+        if permit is None:  # no room now: wait in the queue (or be shed) on the full path
+            ctx = CallContext(tenant=tenant, priority=priority)
+            return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+        counters.calls += 1
+        if budget is not None:
+            budget.deposit(t0)
+        try:
+            s = acquire(t0)
+        except Handoff as h:
+            ctx = CallContext(tenant=tenant, priority=priority)
+            return await run_call(engine, fn, args, kwargs, ctx, h.lease, permit)
+        except BaseException:
+            permit.release()
+            counters.failed("no endpoint")
+            raise
+        try:
+            result = await fn(s.endpoint, *args, **kwargs)
+        except Exception as exc:
+            t1 = now()
+            lease = Lease(pool, s, t0, 0)
+            ctx = CallContext(tenant=tenant, priority=priority, started=t0)
+            ctx.sent = 1
+            ctx.add_tried(s)
+            settle(ctx, lease, exc, t1)
+            if retry is None:
+                counters.failed("error")
+                release(permit, ctx, False)
+                raise
+            try:
+                result = await retry_from(engine, ctx, fn, args, kwargs, exc)
+            except BaseException:
+                release(permit, ctx, False)
+                raise
+            release(permit, ctx, True)
+            return result
+        except BaseException:
+            Lease(pool, s, t0, 0).cancel()
+            permit.release()
+            raise
+        t = now()
+        succeeded(s, t0, t)
+        permit.release("latency", t - t0, accepted=True)
+        return result
+
+    return call
+
+
 def _hedged(
     engine: Engine, fn: Callable[..., Awaitable[Any]], key: Callable[..., object] | None
 ) -> Callable[..., Any]:
@@ -323,35 +420,56 @@ async def run_call(
     kwargs: dict[str, Any],
     call: CallContext,
     first: Lease | None = None,
+    permit: Permit | None = None,
+    waiting: bool = False,
 ) -> Any:
-    """Start ``call`` (count it, feed the budget) and run it on the full path; ``first``
-    is a lease already taken for its first attempt (a fast-path hand-over)."""
-    if engine.pool.closed and first is None:
+    """Start ``call`` (count it, feed the budget, admit it) and run it on the full path.
+
+    ``first``: a lease already taken for its first attempt (a fast-path hand-over);
+    ``permit``: an admission permit already granted; ``waiting``: admission already
+    said "no room now" (the caller goes straight to the queue)."""
+    if engine.pool.closed and first is None and permit is None:
         raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
     t = first.t0 if first is not None else engine.now()
     call.started = t
     if call.timeout is not None:
         call.deadline = t + call.timeout
-    engine.counters.calls += 1
-    if engine.budget is not None:
-        engine.budget.deposit(t)
-    if engine.gate is None:
+    if permit is None:
+        engine.counters.calls += 1
+        if engine.budget is not None:
+            engine.budget.deposit(t)
+    gate = engine.gate
+    if gate is None:
         if call.tokens is None:
+            if call.timeout is None:  # no deadline scope: straight into the rounds
+                return await rounds(engine, call, fn, args, kwargs, None, first)
             return await run(engine, call, fn, args, kwargs, first)
         token = CURRENT.set(call)
         try:
             return await run(engine, call, fn, args, kwargs, first)
         finally:
             CURRENT.reset(token)
-    permit = await admit(engine, call)
-    token = CURRENT.set(call)
+    if permit is None:
+        if not waiting:
+            try:
+                permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
+            except Overloaded as exc:
+                engine.counters.failed(f"shed: {exc.reason}")
+                raise
+        if permit is None:
+            permit = await admit(engine, call)
+    current = CURRENT.set(call) if call.tokens is not None else None
     try:
-        result = await run(engine, call, fn, args, kwargs, first)
+        if call.timeout is None:
+            result = await rounds(engine, call, fn, args, kwargs, None, first)
+        else:
+            result = await run(engine, call, fn, args, kwargs, first)
     except BaseException:
         release(permit, call, False)
         raise
     finally:
-        CURRENT.reset(token)
+        if current is not None:
+            CURRENT.reset(current)
     release(permit, call, True)
     return result
 

@@ -25,6 +25,8 @@ log = logging.getLogger("lbclient")
 
 _LOG_BURST = 5  # call events logged per key and window before the rest are suppressed
 _LOG_WINDOW = 1.0  # seconds
+# Sheds come in thousands when they come: one line, then a count every 10 s.
+_SLOW_LOG: dict[str, tuple[int, float]] = {"AdmissionEvent": (1, 10.0)}
 
 
 class Counters:
@@ -160,9 +162,10 @@ class Observer:
 
     def _log_limited(self, event: Event, level: int) -> None:
         key = (type(event), getattr(event, "outcome", None), getattr(event, "reason", None))
+        burst, window = _SLOW_LOG.get(type(event).__name__, (_LOG_BURST, _LOG_WINDOW))
         now = self._now()
         limit = self._limits.get(key)
-        if limit is None or now - limit.start >= _LOG_WINDOW:
+        if limit is None or now - limit.start >= window:
             if limit is not None and limit.suppressed:
                 self._logger.log(
                     level,
@@ -173,7 +176,7 @@ class Observer:
                 )
             limit = self._limits[key] = _Limit(now)
         limit.count += 1
-        if limit.count <= _LOG_BURST:
+        if limit.count <= burst:
             self._logger.log(level, "%s", event)
         else:
             limit.suppressed += 1

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..pool.pool import Pool
     from ..pool.state import EndpointState
 
-__all__ = ["BalancerStats", "EndpointStats", "snapshot"]
+__all__ = ["AdmissionStats", "BalancerStats", "EndpointStats", "TenantStats", "snapshot"]
 
 
 def _quantile(sorted_values: list[float], q: float) -> float | None:
@@ -78,6 +78,46 @@ class EndpointStats:
 
 
 @attrs.frozen(kw_only=True)
+class TenantStats:
+    """One tenant under admission.  ``admitted`` calls got a slot (``waited`` of them after
+    queueing); ``queued`` and ``in_flight`` are now; ``shed`` counts refusals by reason
+    (``"queue full"``, ``"wait exceeded"``, ``"throttled"``); ``quota_denied`` the calls
+    over quota; ``tokens_in_flight`` the estimated tokens of its running calls;
+    ``service`` its fairness counter (weighted tokens received, VTC)."""
+
+    tenant: object
+    admitted: int
+    waited: int
+    queued: int
+    in_flight: int
+    shed: Mapping[str, int]
+    quota_denied: int
+    tokens_in_flight: float
+    service: float
+
+
+@attrs.frozen(kw_only=True)
+class AdmissionStats:
+    """The admission gate: the current concurrency ``limit`` (adaptive or fixed), calls
+    ``in_flight`` under it and ``queued`` for it, ``tokens_in_flight``, calls ``shed``
+    by reason, and per tenant."""
+
+    limit: float
+    adaptive: bool
+    in_flight: int
+    queued: int
+    tokens_in_flight: float
+    shed: Mapping[str, int]
+    tenants: tuple[TenantStats, ...]
+
+    def tenant(self, tenant: object) -> TenantStats:
+        for t in self.tenants:
+            if t.tenant == tenant:
+                return t
+        raise KeyError(tenant)
+
+
+@attrs.frozen(kw_only=True)
 class BalancerStats:
     """The whole pool: per-endpoint stats plus call-level totals.
 
@@ -106,6 +146,7 @@ class BalancerStats:
     cooldowns: int
     in_flight: int
     endpoints: tuple[EndpointStats, ...]
+    admission: AdmissionStats | None = None
 
     def endpoint(self, url: str) -> EndpointStats:
         """The stats of one endpoint by url (trailing ``/`` ignored)."""
@@ -189,6 +230,32 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
     eps = tuple(endpoint_stats(s, now) for s in pool.members.values())
     c = engine.counters
     hedger = engine.hedger
+    gate = engine.gate
+    admission = None
+    if gate is not None:
+        counters = gate.queue.counters
+        admission = AdmissionStats(
+            limit=gate.limit,
+            adaptive=gate.limiter is not None,
+            in_flight=gate.in_flight,
+            queued=gate.queue.size,
+            tokens_in_flight=gate.tokens_in_flight,
+            shed=types.MappingProxyType(dict(gate.shed_total)),
+            tenants=tuple(
+                TenantStats(
+                    tenant=t,
+                    admitted=tc.admitted,
+                    waited=tc.waited,
+                    queued=tc.queued,
+                    in_flight=tc.in_flight,
+                    shed=types.MappingProxyType(dict(tc.shed)),
+                    quota_denied=tc.quota_denied,
+                    tokens_in_flight=tc.tokens_in_flight,
+                    service=counters.get(t, 0.0),
+                )
+                for t, tc in gate.tenants.items()
+            ),
+        )
     return BalancerStats(
         strategy=pool.strategy.name,
         closed=pool.closed,
@@ -207,4 +274,5 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
         cooldowns=c.cooldowns,
         in_flight=sum(e.in_flight for e in eps),
         endpoints=eps,
+        admission=admission,
     )
