@@ -242,7 +242,7 @@ def run_lbclient(
         def launch(lease: Any) -> float:
             nonlocal sent
             sent += 1
-            call.tried.add(lease.state)
+            call.add_tried(lease.state)
             rep = by_url[lease.state.url]
             service = draws[next(draw_i)][rep.index]
             req = _Req(i, service + attempt_delay, lambda r, t, lease=lease: finish(lease, r, t))

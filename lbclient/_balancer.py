@@ -24,7 +24,7 @@ from .engine.engine import Engine
 from .engine.pick import PickedEndpoint
 from .engine.route import check_async, check_timeout, check_tokens, make_route, run_call
 from .observe.observer import Observer
-from .observe.stats import BalancerStats, snapshot
+from .observe.stats import BalancerStats, health_view, snapshot
 from .policies.breaker import Breaker
 from .policies.classify import is_endpoint_failure
 from .policies.geo import GeoTable
@@ -361,12 +361,20 @@ class Balancer:
         self._check_open()
         await self._background.start()
 
-    async def aclose(self) -> None:
-        """Stop background work (health checks, discovery).  Idempotent.  Calls in flight
-        finish; new calls raise :class:`BalancerClosed`."""
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Close: new calls raise :class:`BalancerClosed` at once, background work
+        (health checks, discovery) stops.  Idempotent.
+
+        ``timeout=None`` (default) closes now; calls in flight finish on their own.
+        ``timeout=seconds`` -- graceful shutdown (SIGTERM): stop taking calls now, then
+        wait up to that long for the ones in flight to finish before stopping the rest.
+        """
+        seconds = check_timeout(timeout)
         if self._pool.closed:
             return
         self._pool.close()
+        if seconds is not None:
+            await self._pool.wait_idle(seconds)
         if self._engine.hedger is not None:
             self._engine.hedger.close()
         await self._background.stop()
@@ -388,6 +396,20 @@ class Balancer:
     def stats(self) -> BalancerStats:
         """An immutable snapshot of every endpoint and the call totals."""
         return snapshot(self._pool, self._engine)
+
+    def ready(self) -> bool:
+        """For a readiness probe: open, and at least one endpoint may be picked now."""
+        pool = self._pool
+        if pool.closed:
+            return False
+        if pool.now() >= pool.next_refresh:
+            pool.refresh()
+        return bool(pool.snap.pickable)
+
+    def health(self) -> dict[str, Any]:
+        """A JSON-able view for a debug page: readiness, panic, admission and each
+        endpoint's state (pickable, breaker, in flight, latency, cooldown, counters)."""
+        return health_view(self.stats(), self.ready())
 
     def __repr__(self) -> str:
         closed = " closed" if self._pool.closed else ""

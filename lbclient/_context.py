@@ -68,6 +68,9 @@ class CallContext:
     overloaded = False
     rejected = False
     usage: tuple[float, float] | None = None
+    served_by: str | None = None  # the URL of the endpoint whose answer the call got
+    tracer: Any = None  # the engine's tracer while spans are on (see lbclient.metrics)
+    span: Any = None  # this call's span, parent of its attempts' spans
 
     def __init__(
         self,

@@ -38,6 +38,8 @@ def start(call: CallContext, lease: Lease) -> None:
     call.sent += 1
     lease.number = call.sent
     call.add_tried(lease.state)
+    if call.tracer is not None:
+        lease.on_done = call.tracer.attempt(call, lease)
 
 
 def record(call: CallContext, lease: Lease, error: BaseException, t: float) -> None:

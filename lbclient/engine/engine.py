@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock
 
 if TYPE_CHECKING:
     from ..admission.gate import Gate
     from ..admission.policy import Admission
+    from ..observe.histogram import Recorder
     from ..observe.observer import Observer
     from ..policies.budget import Budget
     from ..policies.hedge import Hedge
@@ -43,8 +44,10 @@ class Engine:
         "now",
         "observer",
         "pool",
+        "recorder",
         "retry",
         "rng",
+        "tracer",
     )
 
     def __init__(
@@ -68,6 +71,8 @@ class Engine:
         self.budget: Budget | None = retry.make_budget(clock) if retry is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rebind: list[Callable[[asyncio.AbstractEventLoop], None]] = []
+        self.recorder: Recorder | None = None  # set when a metrics exporter attaches
+        self.tracer: Any = None  # set by lbclient.metrics.OpenTelemetry(spans=True)
         self.gate: Gate | None = None
         if admission is not None:
             from ..admission.gate import Gate

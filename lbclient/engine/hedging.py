@@ -397,6 +397,7 @@ async def _backup(engine: Engine, race: _Race, lease: Lease) -> Any:
         race.winner = asyncio.current_task()
         race.result = result
         race.won_in = t - lease.t0
+        race.call.served_by = lease.state.url
         hedge_won(engine, lease, race.delay)
         if race.primary_running and race.caller is not None:
             race.caller.cancel()  # interrupt the primary; hedged_try un-cancels
@@ -483,6 +484,7 @@ async def hedged_try(
             lease.ok(t)
             hedger.observe(t - t0, t)
             call.sample = t - t0
+            call.served_by = lease.state.url
             if race.winner is not None:
                 # The wrapped function swallowed our cancellation; the backup's result stands.
                 if caller.cancelling() > cancelling:

@@ -14,9 +14,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .._context import CallContext
-from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable
+from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable, Overloaded
 from .attempt import cut_error, record, settle, start
-from .route import admit, release
+from .route import admit, error_type, release
 
 if TYPE_CHECKING:
     from .._endpoint import Endpoint
@@ -53,8 +53,15 @@ class PickedEndpoint:
             engine.budget.deposit(t)
         if call.timeout is not None:
             call.deadline = t + call.timeout
-        if engine.gate is not None:
-            self._permit = await admit(engine, call)
+        gate = engine.gate
+        if gate is not None:
+            try:
+                self._permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
+            except Overloaded as exc:
+                engine.counters.failed(f"shed: {exc.reason}")
+                raise
+            if self._permit is None:
+                self._permit = await admit(engine, call)
         try:
             lease = engine.pool.acquire(call, None, engine.now())
         except NoEndpointAvailable:
@@ -95,13 +102,20 @@ class PickedEndpoint:
                     record(call, lease, cut_error(lease), t)
                     engine.counters.failed("deadline")
                     raise DeadlineExceeded(call.timeout or 0.0, call.attempts) from err
+            rec = engine.recorder
             if exc is None:
                 t = engine.now()
                 lease.ok(t)
                 call.sample = t - lease.t0
+                engine.counters.ok += 1
+                if rec is not None:
+                    rec.call(t - call.started, True, lease.state.url)
             elif isinstance(exc, Exception):
-                settle(call, lease, exc, engine.now())
+                t = engine.now()
+                settle(call, lease, exc, t)
                 engine.counters.failed("error")
+                if rec is not None:
+                    rec.call(t - call.started, False, lease.state.url, error_type(exc))
             else:
                 lease.cancel()
         finally:

@@ -277,4 +277,5 @@ async def rounds(
         t = now()
         lease.ok(t)
         call.sample = t - lease.t0
+        call.served_by = lease.state.url
         return result

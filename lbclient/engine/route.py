@@ -18,19 +18,22 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._context import CURRENT, CallContext
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
+from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
-from .attempt import record, settle
+from .attempt import settle
 from .retrying import retry_from, rounds, run
 
 if TYPE_CHECKING:
     from ..admission.gate import Permit
     from .engine import Engine
+
+R = TypeVar("R")
 
 __all__ = [
     "Extract",
@@ -38,6 +41,7 @@ __all__ = [
     "check_async",
     "check_timeout",
     "check_tokens",
+    "error_type",
     "make_route",
     "release",
     "run_call",
@@ -216,6 +220,8 @@ def _fast(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Callable[..., An
     counters = engine.counters
 
     async def call(*args: Any, **kwargs: Any) -> Any:
+        if engine.tracer is not None:  # spans need a call context: the full path
+            return await run_call(engine, fn, args, kwargs, CallContext())
         t0 = now()
         try:
             s = acquire(t0)
@@ -229,11 +235,18 @@ def _fast(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Callable[..., An
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except BaseException as exc:
-            settle(None, Lease(pool, s, t0, 0), exc, now())
+            t = now()
+            settle(None, Lease(pool, s, t0, 0), exc, t)
             if isinstance(exc, Exception):
                 counters.failed("error")
+                if engine.recorder is not None:
+                    engine.recorder.call(t - t0, False, s.url, error_type(exc))
             raise
-        succeeded(s, t0, now())
+        t = now()
+        succeeded(s, t0, t)
+        counters.ok += 1
+        if engine.recorder is not None:
+            engine.recorder.call(t - t0, True, s.url)
         return result
 
     return call
@@ -251,6 +264,8 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
     deposit = budget.deposit
 
     async def call(*args: Any, **kwargs: Any) -> Any:
+        if engine.tracer is not None:  # spans need a call context: the full path
+            return await run_call(engine, fn, args, kwargs, CallContext())
         t0 = now()
         try:
             s = acquire(t0)
@@ -270,17 +285,19 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
-            lease = Lease(pool, s, t0, 0)
-            lease.fail(exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
             ctx.add_tried(s)
-            record(ctx, lease, exc, t1)
-            return await retry_from(engine, ctx, fn, args, kwargs, exc)
+            settle(ctx, Lease(pool, s, t0, 0), exc, t1)
+            return await _recorded(engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc))
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
             raise
-        succeeded(s, t0, now())
+        t = now()
+        succeeded(s, t0, t)
+        counters.ok += 1
+        if engine.recorder is not None:
+            engine.recorder.call(t - t0, True, s.url)
         return result
 
     return call
@@ -309,13 +326,15 @@ def _fast_admitted(
         t0 = now()
         tenant = tenant_of(*args, **kwargs) if tenant_of is not None else None
         priority = 0 if prio is None else _priority_of(prio, args, kwargs)
+        if engine.tracer is not None:  # spans need a call context: the full path
+            ctx = CallContext(tenant=tenant, priority=priority)
+            return await run_call(engine, fn, args, kwargs, ctx)
         try:
             permit = gate.try_admit(tenant, 0.0, priority, t0)
         except Overloaded as exc:
             counters.calls += 1
             counters.failed(f"shed: {exc.reason}")
             raise
-        ctx = None
         if permit is None:  # no room now: wait in the queue (or be shed) on the full path
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
@@ -343,9 +362,13 @@ def _fast_admitted(
             if retry is None:
                 counters.failed("error")
                 release(permit, ctx, False)
+                if engine.recorder is not None:
+                    engine.recorder.call(t1 - t0, False, s.url, error_type(exc))
                 raise
             try:
-                result = await retry_from(engine, ctx, fn, args, kwargs, exc)
+                result = await _recorded(
+                    engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc)
+                )
             except BaseException:
                 release(permit, ctx, False)
                 raise
@@ -357,7 +380,10 @@ def _fast_admitted(
             raise
         t = now()
         succeeded(s, t0, t)
+        counters.ok += 1
         permit.release("latency", t - t0, accepted=True)
+        if engine.recorder is not None:
+            engine.recorder.call(t - t0, True, s.url)
         return result
 
     return call
@@ -380,6 +406,8 @@ def _hedged(
             raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
         t0 = now()
         ctx = CallContext(key=key(*args, **kwargs) if key is not None else None, started=t0)
+        if engine.tracer is not None:  # spans: the full path
+            return await run_call(engine, fn, args, kwargs, ctx)
         counters.calls += 1
         if budget is not None:
             budget.deposit(t0)
@@ -391,9 +419,13 @@ def _hedged(
                 raise
             return await run(engine, ctx, fn, args, kwargs)  # waits out the cooldowns
         try:
-            return await hedged_try(engine, ctx, lease, fn, args, kwargs)
+            result = await hedged_try(engine, ctx, lease, fn, args, kwargs)
         except Exception as exc:
-            return await retry_from(engine, ctx, fn, args, kwargs, exc)
+            return await _recorded(engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc))
+        counters.ok += 1
+        if engine.recorder is not None:
+            engine.recorder.call(now() - t0, True, ctx.served_by)
+        return result
 
     return call
 
@@ -428,6 +460,46 @@ async def run_call(
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
     said "no room now" (the caller goes straight to the queue)."""
+    return await _recorded(
+        engine, call, _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
+    )
+
+
+async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any, R]) -> R:
+    """Await the rest of a call; count and record how it ended."""
+    try:
+        result = await coro
+    except Exception as exc:
+        rec = engine.recorder
+        if rec is not None:
+            rec.call(engine.now() - call.started, False, call.served_by, error_type(exc))
+        raise
+    engine.counters.ok += 1
+    rec = engine.recorder
+    if rec is not None:
+        rec.call(engine.now() - call.started, True, call.served_by)
+        if call.usage is not None:
+            rec.usage(call.usage, call.served_by)
+    return result
+
+
+def error_type(exc: BaseException) -> str:
+    """The ``error.type`` of a failed call (OpenTelemetry's attribute): the HTTP status
+    when the error carries one, else the exception's class name."""
+    status = status_of(exc)
+    return str(status) if status is not None else type(exc).__name__
+
+
+async def _run_call(
+    engine: Engine,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: CallContext,
+    first: Lease | None = None,
+    permit: Permit | None = None,
+    waiting: bool = False,
+) -> Any:
     if engine.pool.closed and first is None and permit is None:
         raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
     t = first.t0 if first is not None else engine.now()

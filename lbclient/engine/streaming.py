@@ -26,15 +26,16 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from .._context import CURRENT, CallContext
-from .._errors import BalancerClosed, DeadlineExceeded, StreamIdleTimeout
+from .._errors import BalancerClosed, DeadlineExceeded, Overloaded, StreamIdleTimeout
 from .attempt import record, start
 from .hedging import hedge_won, send_backup
 from .retrying import acquire, counted_retry, next_retry
-from .route import admit, release
+from .route import admit, error_type, release
 
 if TYPE_CHECKING:
     from ..pool.lease import Lease
@@ -131,8 +132,22 @@ def make_stream_route(
             engine.budget.deposit(t)
         if engine.hedger is not None:
             engine.hedger.budget.deposit(t)
-        permit = None if engine.gate is None else await admit(engine, call)
+        permit = None
+        gate = engine.gate
+        if gate is not None:
+            try:
+                permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
+            except Overloaded as exc:
+                counters.failed(f"shed: {exc.reason}")
+                raise
+            if permit is None:
+                permit = await admit(engine, call)
         ok = False
+        span = None
+        if engine.tracer is not None:
+            call.tracer = engine.tracer
+            span = engine.tracer.call(call)
+            span.__enter__()
         try:
             # aclosing: closing this stream closes the inner one (and frees its slot) now.
             async with contextlib.aclosing(
@@ -141,9 +156,17 @@ def make_stream_route(
                 async for item in inner:
                     yield item
             ok = True
+            counters.ok += 1
+        except Exception as exc:
+            rec = engine.recorder
+            if rec is not None and call.served_by is None:  # failed before its first chunk
+                rec.call(engine.now() - t, False, None, error_type(exc), True)
+            raise
         finally:
             if permit is not None:
                 release(permit, call, ok or call.sample is not None)
+            if span is not None:
+                span.__exit__(*sys.exc_info())
 
     return functools.wraps(fn)(stream)
 
@@ -249,6 +272,9 @@ async def _stream_call(
             t = engine.now()
             won_in = t - att.lease.t0
             call.sample = won_in
+            call.served_by = att.lease.state.url
+            if engine.recorder is not None:
+                engine.recorder.call(t - call.started, True, call.served_by, None, True)
             for other in live:
                 if other is not att:
                     other.lease.lose(t, won_in)

@@ -51,6 +51,7 @@ class Counters:
         "hedges_denied",
         "hedges_sent",
         "hedges_won",
+        "ok",
         "retries",
         "retries_by",
         "retries_denied",
@@ -58,6 +59,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.ok = 0  # calls that returned (or streams that ended) successfully
         self.calls_failed = 0
         self.failed_by: dict[str, int] = {}
         self.retries = 0

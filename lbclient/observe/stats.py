@@ -13,7 +13,14 @@ if TYPE_CHECKING:
     from ..pool.pool import Pool
     from ..pool.state import EndpointState
 
-__all__ = ["AdmissionStats", "BalancerStats", "EndpointStats", "TenantStats", "snapshot"]
+__all__ = [
+    "AdmissionStats",
+    "BalancerStats",
+    "EndpointStats",
+    "TenantStats",
+    "health_view",
+    "snapshot",
+]
 
 
 def _quantile(sorted_values: list[float], q: float) -> float | None:
@@ -276,3 +283,42 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
         endpoints=eps,
         admission=admission,
     )
+
+
+def health_view(stats: BalancerStats, ready: bool) -> dict[str, Any]:
+    """``lb.health()``: what a debug page shows, JSON-able."""
+    adm = stats.admission
+    return {
+        "ready": ready,
+        "closed": stats.closed,
+        "panic": stats.panic,
+        "strategy": stats.strategy,
+        "in_flight": stats.in_flight,
+        "calls": stats.calls,
+        "calls_failed": stats.calls_failed,
+        "admission": None
+        if adm is None
+        else {
+            "limit": adm.limit,
+            "in_flight": adm.in_flight,
+            "queued": adm.queued,
+            "shed": dict(adm.shed),
+        },
+        "endpoints": [
+            {
+                "url": e.url,
+                "region": e.region,
+                "state": e.state,
+                "pickable": e.pickable,
+                "breaker": e.breaker,
+                "in_flight": e.in_flight,
+                "latency_ewma_ms": e.latency_ewma_ms,
+                "p99_ms": e.p99_ms,
+                "cooling_s": e.cooling_s,
+                "server_load": e.server_load,
+                "requests": e.requests,
+                "failures": e.failures,
+            }
+            for e in stats.endpoints
+        ],
+    }

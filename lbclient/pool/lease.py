@@ -30,6 +30,8 @@ from ..observe.events import AttemptEvent
 from ..policies.classify import retry_after, status_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._endpoint import Endpoint
     from .pool import Pool
     from .state import EndpointState
@@ -65,6 +67,9 @@ class Lease:
     tokens = 0.0
     first_at: float | None = None
     chunks = 0  # a stream's chunks after the first
+    # Told ``(outcome, error)`` when the lease ends -- tracing hangs an attempt's span
+    # here (outcome: "ok", "failed", "ignored", "cut", "cancelled", "lost").
+    on_done: Callable[[str, BaseException | None], None] | None = None
 
     def __init__(self, pool: Pool, state: EndpointState, t0: float, probe: int) -> None:
         self.pool = pool
@@ -91,6 +96,8 @@ class Lease:
             pool.succeeded(self.state, self.t0, t, self.probe, self.tokens, False)
         else:
             pool.succeeded(self.state, self.t0, t, self.probe, self.tokens)
+        if self.on_done is not None:
+            self.on_done("ok", None)
         return True
 
     def first_chunk(self, t: float) -> None:
@@ -131,6 +138,8 @@ class Lease:
             if seconds is not None and seconds > 0:
                 pool.cool(s, min(seconds, pool.cooldown_cap), status_of(exc), t)
         self._event("failed" if counted else "ignored", exc, counted, t)
+        if self.on_done is not None:
+            self.on_done("failed" if counted else "ignored", exc)
         return counted
 
     def cut(self, t: float | None = None) -> bool:
@@ -148,6 +157,8 @@ class Lease:
         s.cut += 1
         self._charge(t)
         self._event("cut", None, True, t)
+        if self.on_done is not None:
+            self.on_done("cut", None)
         return True
 
     def cancel(self) -> bool:
@@ -165,6 +176,8 @@ class Lease:
         if b is not None and self.probe:
             b.on_ignored(pool.now(), self.probe)
             pool.invalidate()
+        if self.on_done is not None:
+            self.on_done("cancelled", None)
         return True
 
     def lose(self, t: float | None = None, winner: float | None = None) -> bool:
@@ -202,6 +215,8 @@ class Lease:
             if b.state != before or self.probe:
                 pool.invalidate()
         self._event("lost", None, True, t)
+        if self.on_done is not None:
+            self.on_done("lost", None)
         return True
 
     def overdue(self, t: float) -> None:

@@ -561,5 +561,17 @@ class Pool:
         self.closed = True
         self.next_refresh = -math.inf  # the hot path's one compare now sees "closed"
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no attempt is in flight; True if none is."""
+        import asyncio
+
+        deadline = self.now() + timeout
+        while self.totals.inflight > 0:
+            left = deadline - self.now()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.01, left))
+        return True
+
     def __repr__(self) -> str:
         return f"<Pool members={len(self.members)} pickable={len(self.snap.pickable)}>"

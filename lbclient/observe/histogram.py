@@ -1,0 +1,93 @@
+"""Fixed-bucket histograms, cheap enough for every call: a bisect and two additions.
+
+The engine records each call's duration and each stream's time to first chunk into a
+:class:`Recorder` -- but only once an exporter (:mod:`lbclient.metrics`) attached one;
+until then a call pays one ``is None`` check.  Exporters read the histograms at scrape
+time.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+
+__all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Histogram", "Recorder"]
+
+DURATION_BUCKETS: tuple[float, ...] = (
+    *(0.01 * 2**k for k in range(14)),  # OpenTelemetry GenAI: 0.01, 0.02 ... 81.92 s
+    163.84,
+    327.68,
+    655.36,
+    1310.72,  # reasoning models think for minutes: the tail must not land in +Inf
+)
+"""Seconds: the GenAI semantic conventions' call-duration buckets, extended to ~22 min."""
+
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+"""Seconds: the GenAI conventions' time-to-first-chunk buckets, extended to ~3 min."""
+
+TOKEN_BUCKETS: tuple[float, ...] = tuple(float(4**k) for k in range(14))
+"""Tokens: 1, 4, 16 ... 67,108,864 (the GenAI ``gen_ai.client.token.usage`` buckets)."""
+
+
+class Histogram:
+    """Counts per bucket (``buckets`` are upper bounds; one more for +Inf), the sum and
+    the count.  Not thread-safe: like all balancer state it lives on the event loop."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``[(upper bound, calls <= it), ..., (inf, count)]``, as Prometheus wants."""
+        out = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+CallHook = Callable[[float, bool, str | None, str | None, bool], None]
+
+
+class Recorder:
+    """Per-call measurements: ``duration`` (whole calls), ``ttft`` (streams), and hooks
+    other exporters add (OpenTelemetry records per call with attributes)."""
+
+    __slots__ = ("duration", "hooks", "ttft", "usage_hooks")
+
+    def __init__(self) -> None:
+        self.duration = Histogram(DURATION_BUCKETS)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.hooks: list[CallHook] = []
+        self.usage_hooks: list[Callable[[tuple[float, float], str | None], None]] = []
+
+    def call(
+        self,
+        seconds: float,
+        ok: bool,
+        endpoint: str | None = None,
+        error: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        """A call ended after ``seconds`` (for a stream: its first chunk came then)."""
+        (self.ttft if stream else self.duration).observe(seconds)
+        for hook in self.hooks:
+            hook(seconds, ok, endpoint, error, stream)
+
+    def usage(self, usage: tuple[float, float], endpoint: str | None) -> None:
+        """A call's real ``(input, output)`` token use (from ``report_usage``)."""
+        for hook in self.usage_hooks:
+            hook(usage, endpoint)
