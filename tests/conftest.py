@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -17,6 +19,29 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 FleetFactory = Callable[..., Awaitable[ReplicaFleet]]
+
+
+def real_service(program: str, package: str) -> str:
+    """The path of a real service's program (``promtool``, ``redis-server``).  Missing:
+    the test skips on a developer's machine, and fails under ``.ci/run``
+    (``LBCLIENT_REQUIRE_SERVICES=1``), which installs it -- CI never skips one."""
+    path = shutil.which(program)
+    if path is None:
+        why = f"{program} not found (Debian: apt-get install {package})"
+        if os.environ.get("LBCLIENT_REQUIRE_SERVICES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture
+def promtool() -> str:
+    return real_service("promtool", "prometheus")
+
+
+@pytest.fixture
+def redis_server_bin() -> str:
+    return real_service("redis-server", "redis-server")
 
 
 @pytest.fixture
