@@ -39,6 +39,8 @@ from .pool.pool import Pool
 
 __all__ = ["Balancer", "DrainResult"]
 
+LOSER_GRACE = 1.0  # seconds aclose() gives cancelled hedge losers to finish their cleanup
+
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
@@ -365,7 +367,9 @@ class Balancer:
         """Close: new calls raise :class:`BalancerClosed` at once, background work
         (health checks, discovery) stops.  Idempotent.
 
-        ``timeout=None`` (default) closes now; calls in flight finish on their own.
+        ``timeout=None`` (default) closes now; calls in flight finish on their own (their
+        retries still run; no new hedges are sent), and hedge backups that already lost
+        get up to a second to finish their cleanup.
         ``timeout=seconds`` -- graceful shutdown (SIGTERM): stop taking calls now, then
         wait up to that long for the ones in flight to finish before stopping the rest.
         """
@@ -373,10 +377,14 @@ class Balancer:
         if self._pool.closed:
             return
         self._pool.close()
+        hedger = self._engine.hedger
         if seconds is not None:
+            start = self._pool.now()
             await self._pool.wait_idle(seconds)
-        if self._engine.hedger is not None:
-            self._engine.hedger.close()
+            seconds = max(0.0, seconds - (self._pool.now() - start))
+        if hedger is not None:
+            hedger.close()
+            await hedger.wait_backups(LOSER_GRACE if seconds is None else seconds)
         await self._background.stop()
 
     async def __aenter__(self) -> Balancer:

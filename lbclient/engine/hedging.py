@@ -19,16 +19,18 @@ import collections
 import heapq
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._clock import Clock
-from .._errors import NoEndpointAvailable
+from .._errors import BalancerClosed, NoEndpointAvailable
 from ..observe.events import HedgeEvent
 from ..policies.budget import Budget
 from ..policies.hedge import Hedge
 from .attempt import record, settle, start
+from .retrying import converted_cancel
 
 if TYPE_CHECKING:
     from .._context import CallContext
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from ..pool.pool import Pool
     from ..pool.state import EndpointState
     from .engine import Engine
+
+log = logging.getLogger("lbclient")
 
 __all__ = ["Hedger", "LatencyWindow", "hedged_try", "prefer_elsewhere", "send_backup"]
 
@@ -153,6 +157,7 @@ class Hedger:
         "_seq",
         "budget",
         "policy",
+        "tasks",
         "ttft_window",
         "window",
     )
@@ -177,6 +182,9 @@ class Hedger:
         self._seq = 0
         self._armed: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
+        # Backups still running (a loser whose cancel is being processed, say): aclose()
+        # waits for them, so none outlives the balancer.
+        self.tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     def rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The balancer moved to ``loop``: forget the old loop's timer and queue."""
@@ -189,6 +197,19 @@ class Hedger:
         if self._armed is not None:
             self._armed.cancel()
         self.rebind(None)  # type: ignore[arg-type]
+
+    async def wait_backups(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) for the backups that lost a race and were
+        cancelled to finish their cleanup (closing a connection, say), so none outlives
+        the balancer.  Backups still racing for a call in flight are left to it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        tasks = [t for t in self.tasks if not t.done() and t.get_loop() is loop]
+        tasks = [t for t in tasks if t.cancelling()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     def schedule(self, engine: Engine, loop: asyncio.AbstractEventLoop, race: _Race) -> None:
         """Fire ``race``'s next hedge at loop time ``race.due`` unless it is done by then."""
@@ -221,7 +242,10 @@ class Hedger:
                 return
             heapq.heappop(queue)
             if self._engine is not None:
-                _fire(self._engine, race, loop)
+                try:
+                    _fire(self._engine, race, loop)
+                except Exception:  # a strategy bug: this backup is not sent, others are
+                    log.exception("lbclient: sending a hedge backup failed")
 
     def current_delay(self, stream: bool = False) -> float:
         """Seconds to wait before a backup: the policy's fixed ``delay``, else the
@@ -268,16 +292,18 @@ def send_backup(engine: Engine, call: CallContext, delay: float, now: float) -> 
     an endpoint the call has not tried."""
     hedger = engine.hedger
     assert hedger is not None
+    pool = engine.pool
+    if pool.closed:  # calls in flight finish, without new hedges
+        return None
     observer = engine.observer
     if not hedger.budget.try_withdraw(now):
         engine.counters.hedges_denied += 1
         if observer.wants(logging.DEBUG):
             observer.emit(HedgeEvent(action="denied", url=None, delay=delay, at=now))
         return None
-    pool = engine.pool
     try:
         lease = pool.acquire(call, prefer_elsewhere(pool, call.tried), now)
-    except NoEndpointAvailable:
+    except (NoEndpointAvailable, BalancerClosed):
         return None
     if lease.state in call.tried:  # nowhere else to go: a backup there is pointless
         lease.abandon()
@@ -311,6 +337,7 @@ class _Race:
         "delay",
         "done",
         "due",
+        "fatal",
         "fn",
         "kwargs",
         "left",
@@ -347,6 +374,7 @@ class _Race:
         self.winner: asyncio.Task[Any] | None = None
         self.result: Any = None
         self.won_in: float | None = None  # the winning backup's own latency
+        self.fatal: BaseException | None = None  # a backup's BaseException, for the caller
         self.backups: list[tuple[asyncio.Task[Any], Lease]] = []
 
 
@@ -378,6 +406,7 @@ def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
     task = loop.create_task(_backup(engine, race, lease))
     task.add_done_callback(_finisher(lease))
     race.backups.append((task, lease))
+    hedger.tasks.add(task)
 
 
 async def _backup(engine: Engine, race: _Race, lease: Lease) -> Any:
@@ -387,6 +416,13 @@ async def _backup(engine: Engine, race: _Race, lease: Lease) -> Any:
     except BaseException as exc:
         if not lease.done:  # else the race already ended and settled this attempt
             settle(call, lease, exc, engine.now())
+        if not isinstance(exc, Exception | asyncio.CancelledError) and not race.done:
+            # KeyboardInterrupt, SystemExit, a user's own shutdown signal: the caller
+            # must see it, as it would from the primary; the race ends here.
+            race.done = True
+            race.fatal = exc
+            if race.primary_running and race.caller is not None:
+                race.caller.cancel()  # interrupt the primary; hedged_try raises it
         raise
     if lease.done:
         return result
@@ -441,7 +477,12 @@ async def hedged_try(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> R:
-    """One round of a hedged call: the primary inline, backups after each delay."""
+    """One round of a hedged call: the primary inline, backups after each delay.
+
+    However the round ends, no backup is left running: a winner cancels the rest, a
+    failure or cancel of the call cuts or cancels them.  A backup's ``BaseException``
+    (not an ``Exception``) ends the round and reaches the caller, as a primary's would.
+    """
     hedger = engine.hedger
     assert hedger is not None
     loop = engine.bind()
@@ -461,19 +502,22 @@ async def hedged_try(
             result = await fn(lease.endpoint, *args, **kwargs)
         except asyncio.CancelledError as exc:
             race.primary_running = False
-            if race.winner is not None and caller.uncancel() <= cancelling:
-                # A backup won and cancelled us out of the primary: that is a success.
-                t = engine.now()
-                lease.lose(t, race.won_in)
-                _end(engine, race, "lost", race.won_in)
-                hedger.observe(t - t0, t)
-                call.sample = race.won_in
-                return race.result  # type: ignore[no-any-return]
+            if _backup_ended_it(race) and caller.uncancel() <= cancelling:
+                # A backup won (or raised a BaseException) and cancelled us out of the
+                # primary: the primary lost the race.
+                return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
             settle(call, lease, exc, engine.now())
             _end(engine, race, "cut" if call.expired() else "cancel")
             raise
         except BaseException as exc:
             race.primary_running = False
+            if isinstance(exc, Exception) and caller.cancelling() > cancelling:
+                # Cancelled -- by a backup that won, or by the caller -- and the function
+                # turned the cancel into its own error.
+                if _backup_ended_it(race) and caller.uncancel() <= cancelling:
+                    return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
+                _end(engine, race, "cut" if call.expired() else "cancel")
+                converted_cancel(call, lease, exc, engine.now())
             settle(call, lease, exc, engine.now())
             if not isinstance(exc, Exception):
                 _end(engine, race, "cancel")
@@ -481,26 +525,21 @@ async def hedged_try(
         else:
             race.primary_running = False
             t = engine.now()
+            if _backup_ended_it(race):
+                # The function swallowed the cancel a backup sent: the backup's verdict
+                # stands, and this answer is given back like a lost one's.
+                if caller.cancelling() > cancelling:
+                    caller.uncancel()
+                return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
             lease.ok(t)
             hedger.observe(t - t0, t)
             call.sample = t - t0
             call.served_by = lease.state.url
-            if race.winner is not None:
-                # The wrapped function swallowed our cancellation; the backup's result stands.
-                if caller.cancelling() > cancelling:
-                    caller.uncancel()
-                return race.result  # type: ignore[no-any-return]
             if race.backups:
                 _end(engine, race, "lost", t - t0)
             race.done = True
             return result
         # The primary failed: a backup may have won meanwhile, or may still win.
-        if race.winner is not None:
-            if caller.cancelling() > cancelling:
-                caller.uncancel()
-            _end(engine, race, "lost", race.won_in)
-            call.sample = race.won_in
-            return race.result  # type: ignore[no-any-return]
         try:
             while not race.done:
                 pending = [task for task, _ in race.backups if not task.done()]
@@ -510,12 +549,36 @@ async def hedged_try(
         except BaseException:
             _end(engine, race, "cut" if call.expired() else "cancel")
             raise
-        if race.winner is not None:
-            t = engine.now()
-            hedger.observe(t - t0, t)
-            call.sample = race.won_in
-            return race.result
+        if _backup_ended_it(race):
+            if caller.cancelling() > cancelling:  # sent while the primary was failing
+                caller.uncancel()
+            return _backup_ended(engine, race, None, t0)  # type: ignore[no-any-return]
         race.done = True
         raise call.attempts[-1].error
     finally:
         _finish(race)
+
+
+def _backup_ended_it(race: _Race) -> bool:
+    return race.winner is not None or race.fatal is not None
+
+
+def _backup_ended(engine: Engine, race: _Race, primary: Lease | None, t0: float) -> Any:
+    """A backup ended the race: it won (its result), or raised a ``BaseException`` (raised
+    here).  The primary (when it still holds its lease) lost; the other backups are
+    cancelled."""
+    t = engine.now()
+    fatal = race.fatal
+    if fatal is not None:
+        if primary is not None:
+            primary.cancel()
+        _end(engine, race, "cancel")
+        raise fatal
+    if primary is not None:
+        primary.lose(t, race.won_in)
+        hedger = engine.hedger
+        assert hedger is not None
+        hedger.observe(t - t0, t)  # the primary's latency is at least this
+    _end(engine, race, "lost", race.won_in)
+    race.call.sample = race.won_in
+    return race.result

@@ -64,8 +64,10 @@ class PickedEndpoint:
                 self._permit = await admit(engine, call)
         try:
             lease = engine.pool.acquire(call, None, engine.now())
-        except NoEndpointAvailable:
-            engine.counters.failed("no endpoint")
+        except BaseException as exc:  # no endpoint, a strategy's bug, a close meanwhile
+            engine.counters.failed(
+                "no endpoint" if isinstance(exc, NoEndpointAvailable) else "error"
+            )
             if self._permit is not None:
                 release(self._permit, call, False)
             raise

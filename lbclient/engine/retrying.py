@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..pool.state import EndpointState
     from .engine import Engine
 
-__all__ = ["acquire", "avoid", "next_retry", "retry_from", "rounds", "run"]
+__all__ = ["acquire", "avoid", "converted_cancel", "next_retry", "retry_from", "rounds", "run"]
 
 R = TypeVar("R")
 
@@ -49,9 +49,8 @@ def avoid(engine: Engine, call: CallContext, now: float) -> AbstractSet[Endpoint
     for s in pickable:
         if now - s.last_failure < RECENT_FAILURE:
             out.add(s)
-    if len(out) >= len(pickable):
-        return tried
-    return out
+    # Every pickable endpoint tried or failing: avoid only the tried ones.
+    return tried if all(s in out for s in pickable) else out
 
 
 async def acquire(engine: Engine, call: CallContext, err: BaseException | None) -> Lease:
@@ -228,6 +227,16 @@ async def retry_from(
     return await rounds(engine, call, fn, args, kwargs, err)
 
 
+def converted_cancel(call: CallContext | None, lease: Lease, err: Exception, t: float) -> None:
+    """The attempt under ``lease`` raised ``err`` while the caller's task was being
+    cancelled: the wrapped function turned the cancel into its own error (an HTTP layer
+    mapping an aborted request, say).  Settle it as the cancel it was (cut, if the call's
+    deadline sent it) and raise ``CancelledError``: a cancelled call must not retry,
+    hedge or wait on."""
+    settle(call, lease, asyncio.CancelledError(), t)
+    raise asyncio.CancelledError(f"cancelled (the attempt then raised {err!r})") from err
+
+
 async def rounds(
     engine: Engine,
     call: CallContext,
@@ -244,6 +253,8 @@ async def rounds(
         from .hedging import hedged_try
     pool = engine.pool
     now = engine.now
+    task = asyncio.current_task()
+    base = task.cancelling() if task is not None else 0
     while True:
         if err is not None:
             delay = next_retry(engine, call, err)
@@ -269,9 +280,12 @@ async def rounds(
         try:
             result = await fn(lease.endpoint, *args, **kwargs)
         except BaseException as exc:
-            settle(call, lease, exc, now())
             if not isinstance(exc, Exception):
+                settle(call, lease, exc, now())
                 raise
+            if task is not None and task.cancelling() > base:
+                converted_cancel(call, lease, exc, now())
+            settle(call, lease, exc, now())
             err = exc
             continue
         t = now()

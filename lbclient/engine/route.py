@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from asyncio import current_task
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,7 +28,7 @@ from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
 from .attempt import settle
-from .retrying import retry_from, rounds, run
+from .retrying import converted_cancel, retry_from, rounds, run
 
 if TYPE_CHECKING:
     from ..admission.gate import Permit
@@ -281,10 +282,13 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             return await run_call(engine, fn, args, kwargs, CallContext(), h.lease)
         counters.calls += 1
         deposit(t0)
+        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
+            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+                converted_cancel(None, Lease(pool, s, t0, 0), exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
             ctx.add_tried(s)
@@ -350,11 +354,15 @@ def _fast_admitted(
             permit.release()
             counters.failed("no endpoint")
             raise
+        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
             lease = Lease(pool, s, t0, 0)
+            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+                permit.release()
+                converted_cancel(None, lease, exc, t1)
             ctx = CallContext(tenant=tenant, priority=priority, started=t0)
             ctx.sent = 1
             ctx.add_tried(s)
@@ -418,6 +426,9 @@ def _hedged(
                 counters.failed("no endpoint")
                 raise
             return await run(engine, ctx, fn, args, kwargs)  # waits out the cooldowns
+        except Exception:  # a strategy's bug: the call failed all the same
+            counters.failed("error")
+            raise
         try:
             result = await hedged_try(engine, ctx, lease, fn, args, kwargs)
         except Exception as exc:

@@ -52,14 +52,22 @@ Item = tuple[int, Any]
 
 
 class _Attempt:
-    """One stream attempt: its lease, its pump task and the channel it fills."""
+    """One stream attempt: its lease, its pump task and the channel it fills.
+    ``stopped``: the race is done with it -- its pump stops at its next chunk even if
+    the generator swallowed the cancel."""
 
-    __slots__ = ("channel", "lease", "task")
+    __slots__ = ("channel", "lease", "stopped", "task")
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.channel: asyncio.Queue[Item] = asyncio.Queue(BUFFER)
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.task is not None:
+            self.task.cancel()
 
     def ended(self, task: asyncio.Task[None]) -> None:
         self.lease.cancel()
@@ -81,6 +89,8 @@ async def _pump(
     agen = fn(lease.endpoint, *args, **kwargs)
     try:
         async for chunk in agen:
+            if att.stopped:  # the generator swallowed its cancel: stop it here
+                break
             if first:
                 first = False
                 lease.first_chunk(engine.now())
@@ -98,6 +108,9 @@ async def _pump(
         lease.cancel()
         item = (_RAISE, exc)
     else:
+        if att.stopped:
+            lease.cancel()  # a no-op when the race already judged it
+            return
         lease.ok()
         item = (_END, None)
     finally:
@@ -278,8 +291,7 @@ async def _stream_call(
             for other in live:
                 if other is not att:
                     other.lease.lose(t, won_in)
-                    if other.task is not None:
-                        other.task.cancel()
+                    other.stop()
             live[:] = [att]
             if att.lease.hedge:
                 hedge_won(engine, att.lease, delay)
@@ -313,7 +325,7 @@ async def _stream_call(
                 raise payload
     finally:
         pending = [a.task for a in live if a.task is not None and not a.task.done()]
-        for task in pending:
-            task.cancel()
+        for a in live:
+            a.stop()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

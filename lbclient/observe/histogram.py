@@ -8,7 +8,8 @@ time.
 
 from __future__ import annotations
 
-import bisect
+import itertools
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
 __all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Histogram", "Recorder"]
@@ -36,18 +37,24 @@ class Histogram:
     """Counts per bucket (``buckets`` are upper bounds; one more for +Inf), the sum and
     the count.  Not thread-safe: like all balancer state it lives on the event loop."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
+        if not self.bounds or any(not a < b for a, b in itertools.pairwise(self.bounds)):
+            raise ValueError(f"histogram bounds must increase strictly, got {self.bounds!r}")
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        """Observations so far (the +Inf bucket's cumulative count)."""
+        return sum(self.counts)
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        """Count ``value`` in the first bucket whose upper bound is >= it (``le``)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.count += 1
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``[(upper bound, calls <= it), ..., (inf, count)]``, as Prometheus wants."""
@@ -82,10 +89,16 @@ class Recorder:
         error: str | None = None,
         stream: bool = False,
     ) -> None:
-        """A call ended after ``seconds`` (for a stream: its first chunk came then)."""
-        (self.ttft if stream else self.duration).observe(seconds)
-        for hook in self.hooks:
-            hook(seconds, ok, endpoint, error, stream)
+        """A call ended after ``seconds`` (for a stream: its first chunk came then).
+
+        A stream that failed before its first chunk (``stream`` and not ``ok``) had no
+        first chunk: its time goes to ``duration``, not ``ttft``."""
+        h = self.ttft if stream and ok else self.duration
+        h.counts[bisect_left(h.bounds, seconds)] += 1  # Histogram.observe, inlined: per call
+        h.sum += seconds
+        if self.hooks:
+            for hook in self.hooks:
+                hook(seconds, ok, endpoint, error, stream)
 
     def usage(self, usage: tuple[float, float], endpoint: str | None) -> None:
         """A call's real ``(input, output)`` token use (from ``report_usage``)."""

@@ -143,15 +143,22 @@ class Lease:
         return counted
 
     def cut(self, t: float | None = None) -> bool:
-        """The call's own deadline passed while this attempt ran: the endpoint was too
-        slow, and that counts against it (on every path)."""
+        """The call's own deadline passed while this attempt ran.  Returns whether this
+        ended the attempt.  That the endpoint was too slow counts against it (on every
+        path) -- if the attempt had run longer than the endpoint usually takes: a backup
+        or retry sent just before the deadline says nothing about its endpoint, and is
+        given back like a cancelled one."""
         if self.done:
             return False
-        self.done = True
         pool = self.pool
         s = self.state
         if t is None:
             t = pool.now()
+        if self.first_at is None:
+            expected = s.ttft.at(self.t0) if self.stream else s.at(self.t0)
+            if t - self.t0 <= expected:
+                return self.cancel()
+        self.done = True
         self._stream_ended(t)
         pool.release(s, self.tokens)
         s.cut += 1

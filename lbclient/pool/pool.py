@@ -290,9 +290,12 @@ class Pool:
         now: float,
     ) -> Lease:
         """Pick an endpoint for ``call`` (avoiding ``exclude`` while others remain) and take
-        an in-flight slot on it.  Synchronous.  Raises :class:`NoEndpointAvailable`."""
+        an in-flight slot on it.  Synchronous.  Raises :class:`NoEndpointAvailable`.
+
+        Once the pool is closed, only a call already in flight (one that has sent an
+        attempt) may still pick -- its retries finish it, as closing promises."""
         if now >= self.next_refresh:
-            if self.closed:
+            if self.closed and (call is None or not call.sent):
                 raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
             self.refresh()
         snap = self.snap

@@ -5,8 +5,8 @@ outlives the calls and ``await lb.aclose()``.
 
 Two kinds of test live here:
 
-* ``xfail(strict=True)`` tests pin a defect found by this review: each asserts the
-  correct behaviour and says in its reason where the code goes wrong;
+* regression tests for the defects this review found (each fixed since): each asserts
+  the correct behaviour and its comment says where the code went wrong;
 * plain tests are robustness checks that held, beyond the single-call accounting matrix
   (``test_accounting_matrix.py``) and the pool state machine
   (``tests/unit/test_pool_state_machine.py``): orderings of win / fail / cancel inside
@@ -114,12 +114,9 @@ async def settle_loop(n: int = 5) -> None:
 # -- hedging: losers left running -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hedged_try: when the primary failed and a backup then wins in the "
-    "asyncio.wait loop, it returns race.result without _end(); other backups keep "
-    "running and hold their slots",
-)
+# Was a defect: hedged_try: when the primary failed and a backup then wins in the
+# asyncio.wait loop, it returns race.result without _end(); other backups keep running and
+# hold their slots
 async def test_backup_winning_after_the_primary_failed_cancels_the_other_backups() -> None:
     lb = lbclient.Balancer(
         [A, B, C], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.01, max_hedges=2)
@@ -150,12 +147,9 @@ async def test_backup_winning_after_the_primary_failed_cancels_the_other_backups
     assert_accounting(lb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hedged_try: when the primary swallows the cancel sent by a winning backup "
-    "and returns, the winner's result is returned without _end(); other backups keep "
-    "running and hold their slots",
-)
+# Was a defect: hedged_try: when the primary swallows the cancel sent by a winning backup
+# and returns, the winner's result is returned without _end(); other backups keep running
+# and hold their slots
 async def test_primary_swallowing_the_winners_cancel_still_cancels_the_other_backups() -> None:
     lb = lbclient.Balancer(
         [A, B, C], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.01, max_hedges=2)
@@ -188,11 +182,8 @@ async def test_primary_swallowing_the_winners_cancel_still_cancels_the_other_bac
     assert_accounting(lb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hedging._end only cancels losing backups; nothing awaits or tracks them, so "
-    "aclose() returns while their tasks (and the wrapped function's cleanup) still run",
-)
+# Was a defect: hedging._end only cancels losing backups; nothing awaits or tracks them,
+# so aclose() returns while their tasks (and the wrapped function's cleanup) still run
 async def test_no_hedge_task_outlives_the_call_and_aclose() -> None:
     lb = lbclient.Balancer([A, B], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.01))
     cleaned: list[str] = []
@@ -217,12 +208,9 @@ async def test_no_hedge_task_outlives_the_call_and_aclose() -> None:
     assert cleaned == [B]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hedge backup's BaseException is retrieved and dropped by hedging._finisher "
-    "(streams forward it to the consumer, a primary's propagates): a shutdown signal "
-    "raised in a backup is lost silently",
-)
+# Was a defect: a hedge backup's BaseException is retrieved and dropped by
+# hedging._finisher (streams forward it to the consumer, a primary's propagates): a
+# shutdown signal raised in a backup is lost silently
 async def test_a_base_exception_from_a_hedge_backup_reaches_the_caller() -> None:
     lb = lbclient.Balancer([A, B], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.01))
 
@@ -239,11 +227,9 @@ async def test_a_base_exception_from_a_hedge_backup_reaches_the_caller() -> None
     assert_accounting(lb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a strategy raising in the backup pick escapes Hedger._tick (a loop callback): "
-    "the races still queued behind it are never fired (the shared timer is not re-armed)",
-)
+# Was a defect: a strategy raising in the backup pick escapes Hedger._tick (a loop
+# callback): the races still queued behind it are never fired (the shared timer is not re-
+# armed)
 async def test_a_picker_raising_for_one_backup_does_not_stop_other_hedges() -> None:
     class FlakyPicker(_InOrderPicker):
         def pick(
@@ -283,12 +269,9 @@ async def test_a_picker_raising_for_one_backup_does_not_stop_other_hedges() -> N
 # -- a deadline cut charges a backup that had only just started ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hedging._end(..., 'cut') -> Lease.cut charges every running backup as a failure "
-    "however briefly it ran: a healthy endpoint's breaker opens for a backup sent just "
-    "before the deadline (lose() weighs the time run; cut() does not)",
-)
+# Was a defect: hedging._end(..., 'cut') -> Lease.cut charges every running backup as a
+# failure however briefly it ran: a healthy endpoint's breaker opens for a backup sent
+# just before the deadline (lose() weighs the time run; cut() does not)
 async def test_a_backup_sent_just_before_the_deadline_is_not_held_against_its_endpoint() -> None:
     lb = lbclient.Balancer(
         [A, B, C],
@@ -324,12 +307,9 @@ async def test_a_backup_sent_just_before_the_deadline_is_not_held_against_its_en
 # -- a caller's cancel turned into an error by the wrapped function -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine never checks the caller's cancelling(): a cancel that the wrapped "
-    "function turns into a retryable error is retried (engine/retrying.py's loop) or "
-    "waits for a running backup (hedged_try's asyncio.wait loop); the call goes on",
-)
+# Was a defect: the engine never checks the caller's cancelling(): a cancel that the
+# wrapped function turns into a retryable error is retried (engine/retrying.py's loop) or
+# waits for a running backup (hedged_try's asyncio.wait loop); the call goes on
 @pytest.mark.parametrize("variant", ["fast_then_retry", "deadline", "hedged"])
 async def test_a_cancelled_call_sends_nothing_more_when_the_function_converts_the_cancel(
     variant: str,
@@ -375,11 +355,9 @@ async def test_a_cancelled_call_sends_nothing_more_when_the_function_converts_th
 # -- aclose() with calls in flight -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after aclose(), retrying.acquire -> pool.acquire raises a bare BalancerClosed: "
-    "a call in flight loses its attempts and error, and is not counted in calls_failed",
-)
+# Was a defect: after aclose(), retrying.acquire -> pool.acquire raises a bare
+# BalancerClosed: a call in flight loses its attempts and error, and is not counted in
+# calls_failed
 @pytest.mark.parametrize("variant", ["fast_then_retry", "deadline", "hedged", "stream"])
 async def test_a_call_in_flight_at_aclose_still_says_what_it_tried(variant: str) -> None:
     lb = lbclient.Balancer(
@@ -432,13 +410,9 @@ async def test_a_call_in_flight_at_aclose_still_says_what_it_tried(variant: str)
     assert_accounting(lb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aclose() kills a healthy hedged stream in flight: its hedge timer calls "
-    "send_backup -> pool.acquire, which raises BalancerClosed out of _stream_call "
-    "(the plain hedged path checks pool.closed in _fire; send_backup catches only "
-    "NoEndpointAvailable)",
-)
+# Was a defect: aclose() kills a healthy hedged stream in flight: its hedge timer calls
+# send_backup -> pool.acquire, which raises BalancerClosed out of _stream_call (the plain
+# hedged path checks pool.closed in _fire; send_backup catches only NoEndpointAvailable)
 async def test_a_hedged_stream_in_flight_at_aclose_finishes() -> None:
     lb = lbclient.Balancer([A, B], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.03))
     started = asyncio.Event()
@@ -462,12 +436,9 @@ async def test_a_hedged_stream_in_flight_at_aclose_finishes() -> None:
 # -- streams whose generator swallows the cancel ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streaming._pump keeps pumping a losing attempt whose generator swallowed the "
-    "cancel: nobody reads its channel, so after 16 chunks the pump blocks forever on "
-    "channel.put (never awaited: losers are dropped from `live`)",
-)
+# Was a defect: streaming._pump keeps pumping a losing attempt whose generator swallowed
+# the cancel: nobody reads its channel, so after 16 chunks the pump blocks forever on
+# channel.put (never awaited: losers are dropped from `live`)
 async def test_a_losing_stream_that_swallows_its_cancel_does_not_leak_its_pump() -> None:
     lb = lbclient.Balancer([A, B], strategy=InOrder(), hedge=lbclient.Hedge(delay=0.02))
 
@@ -491,11 +462,9 @@ async def test_a_losing_stream_that_swallows_its_cancel_does_not_leak_its_pump()
     assert_accounting(lb)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="closing a stream whose generator swallowed one cancel hangs: _stream_call's "
-    "finally awaits the pump, which goes on pumping into a channel nobody reads",
-)
+# Was a defect: closing a stream whose generator swallowed one cancel hangs:
+# _stream_call's finally awaits the pump, which goes on pumping into a channel nobody
+# reads
 async def test_closing_a_stream_whose_generator_swallows_a_cancel_does_not_hang() -> None:
     lb = lbclient.Balancer([A, B], strategy=InOrder())
 
@@ -525,12 +494,9 @@ async def test_closing_a_stream_whose_generator_swallows_a_cancel_does_not_hang(
 # -- retries and membership ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retrying.avoid compares len(tried | recently failed) with len(pickable), "
-    "counting tried endpoints that are no longer pickable (drained/removed): the retry "
-    "then avoids only `tried` and goes to an endpoint that failed a moment ago",
-)
+# Was a defect: retrying.avoid compares len(tried | recently failed) with len(pickable),
+# counting tried endpoints that are no longer pickable (drained/removed): the retry then
+# avoids only `tried` and goes to an endpoint that failed a moment ago
 async def test_a_retry_after_a_drain_avoids_an_endpoint_that_just_failed() -> None:
     # pool order A, C, B: after A is drained, C comes first and has just failed
     lb = lbclient.Balancer(
@@ -564,12 +530,9 @@ async def test_a_retry_after_a_drain_avoids_an_endpoint_that_just_failed() -> No
 # -- admission (work in progress at review time) -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PickedEndpoint.__aenter__ releases its admission permit only on "
-    "NoEndpointAvailable: any other error from pool.acquire (a strategy bug, "
-    "BalancerClosed) leaks the permit and shrinks the concurrency limit for good",
-)
+# Was a defect: PickedEndpoint.__aenter__ releases its admission permit only on
+# NoEndpointAvailable: any other error from pool.acquire (a strategy bug, BalancerClosed)
+# leaks the permit and shrinks the concurrency limit for good
 async def test_lb_pick_gives_its_admission_permit_back_when_picking_fails() -> None:
     admission_cls = getattr(lbclient, "Admission", None)
     if admission_cls is None:
