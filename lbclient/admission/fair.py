@@ -5,8 +5,9 @@ Priority first (a higher ``priority=`` is always served before a lower one), the
 Models", Sheng et al., OSDI 2024): every tenant has a counter of the service it has
 received, in weighted tokens (``input + 2 x output``, divided by the tenant's weight);
 the backlogged tenant with the smallest counter goes next.  A tenant that becomes
-backlogged after being idle is lifted to the smallest counter of the backlogged ones, so
-idleness banks no credit.  The guarantee (the paper's Theorem): two tenants backlogged
+backlogged after being idle is lifted to the smallest counter of the backlogged ones --
+or, when nobody is queued, to the counter of the tenant served last -- so idleness banks
+no credit.  The guarantee (the paper's Theorem): two tenants backlogged
 over the same interval differ in service received by at most a bound of the order of the
 largest single request's cost -- see ``tests/unit/test_admission.py``.  Within a tenant,
 first come, first served.  With ``fair=False``, first come, first served across tenants.
@@ -23,6 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["FairQueue", "Waiter"]
+
+_NOBODY = object()
 
 
 class Waiter:
@@ -58,6 +61,7 @@ class FairQueue:
         self._seq = itertools.count()
         self.counters: dict[object, float] = {}  # VTC: weighted service received
         self.size = 0  # live waiters
+        self.last: object = _NOBODY  # the tenant served last (the gate sets it)
 
     def __len__(self) -> int:
         return self.size
@@ -74,13 +78,18 @@ class FairQueue:
 
     def _lift(self, tenant: object) -> None:
         """VTC: a tenant joining the backlog starts no lower than the least backlogged
-        counter, so time spent idle is not banked as credit."""
+        counter -- or, with nobody queued, than the tenant served last -- so time spent
+        idle is not banked as credit."""
         floor = None
         for band in self._bands.values():
             for t, q in band.queues.items():
+                while q and q[0].gone:  # lazily removed waiters do not make a backlog
+                    q.popleft()
                 if q:
                     c = self.counters.get(t, 0.0)
                     floor = c if floor is None or c < floor else floor
+        if floor is None and self.last is not _NOBODY and self.last != tenant:
+            floor = self.counters.get(self.last)
         if floor is not None and self.counters.get(tenant, 0.0) < floor:
             self.counters[tenant] = floor
 
@@ -101,7 +110,8 @@ class FairQueue:
         self.size += 1
 
     def pop(self) -> Waiter | None:
-        """The next waiter to serve (None if nobody waits).  Charges its tenant."""
+        """The next waiter to serve (None if nobody waits).  The gate charges its tenant
+        when it grants the slot."""
         while self.size:
             live = [p for p, b in self._bands.items() if b.size > 0]
             if not live:  # only dead waiters were counted: nothing to serve

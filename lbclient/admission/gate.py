@@ -201,8 +201,10 @@ class Gate:
         if waited:
             c.waited += 1
         if self._fair:
-            counters = self.queue.counters
-            counters[tenant] = counters.get(tenant, 0.0) + cost / self.queue.weight(tenant)
+            queue = self.queue
+            counters = queue.counters
+            counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
+            queue.last = tenant
         return Permit(self, tenant, tokens, cost, now)
 
     async def wait(
@@ -214,7 +216,11 @@ class Gate:
         if deadline_left is not None and deadline_left < budget:
             budget = deadline_left
         queue = self.queue
-        if queue.size >= self.policy.max_queue and not self._evict_for(tenant, now):
+        if (
+            queue.size >= self.policy.max_queue
+            and not self._purge_leaving()
+            and not self._evict_for(tenant, now)
+        ):
             self._refund_quota(tenant, tokens)
             raise self._shed(
                 "queue full",
@@ -225,6 +231,17 @@ class Gate:
             )
         ahead = self._ahead(tenant)
         expected = self._expected_wait(ahead, now)
+        if expected is None and ahead >= max(1.0, self.limit):
+            # No completion rate yet (a cold start): queue one round of the limit -- the
+            # callers likely served in time -- and shed the rest now, not after max_wait.
+            self._refund_quota(tenant, tokens)
+            raise self._shed(
+                "wait exceeded",
+                tenant,
+                now,
+                f"{ahead} callers are already waiting for {self.limit:.0f} slots and no call "
+                "has finished yet",
+            )
         # Only queue a caller likely to be served in time: one whose expected wait is
         # within half its budget.  The rest are shed now -- a caller learns in
         # microseconds, not after waiting out max_wait (estimates move: the margin
@@ -294,6 +311,20 @@ class Gate:
             if d:
                 out.extend(w for w in d if not w.gone)
         return out
+
+    def _purge_leaving(self) -> bool:
+        """The queue is full: drop the waiters that are leaving already (cancelled or
+        timed out in this loop iteration, their tasks not run yet).  True if any."""
+        leaving = [
+            w
+            for band in self.queue._bands.values()
+            for d in band.queues.values()
+            for w in d
+            if not w.gone and w.future is not None and w.future.done()
+        ]
+        for w in leaving:
+            self._left_queue(w)
+        return bool(leaving)
 
     def _evict_for(self, tenant: object, now: float) -> bool:
         """The queue is full: with fairness, make room by shedding the newest waiter of
@@ -405,6 +436,9 @@ class Gate:
                 break
             fut = w.future
             if fut is None or fut.done():
+                # Cancelled (or timed out) in this same loop iteration; popping it marked
+                # it gone, so its own exit will not refund it: do it here.
+                self._refund_quota(w.tenant, w.tokens)
                 continue
             fut.set_result(self._grant(w.tenant, w.tokens, w.priority, now, waited=True))
 

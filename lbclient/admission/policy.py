@@ -166,12 +166,15 @@ class Admission:
       at once with :class:`lbclient.Overloaded` ``("queue full")``.
     * ``max_wait`` -- seconds a caller may wait (default 5.0), or less: its own deadline.
       A caller whose expected wait (the queue ahead of it, at the rate slots free up)
-      exceeds that is shed at once rather than after waiting -- shedding is fast.
+      exceeds that is shed at once rather than after waiting -- shedding is fast.  Before
+      any call has finished (no rate yet), one round of the limit may queue; the rest of
+      a cold burst is shed at once.  A route's ``timeout=`` counts the wait too.
     * ``fair`` -- waiting callers are served by virtual token counters per tenant (VTC,
       "Fairness in Serving Large Language Models", OSDI 2024): the tenant that has
       received the least service, in ``input + 2 x output`` tokens (estimated, then
       settled), goes first; a tenant that becomes active starts at the least counter of
-      the active ones, so idleness banks no credit.  Work-conserving: a lone tenant may
+      the waiting ones (or, with nobody waiting, of the tenant served last), so
+      idleness banks no credit.  Work-conserving: a lone tenant may
       use every slot.  ``weights`` gives tenants shares (default 1 each).  ``fair=False``:
       first come, first served.  Higher ``priority=`` (on the route) goes first in any
       case.

@@ -201,8 +201,15 @@ async def run(
     lease already taken for the first attempt)."""
     if call.timeout is None:
         return await rounds(engine, call, fn, args, kwargs, None, first)
+    # The deadline runs from the call's start: time spent queueing for admission counts.
+    left = call.timeout if call.deadline is None else call.deadline - engine.now()
+    if left <= 0:
+        if first is not None:
+            first.cancel()
+        engine.counters.failed("deadline")
+        raise DeadlineExceeded(call.timeout, call.attempts)
     try:
-        async with asyncio.timeout(call.timeout) as scope:
+        async with asyncio.timeout(left) as scope:
             call.scope = scope
             return await rounds(engine, call, fn, args, kwargs, None, first)
     except TimeoutError as exc:

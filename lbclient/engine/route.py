@@ -558,18 +558,17 @@ async def _run_call(
 
 
 async def admit(engine: Engine, call: CallContext) -> Permit:
-    """A permit for ``call`` from the admission gate (or :class:`Overloaded`)."""
+    """Wait for a permit in the admission queue (``gate.try_admit`` said there is no
+    room now, and charged the call's quota once), or be shed: :class:`Overloaded`."""
     gate = engine.gate
     assert gate is not None
-    tokens = call.tokens or 0.0
     try:
-        permit = gate.try_admit(call.tenant, tokens, call.priority, call.started)
-        if permit is None:
-            permit = await gate.wait(call.tenant, tokens, call.priority, call.left(engine.now()))
+        return await gate.wait(
+            call.tenant, call.tokens or 0.0, call.priority, call.left(engine.now())
+        )
     except Overloaded as exc:
         engine.counters.failed(f"shed: {exc.reason}")
         raise
-    return permit
 
 
 def release(permit: Permit, call: CallContext, ok: bool) -> None:

@@ -166,7 +166,10 @@ async def test_route_timeout_bounds_the_time_to_first_token(
     assert time.monotonic() - t0 < 0.8
     assert lb.stats().calls_failed == 1
     await wait_until(lambda: lb_idle(lb) and fleet_idle(fleet))
-    assert fleet[0].counters.cancelled == 1
+    # Whatever reached the replica was cancelled (on a loaded machine the request may
+    # not have arrived within 0.1 s; then nothing did).
+    c = fleet[0].counters
+    assert (c.served, c.cancelled) == (0, c.received) and c.received <= 1
 
 
 async def test_a_cold_balancer_hedges_a_slow_stream_from_its_reserve(
@@ -309,7 +312,6 @@ async def test_aclosing_the_stream_early_releases_its_slot(
             break
     await wait_until(lambda: lb_idle(lb) and fleet_idle(fleet), within=1.0)
     assert fleet[0].counters.cancelled == 1
-
 
 
 async def test_aclose_releases_the_slot_before_it_returns(

@@ -487,7 +487,6 @@ async def test_hedge_prefers_another_region_when_no_zones() -> None:
     assert rec.urls == [A, C]
 
 
-
 async def test_hedge_in_a_single_zone_pool_goes_to_the_other_endpoint() -> None:
     eps = [lbclient.Endpoint(A, zone="a"), lbclient.Endpoint(B, zone="a")]
     rec = Recorder({}, default=0.2)
@@ -496,7 +495,6 @@ async def test_hedge_in_a_single_zone_pool_goes_to_the_other_endpoint() -> None:
     await lb.call(rec)
     assert rec.urls == [A, B]
     assert lb.stats().hedges_sent == 1
-
 
 
 async def test_second_hedge_uses_an_untried_endpoint_in_a_tried_zone() -> None:
@@ -592,7 +590,6 @@ async def test_route_deadline_during_a_hedge_cancels_every_attempt() -> None:
     await wait_until(lambda: len(rec.cancelled) == 2)  # ... both cancelled
     st = lb.stats()
     assert (st.hedges_sent, st.calls_failed, st.in_flight) == (1, 1, 0)
-
 
 
 async def test_lb_call_with_hedge_honours_retry_timeout() -> None:
