@@ -8,58 +8,32 @@ This class validates, wires, and forwards.
 
 from __future__ import annotations
 
-import functools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any
 
+from ._calls import Calls
 from ._clock import Clock
 from ._config import BalancerConfig
-from ._context import CallContext
 from ._endpoint import Endpoint
-from ._errors import BalancerClosed, ConfigError
+from ._runtime import build, shutdown
 from .admission.policy import Admission
-from .engine.engine import Engine
-from .engine.pick import PickedEndpoint
-from .engine.route import check_async, check_timeout, check_tokens, make_route, run_call
-from .observe.observer import Observer
+from .engine.route import check_timeout
 from .observe.stats import BalancerStats, health_view, snapshot
 from .policies.breaker import Breaker
-from .policies.classify import is_endpoint_failure
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
-from .pool.background import Background
 from .pool.discovery import Discovery
 from .pool.drain import Drain, DrainResult
 from .pool.health import HealthCheck
 from .pool.locality import Locality
-from .pool.pool import Pool
 
 __all__ = ["Balancer", "DrainResult"]
 
-LOSER_GRACE = 1.0  # seconds aclose() gives cancelled hedge losers to finish their cleanup
 
-P = ParamSpec("P")
-R = TypeVar("R")
-T = TypeVar("T")
-
-
-class RouteDecorator(Protocol):
-    """What ``lb.route(key=..., timeout=...)`` returns: a decorator."""
-
-    @overload
-    def __call__(
-        self, fn: Callable[Concatenate[Endpoint, P], Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
-    @overload
-    def __call__(
-        self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
-    ) -> Callable[P, AsyncGenerator[T, None]]: ...
-
-
-class Balancer:
+class Balancer(Calls):
     """A pool of endpoints and the policies that spread calls over them.
 
     >>> lb = lbclient.Balancer(["http://10.0.1.10:8000", "http://10.0.1.11:8000"])
@@ -114,180 +88,10 @@ class Balancer:
         clock: Clock | None = None,
         rng: random.Random | int | None = None,
     ) -> None:
-        cfg = BalancerConfig(
-            endpoints=endpoints,
-            strategy=strategy,
-            retry=retry,
-            breaker=breaker,
-            hedge=hedge,
-            admission=admission,
-            region=region,
-            geo=geo,
-            on_event=on_event,
-            ewma_decay=ewma_decay,
-            slow_start=slow_start,
-            locality=locality,
-            health=health,
-            discovery=discovery,
-            clock=clock,
-            rng=rng,
-        )
+        # Every parameter, checked in one place (a ConfigError names the bad value).
+        cfg = BalancerConfig(**{k: v for k, v in locals().items() if k != "self"})
         self._config = cfg
-        self._observer = Observer(cfg.on_event, now=cfg.clock.now)
-        self._pool = Pool(
-            strategy=cfg.strategy,
-            breaker=cfg.breaker,
-            health=cfg.health is not None,
-            slow_start=cfg.slow_start,
-            locality=cfg.locality,
-            region=cfg.region,
-            geo=cfg.geo,
-            decay=cfg.ewma_decay,
-            clock=cfg.clock,
-            rng=cfg.rng,
-            observer=self._observer,
-            is_failure=cfg.breaker.is_failure if cfg.breaker is not None else is_endpoint_failure,
-            cooldown_cap=_cooldown_cap(cfg.retry),
-        )
-        self._engine = Engine(
-            self._pool,
-            self._observer,
-            retry=cfg.retry,
-            hedge=cfg.hedge,
-            clock=cfg.clock,
-            rng=cfg.rng,
-            admission=cfg.admission,
-        )
-        self._background = Background(self._pool, self._engine, cfg.discovery, cfg.health)
-        for ep in cfg.endpoints:
-            self._pool.add(ep, initial=True)
-        self._pool.refresh()
-        if self._background.wanted:
-            self._pool.on_refresh = self._background.ensure
-            self._pool.invalidate()  # the first pick starts the background work
-
-    # -- the three ways to call -------------------------------------------------------------
-
-    @overload
-    def route(
-        self, fn: Callable[Concatenate[Endpoint, P], Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
-    @overload
-    def route(
-        self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
-    ) -> Callable[P, AsyncGenerator[T, None]]: ...
-    @overload
-    def route(
-        self,
-        fn: None = None,
-        /,
-        *,
-        key: Callable[..., object] | None = None,
-        timeout: float | None = None,
-        idle_timeout: float | None = None,
-        tenant: Callable[..., object] | None = None,
-        tokens: Callable[..., object] | None = None,
-        priority: int | Callable[..., object] | None = None,
-    ) -> RouteDecorator: ...
-    def route(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        key: Callable[..., object] | None = None,
-        timeout: float | None = None,
-        idle_timeout: float | None = None,
-        tenant: Callable[..., object] | None = None,
-        tokens: Callable[..., object] | None = None,
-        priority: int | Callable[..., object] | None = None,
-    ) -> Any:
-        """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
-
-        The balancer picks the endpoint, injects it as the first argument, records the
-        outcome, and retries / hedges as configured.  Works on async generators too
-        (streaming: hedged and retried until the first chunk, committed after it).
-
-        * ``key`` -- a callable given the call's arguments that returns the affinity key
-          for ``consistent_hash`` (e.g. ``key=lambda payload: payload["user"]``).
-        * ``timeout`` -- overall deadline in seconds for this function's calls, covering
-          every attempt and backoff (default: ``Retry.timeout``, else none).  For a
-          stream it bounds the time to the first chunk.
-        * ``idle_timeout`` -- streams only: the longest gap between chunks after the first
-          before :class:`StreamIdleTimeout` is raised (default: none).
-        * ``tenant`` -- a callable giving who the call is for (fairness and quotas under
-          :class:`Admission`; e.g. ``tenant=lambda payload: payload["user"]``).
-        * ``tokens`` -- a callable giving the call's estimated token cost: load is then
-          counted in tokens in flight (a 30k-token prompt is not a 50-token one), and
-          quotas and fairness are charged in tokens, settled by :func:`report_usage`.
-        * ``priority`` -- an int (or a callable giving one): under admission, waiting
-          calls of higher priority are served first.
-        """
-        self._check_open()
-        options = functools.partial(
-            make_route,
-            self._engine,
-            key=key,
-            timeout=timeout,
-            idle_timeout=idle_timeout,
-            tenant=tenant,
-            tokens=tokens,
-            priority=priority,
-        )
-        return options if fn is None else options(fn)
-
-    async def call(
-        self,
-        fn: Callable[..., Awaitable[R]],
-        /,
-        *args: Any,
-        key: object = None,
-        tenant: object = None,
-        tokens: float | None = None,
-        priority: int = 0,
-        **kwargs: Any,
-    ) -> R:
-        """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
-        are this call's values themselves (see :meth:`route`); to pass arguments of those
-        names to ``fn``, bind them with ``functools.partial``."""
-        check_async(fn, "lb.call", streams=False)
-        retry = self._engine.retry
-        call = CallContext(
-            key=key,
-            tenant=tenant,
-            tokens=check_tokens(tokens),
-            timeout=retry.timeout if retry is not None else None,
-            priority=_priority(priority),
-        )
-        return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
-
-    def pick(
-        self,
-        *,
-        key: object = None,
-        timeout: float | None = None,
-        tenant: object = None,
-        tokens: float | None = None,
-        priority: int = 0,
-    ) -> PickedEndpoint:
-        """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
-        decorated; an exception leaving the block is recorded as that endpoint's failure
-        (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
-        ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
-        :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
-        :meth:`route`, under :class:`Admission`."""
-        retry = self._engine.retry
-        seconds = check_timeout(timeout)
-        if seconds is None and retry is not None:
-            seconds = retry.timeout
-        call = CallContext(
-            key=key,
-            tenant=tenant,
-            tokens=check_tokens(tokens),
-            timeout=seconds,
-            priority=_priority(priority),
-        )
-        return PickedEndpoint(self._engine, call)
+        self._observer, self._pool, self._engine, self._background = build(cfg)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -312,11 +116,7 @@ class Balancer:
             result = await lb.drain(url, timeout=110)
             lb.remove(url)
         """
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
-        ):
-            raise ConfigError(f"drain timeout must be a number of seconds >= 0, got {timeout!r}")
-        return Drain(self._pool.drain(url), self._pool.clock, timeout)
+        return Drain.of(self._pool, url, timeout)
 
     def undrain(self, url: str) -> None:
         """Make a draining endpoint pickable again."""
@@ -349,10 +149,6 @@ class Balancer:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._pool.closed:
-            raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
-
     @property
     def closed(self) -> bool:
         return self._pool.closed
@@ -373,19 +169,7 @@ class Balancer:
         ``timeout=seconds`` -- graceful shutdown (SIGTERM): stop taking calls now, then
         wait up to that long for the ones in flight to finish before stopping the rest.
         """
-        seconds = check_timeout(timeout)
-        if self._pool.closed:
-            return
-        self._pool.close()
-        hedger = self._engine.hedger
-        if seconds is not None:
-            start = self._pool.now()
-            await self._pool.wait_idle(seconds)
-            seconds = max(0.0, seconds - (self._pool.now() - start))
-        if hedger is not None:
-            hedger.close()
-            await hedger.wait_backups(LOSER_GRACE if seconds is None else seconds)
-        await self._background.stop()
+        await shutdown(self._pool, self._engine, self._background, check_timeout(timeout))
 
     async def __aenter__(self) -> Balancer:
         await self.start()
@@ -407,12 +191,7 @@ class Balancer:
 
     def ready(self) -> bool:
         """For a readiness probe: open, and at least one endpoint may be picked now."""
-        pool = self._pool
-        if pool.closed:
-            return False
-        if pool.now() >= pool.next_refresh:
-            pool.refresh()
-        return bool(pool.snap.pickable)
+        return self._pool.ready()
 
     def health(self) -> dict[str, Any]:
         """A JSON-able view for a debug page: readiness, panic, admission and each
@@ -425,16 +204,3 @@ class Balancer:
             f"<lbclient.Balancer strategy={self._pool.strategy.name!r} "
             f"endpoints={len(self._pool.members)}{closed}>"
         )
-
-
-def _priority(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"priority must be an int, got {value!r}")
-    return value
-
-
-def _cooldown_cap(retry: Retry | None) -> float | None:
-    """How long a ``Retry-After`` may keep an endpoint out (None: not at all)."""
-    if retry is None:
-        return 30.0
-    return retry.max_retry_after if retry.respect_retry_after else None

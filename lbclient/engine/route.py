@@ -19,10 +19,11 @@ import functools
 import inspect
 import math
 from asyncio import current_task
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from .._context import CURRENT, CallContext
+from .._endpoint import Endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
 from ..policies.classify import status_of
 from ..pool.lease import Lease
@@ -35,11 +36,29 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 R = TypeVar("R")
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class RouteDecorator(Protocol):
+    """What ``lb.route(key=..., timeout=...)`` returns: a decorator."""
+
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[Endpoint, P], Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
+    ) -> Callable[P, AsyncGenerator[T, None]]: ...
+
 
 __all__ = [
     "Extract",
+    "RouteDecorator",
     "admit",
     "check_async",
+    "check_priority",
     "check_timeout",
     "check_tokens",
     "error_type",
@@ -136,6 +155,12 @@ class Extract:
         if self.priority is not None:
             call.priority = _priority_of(self.priority, args, kwargs)
         return call
+
+
+def check_priority(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"priority must be an int, got {value!r}")
+    return value
 
 
 def _priority_of(

@@ -6,8 +6,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .._errors import ConfigError
+
 if TYPE_CHECKING:
     from .._clock import Clock
+    from .pool import Pool
     from .state import EndpointState
 
 __all__ = ["Drain", "DrainResult"]
@@ -38,6 +41,15 @@ class Drain:
 
     def __init__(self, state: EndpointState, clock: Clock, timeout: float | None) -> None:
         self._state, self._clock, self._timeout = state, clock, timeout
+
+    @classmethod
+    def of(cls, pool: Pool, url: str, timeout: object) -> Drain:
+        """Drain ``url`` in ``pool`` now; the awaitable waits up to ``timeout`` seconds."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+        ):
+            raise ConfigError(f"drain timeout must be a number of seconds >= 0, got {timeout!r}")
+        return cls(pool.drain(url), pool.clock, timeout)
 
     def __await__(self) -> Any:
         return self._wait().__await__()

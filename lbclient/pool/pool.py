@@ -560,6 +560,14 @@ class Pool:
             self._typical = (self.snap, self.outcomes, cost, ttft)
         return cost, ttft
 
+    def ready(self) -> bool:
+        """Open, and at least one endpoint may be picked now (a readiness probe)."""
+        if self.closed:
+            return False
+        if self.now() >= self.next_refresh:
+            self.refresh()
+        return bool(self.snap.pickable)
+
     def close(self) -> None:
         self.closed = True
         self.next_refresh = -math.inf  # the hot path's one compare now sees "closed"

@@ -1,0 +1,161 @@
+"""The three ways to call through a :class:`~lbclient.Balancer` -- ``@lb.route``,
+``lb.call`` and ``lb.pick`` -- each a thin entry into :mod:`lbclient.engine`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+
+from ._context import CallContext
+from ._endpoint import Endpoint
+from ._errors import BalancerClosed
+from .engine.engine import Engine
+from .engine.pick import PickedEndpoint
+from .engine.route import (
+    RouteDecorator,
+    check_async,
+    check_priority,
+    check_timeout,
+    check_tokens,
+    make_route,
+    run_call,
+)
+
+__all__ = ["Calls"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Calls:
+    """:class:`~lbclient.Balancer`'s calling half (its other half: membership, lifecycle,
+    stats).  Needs ``_engine``."""
+
+    _engine: Engine
+
+    def _check_open(self) -> None:
+        if self._engine.pool.closed:
+            raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
+
+    @overload
+    def route(
+        self, fn: Callable[Concatenate[Endpoint, P], Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def route(
+        self, fn: Callable[Concatenate[Endpoint, P], AsyncIterator[T]], /
+    ) -> Callable[P, AsyncGenerator[T, None]]: ...
+    @overload
+    def route(
+        self,
+        fn: None = None,
+        /,
+        *,
+        key: Callable[..., object] | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        tenant: Callable[..., object] | None = None,
+        tokens: Callable[..., object] | None = None,
+        priority: int | Callable[..., object] | None = None,
+    ) -> RouteDecorator: ...
+    def route(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        key: Callable[..., object] | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        tenant: Callable[..., object] | None = None,
+        tokens: Callable[..., object] | None = None,
+        priority: int | Callable[..., object] | None = None,
+    ) -> Any:
+        """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
+
+        The balancer picks the endpoint, injects it as the first argument, records the
+        outcome, and retries / hedges as configured.  Works on async generators too
+        (streaming: hedged and retried until the first chunk, committed after it).
+
+        * ``key`` -- a callable given the call's arguments that returns the affinity key
+          for ``consistent_hash`` (e.g. ``key=lambda payload: payload["user"]``).
+        * ``timeout`` -- overall deadline in seconds for this function's calls, covering
+          every attempt and backoff (default: ``Retry.timeout``, else none).  For a
+          stream it bounds the time to the first chunk.
+        * ``idle_timeout`` -- streams only: the longest gap between chunks after the first
+          before :class:`StreamIdleTimeout` is raised (default: none).
+        * ``tenant`` -- a callable giving who the call is for (fairness and quotas under
+          :class:`Admission`; e.g. ``tenant=lambda payload: payload["user"]``).
+        * ``tokens`` -- a callable giving the call's estimated token cost: load is then
+          counted in tokens in flight (a 30k-token prompt is not a 50-token one), and
+          quotas and fairness are charged in tokens, settled by :func:`report_usage`.
+        * ``priority`` -- an int (or a callable giving one): under admission, waiting
+          calls of higher priority are served first.
+        """
+        self._check_open()
+        options = functools.partial(
+            make_route,
+            self._engine,
+            key=key,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            tenant=tenant,
+            tokens=tokens,
+            priority=priority,
+        )
+        return options if fn is None else options(fn)
+
+    async def call(
+        self,
+        fn: Callable[..., Awaitable[R]],
+        /,
+        *args: Any,
+        key: object = None,
+        tenant: object = None,
+        tokens: float | None = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> R:
+        """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
+        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
+        are this call's values themselves (see :meth:`route`); to pass arguments of those
+        names to ``fn``, bind them with ``functools.partial``."""
+        check_async(fn, "lb.call", streams=False)
+        retry = self._engine.retry
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=check_tokens(tokens),
+            timeout=retry.timeout if retry is not None else None,
+            priority=check_priority(priority),
+        )
+        return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
+
+    def pick(
+        self,
+        *,
+        key: object = None,
+        timeout: float | None = None,
+        tenant: object = None,
+        tokens: float | None = None,
+        priority: int = 0,
+    ) -> PickedEndpoint:
+        """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
+        decorated; an exception leaving the block is recorded as that endpoint's failure
+        (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
+        ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
+        :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
+        :meth:`route`, under :class:`Admission`."""
+        retry = self._engine.retry
+        seconds = check_timeout(timeout)
+        if seconds is None and retry is not None:
+            seconds = retry.timeout
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=check_tokens(tokens),
+            timeout=seconds,
+            priority=check_priority(priority),
+        )
+        return PickedEndpoint(self._engine, call)
