@@ -42,8 +42,8 @@ class Balancer(Calls):
 
     * ``endpoints`` -- URLs or :class:`Endpoint` objects (at least one; URLs unique).
     * ``strategy`` -- a name (see :mod:`lbclient.strategies`) or a strategy object;
-      default ``"peak_ewma"``: P2C on latency x load, the best tail latency for replicas
-      of unequal speed, at O(1) per pick.
+      default ``"peak_ewma"``: the lowest latency x load among up to 16 endpoints, the
+      best tail latency for replicas of unequal speed.
     * ``retry`` / ``breaker`` / ``hedge`` -- policies, ``None`` disables each.
     * ``admission`` -- admission control (:class:`Admission`): a concurrency limit over
       the pool, a bounded fair queue, tenant quotas, fast shedding; ``None`` (default):

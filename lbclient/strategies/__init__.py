@@ -9,7 +9,7 @@ name                     picks
 ``least_connections``    fewest in-flight per weight (scans all: O(n))
 ``least_response_time``  lowest peak-EWMA latency x (in-flight + 1) (scans all: O(n))
 ``power_of_two``         P2C on in-flight per weight
-``peak_ewma``            P2C on peak-EWMA latency x (in-flight + 1) (the default)
+``peak_ewma``            least peak-EWMA latency x (in-flight + 1) of up to 16 (the default)
 ``consistent_hash``      key affinity on an mmh3 ring with bounded load
 ``geo``                  lowest estimated total latency (network + processing + load)
 =======================  ==========================================================

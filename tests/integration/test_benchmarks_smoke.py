@@ -178,3 +178,36 @@ def test_simulator_oracle_and_hedge_cells_are_sane() -> None:
     hedged = sim.run_lbclient(cell, seed=1, hedge=lbclient.Hedge())
     assert hedged.q(0.999) < none.q(0.999) / 4
     assert 0.0 < hedged.extra_load <= 0.05
+
+
+@pytest.mark.timeout(90)
+def test_picking_against_the_oracle_smoke(tmp_path: Path) -> None:
+    """A tiny ``benchmarks/picking.py`` run: the hetero fleet at 70% on loopback,
+    ``peak_ewma`` and naive round robin against the oracle simulation of the same
+    arrivals; the JSON holds sane ratios and overhead."""
+    _run(
+        "picking.py",
+        "--fleets",
+        "hetero",
+        "--loads",
+        "0.7",
+        "--strategies",
+        "peak_ewma,baseline_rr",
+        "--calls",
+        "100",
+        "--oracle-seeds",
+        "1",
+        "--overhead-requests",
+        "20",
+        "--out",
+        str(tmp_path),
+        timeout=80.0,
+    )
+    data = json.loads((tmp_path / "picking.json").read_text())
+    point = data["fleets"][0]["loads"][0]
+    run = point["runs"]["peak_ewma"]
+    assert run["success_pct"] == 100
+    assert 0.5 < run["ratio"] < 3.0, run
+    overhead = data["fleets"][0]["overhead"]["overhead_ms"]
+    assert 0.0 <= overhead < 20.0, overhead
+    assert (tmp_path / "picking.png").read_bytes()[:8] == PNG_MAGIC
