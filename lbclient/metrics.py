@@ -21,8 +21,9 @@ endpoint: ``server.address``, ``server.port`` and ``lbclient.endpoint.url``).  W
 ``spans=True`` every call is a span with a child span per attempt (its endpoint, outcome,
 and whether it was a retry or a hedge).  A stream that fails before its first chunk is
 recorded in the duration histogram (with its ``error.type``), not as a time to first
-chunk.  Recording per call with attributes costs what
-the OpenTelemetry SDK costs (a few µs): it is opt-in.
+chunk.  Recording per call with attributes costs what the OpenTelemetry SDK costs (its
+``Histogram.record`` with attributes: about 8-10 µs a call in CPython 3.11): it is
+opt-in.
 
 Prometheus::
 
@@ -45,8 +46,9 @@ name                                   type        labels / meaning
 ``calls_failed_total``                 counter     ``reason``: error, attempts exhausted,
                                                    deadline, no endpoint, shed: ..., ...
 ``call_duration_seconds``              histogram   whole calls (GenAI buckets to 81.92 s,
-                                                   extended to ~22 min)
-``time_to_first_token_seconds``        histogram   streams' first chunk
+                                                   extended to ~22 min); a stream only
+                                                   when it failed before a first chunk
+``time_to_first_token_seconds``        histogram   streams' first chunk (to 160 s)
 ``attempts_total``                     counter     ``endpoint``, ``outcome``: success,
                                                    failure, deadline, ignored, cancelled,
                                                    lost
@@ -70,6 +72,9 @@ name                                   type        labels / meaning
 ``demand_calls``                       gauge       calls queued + in flight
 ``demand_tokens``                      gauge       their estimated tokens
 =====================================  ==========  ======================================
+
+``examples/service.py`` serves these on ``/metrics`` (with ``/ready`` and ``/health``);
+``examples/grafana-dashboard.json`` charts them.
 
 **Scale on demand.**  ``lbclient_demand_calls`` (and ``_tokens``) is what the
 application wants to run right now -- queued and in flight -- measured where the calls

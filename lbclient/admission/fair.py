@@ -69,6 +69,11 @@ class FairQueue:
     def weight(self, tenant: object) -> float:
         return self._weights.get(tenant, 1.0)
 
+    def unit(self, tenant: object) -> float:
+        """One unweighted unit of service, in ``tenant``'s weighted counter."""
+        weights = self._weights
+        return 1.0 / weights.get(tenant, 1.0) if weights else 1.0
+
     def backlogged(self, tenant: object) -> bool:
         for band in self._bands.values():
             q = band.queues.get(tenant)

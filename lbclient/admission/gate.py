@@ -73,14 +73,13 @@ class TenantCounters:
 class Permit:
     """A slot under the limit, held for a whole call (every attempt of it)."""
 
-    __slots__ = ("_gate", "cost", "done", "t0", "tenant", "tokens")
+    __slots__ = ("_gate", "cost", "done", "tenant", "tokens")
 
-    def __init__(self, gate: Gate, tenant: object, tokens: float, cost: float, t0: float) -> None:
+    def __init__(self, gate: Gate, tenant: object, tokens: float, cost: float) -> None:
         self._gate = gate
         self.tenant = tenant
         self.tokens = tokens
         self.cost = cost
-        self.t0 = t0
         self.done = False
 
     def release(
@@ -97,9 +96,6 @@ class Permit:
         replica answered 429/503 during it; ``accepted``: the fleet took it (for client
         throttling; ``None``: unknown, e.g. cancelled before an answer); ``usage``: real
         ``(input, output)`` tokens, to settle the estimate.  Exactly once."""
-        if self.done:
-            return
-        self.done = True
         self._gate.release(self, kind, sample, overloaded, accepted, usage)
 
 
@@ -168,7 +164,7 @@ class Gate:
                     )
                 q.charge(tokens)
         throttle = self.throttle
-        if throttle is not None and not throttle.admit(now):
+        if throttle is not None and throttle.active and not throttle.admit(now):
             self._refund_quota(tenant, tokens)
             raise self._shed(
                 "throttled",
@@ -177,16 +173,79 @@ class Gate:
                 f"the fleet is rejecting calls ({throttle.probability(now):.0%} now rejected "
                 "locally: Google SRE client-side throttling)",
             )
-        if self.in_flight < self.limit and not self.queue.size:
-            return self._grant(tenant, tokens, priority, now, waited=False)
+        in_flight = self.in_flight
+        if in_flight < self.limit and not self.queue.size:
+            # _grant(tenant, tokens, False), inlined: the hot path of every admitted call
+            self.in_flight = in_flight + 1
+            c = self.tenants.get(tenant)
+            if c is None:
+                c = self.tenants[tenant] = TenantCounters()
+            c.admitted += 1
+            c.in_flight += 1
+            cost = 1.0
+            if tokens:
+                self.tokens_in_flight += tokens
+                c.tokens_in_flight += tokens
+                cost = tokens
+            if self._fair:
+                queue = self.queue
+                counters = queue.counters
+                counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
+                queue.last = tenant
+            return Permit(self, tenant, tokens, cost)
         return None
+
+    # -- the hot path: a call with no tokens, when there is room -------------------------
+
+    def enter(self, tenant: object) -> bool:
+        """Admit a call of ``tenant`` with no token estimate at once, without a
+        :class:`Permit`, if nothing stands in the way (no quotas, throttling dormant,
+        room under the limit, nobody queued); False: use :meth:`try_admit`.  The call
+        ends with :meth:`leave` (or :meth:`permit_for`, to continue on the full path)."""
+        if self._quotas_on:
+            return False
+        throttle = self.throttle
+        if throttle is not None and throttle.active:
+            return False
+        in_flight = self.in_flight
+        if in_flight >= self.limit or self.queue.size:
+            return False
+        self.in_flight = in_flight + 1
+        c = self.tenants.get(tenant)
+        if c is None:
+            c = self.tenants[tenant] = TenantCounters()
+        c.admitted += 1
+        c.in_flight += 1
+        if self._fair:
+            queue = self.queue
+            counters = queue.counters
+            counters[tenant] = counters.get(tenant, 0.0) + queue.unit(tenant)
+            queue.last = tenant
+        return True
+
+    def permit_for(self, tenant: object) -> Permit:
+        """The permit of a call admitted by :meth:`enter`, for the full path."""
+        return Permit(self, tenant, 0.0, 1.0)
+
+    def leave(self, tenant: object, latency: float, now: float) -> None:
+        """A call admitted by :meth:`enter` succeeded in ``latency`` seconds."""
+        inflight = self.in_flight
+        self.in_flight = inflight - 1
+        self.tenants[tenant].in_flight -= 1
+        self._done_at.append(now)
+        throttle = self.throttle
+        if throttle is not None and throttle.active:
+            throttle.answered(True, now)
+        limiter = self.limiter
+        if limiter is not None and limiter.sample("latency", latency, inflight, now):
+            self._limit_changed(now)
+        if self.queue.size:
+            self._wake(now)
 
     def _cost(self, tokens: float) -> float:
         return tokens if tokens > 0 else 1.0
 
-    def _grant(
-        self, tenant: object, tokens: float, priority: int, now: float, *, waited: bool
-    ) -> Permit:
+    def _grant(self, tenant: object, tokens: float, waited: bool) -> Permit:
         self.in_flight += 1
         c = self.tenants.get(tenant)
         if c is None:
@@ -205,7 +264,7 @@ class Gate:
             counters = queue.counters
             counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
             queue.last = tenant
-        return Permit(self, tenant, tokens, cost, now)
+        return Permit(self, tenant, tokens, cost)
 
     async def wait(
         self, tenant: object, tokens: float, priority: int, deadline_left: float | None
@@ -381,8 +440,15 @@ class Gate:
         overloaded: bool,
         accepted: bool | None,
         usage: tuple[float, float] | None,
+        now: float | None = None,
     ) -> None:
-        now = self.now()
+        """``permit``'s call ended (see :meth:`Permit.release`); exactly once.  ``now``:
+        the time, if the caller has just read it."""
+        if permit.done:
+            return
+        permit.done = True
+        if now is None:
+            now = self.now()
         inflight = self.in_flight
         self.in_flight = inflight - 1
         c = self.tenants[permit.tenant]
@@ -411,22 +477,27 @@ class Gate:
             if kind is not None and sample is not None and sample >= 0:
                 changed = limiter.sample(kind, sample, inflight, now)
             if changed:
-                old = self.limit
-                self.limit = limiter.limit
-                if self.observer.wants(logging.DEBUG):
-                    self.observer.emit(
-                        AdmissionEvent(
-                            action="limit",
-                            reason="increase" if self.limit > old else "decrease",
-                            tenant=None,
-                            limit=self.limit,
-                            in_flight=self.in_flight,
-                            queued=self.queue.size,
-                            at=now,
-                        )
-                    )
+                self._limit_changed(now)
         if self.queue.size:
             self._wake(now)
+
+    def _limit_changed(self, now: float) -> None:
+        limiter = self.limiter
+        assert limiter is not None
+        old = self.limit
+        self.limit = limiter.limit
+        if self.observer.wants(logging.DEBUG):
+            self.observer.emit(
+                AdmissionEvent(
+                    action="limit",
+                    reason="increase" if self.limit > old else "decrease",
+                    tenant=None,
+                    limit=self.limit,
+                    in_flight=self.in_flight,
+                    queued=self.queue.size,
+                    at=now,
+                )
+            )
 
     def _wake(self, now: float) -> None:
         queue = self.queue
@@ -440,7 +511,7 @@ class Gate:
                 # it gone, so its own exit will not refund it: do it here.
                 self._refund_quota(w.tenant, w.tokens)
                 continue
-            fut.set_result(self._grant(w.tenant, w.tokens, w.priority, now, waited=True))
+            fut.set_result(self._grant(w.tenant, w.tokens, True))
 
     # -- shedding ------------------------------------------------------------------------
 

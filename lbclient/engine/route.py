@@ -307,12 +307,11 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             return await run_call(engine, fn, args, kwargs, CallContext(), h.lease)
         counters.calls += 1
         deposit(t0)
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 converted_cancel(None, Lease(pool, s, t0, 0), exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
@@ -358,15 +357,19 @@ def _fast_admitted(
         if engine.tracer is not None:  # spans need a call context: the full path
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx)
-        try:
-            permit = gate.try_admit(tenant, 0.0, priority, t0)
-        except Overloaded as exc:
-            counters.calls += 1
-            counters.failed(f"shed: {exc.reason}")
-            raise
-        if permit is None:  # no room now: wait in the queue (or be shed) on the full path
+        if not gate.enter(tenant):  # quotas, throttling or no room: the general way
+            try:
+                permit = gate.try_admit(tenant, 0.0, priority, t0)
+            except Overloaded as exc:
+                counters.calls += 1
+                counters.failed(f"shed: {exc.reason}")
+                raise
+            if permit is None:  # no room now: wait in the queue (or be shed), full path
+                ctx = CallContext(tenant=tenant, priority=priority)
+                return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            # admitted with a permit (a quota charged): the full path gives it back
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         counters.calls += 1
         if budget is not None:
             budget.deposit(t0)
@@ -374,18 +377,18 @@ def _fast_admitted(
             s = acquire(t0)
         except Handoff as h:
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, h.lease, permit)
+            return await run_call(engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant))
         except BaseException:
-            permit.release()
+            gate.permit_for(tenant).release()
             counters.failed("no endpoint")
             raise
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
             lease = Lease(pool, s, t0, 0)
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            permit = gate.permit_for(tenant)
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 permit.release()
                 converted_cancel(None, lease, exc, t1)
             ctx = CallContext(tenant=tenant, priority=priority, started=t0)
@@ -409,12 +412,12 @@ def _fast_admitted(
             return result
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
-            permit.release()
+            gate.permit_for(tenant).release()
             raise
         t = now()
         succeeded(s, t0, t)
         counters.ok += 1
-        permit.release("latency", t - t0, accepted=True)
+        gate.leave(tenant, t - t0, t)
         if engine.recorder is not None:
             engine.recorder.call(t - t0, True, s.url)
         return result
