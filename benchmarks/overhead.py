@@ -24,8 +24,10 @@ real HTTP request.
    with an ``InMemoryMetricReader``), interleaved with the rest.
 2b. **Scrape time** -- ms per scrape of a balancer with 1,000 endpoints after some
    calls (successes and failures): ``collector.collect()`` with every family built, and
-   ``prometheus_client.generate_latest`` of a registry holding the collector (the text
-   a Prometheus server receives).  Best and median of the runs.
+   ``prometheus_client.generate_latest`` of a registry holding the collector, and
+   ``lbclient.metrics.render`` of the same registry (the same text, the writer
+   ``examples/service.py`` uses): the text a Prometheus server receives.  Best and
+   median of the runs.
 3. **Client CPU per real HTTP request** -- ``time.process_time()`` per request for
    requests at concurrency 8 to fake replicas (``base_latency=0.001``) running in a
    *separate process*, so only the client's CPU is counted: raw aiohttp with
@@ -240,7 +242,7 @@ async def scrape_time(args: argparse.Namespace, size: int = 1000) -> dict[str, A
     try:
         from prometheus_client import CollectorRegistry, generate_latest
 
-        from lbclient.metrics import PrometheusCollector
+        from lbclient.metrics import PrometheusCollector, render
     except ImportError:  # pragma: no cover
         return None
     lb = lbclient.Balancer(
@@ -269,6 +271,7 @@ async def scrape_time(args: argparse.Namespace, size: int = 1000) -> dict[str, A
         generate_latest(registry)
     collect_ms: list[float] = []
     text_ms: list[float] = []
+    render_ms: list[float] = []
     samples = 0
     size_bytes = 0
     for _ in range(max(3, args.repeats * 2)):
@@ -279,8 +282,11 @@ async def scrape_time(args: argparse.Namespace, size: int = 1000) -> dict[str, A
         t1 = time.perf_counter()
         size_bytes = len(generate_latest(registry))
         t2 = time.perf_counter()
+        render(registry)  # collect() + the text, as a scrape
+        t3 = time.perf_counter()
         collect_ms.append((t1 - t0) * 1000)
         text_ms.append((t2 - t1) * 1000)
+        render_ms.append((t3 - t2) * 1000)
     await lb.aclose()
     return {
         "endpoints": size,
@@ -290,6 +296,8 @@ async def scrape_time(args: argparse.Namespace, size: int = 1000) -> dict[str, A
         "collect_ms_median": statistics.median(collect_ms),
         "generate_latest_ms_best": min(text_ms),
         "generate_latest_ms_median": statistics.median(text_ms),
+        "render_ms_best": min(render_ms),
+        "render_ms_median": statistics.median(render_ms),
         "runs": len(collect_ms),
     }
 
@@ -523,6 +531,11 @@ def scrape_table(scrape: dict[str, Any]) -> Table:
         f"{scrape['generate_latest_ms_best']:.1f}",
         f"{scrape['generate_latest_ms_median']:.1f}",
     )
+    t.add_row(
+        "lbclient.metrics.render(registry)",
+        f"{scrape['render_ms_best']:.1f}",
+        f"{scrape['render_ms_median']:.1f}",
+    )
     return t
 
 
@@ -569,12 +582,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     scrape = result.get("scrape")
     if scrape:
-        ms = scrape["collect_ms_median"]
+        ms = scrape["render_ms_median"]
         out.append(
             {
-                "target": f"scrape of {scrape['endpoints']:,} endpoints (collect()) <= 50 ms",
-                "measured": f"{ms:.1f} ms (generate_latest "
-                f"{scrape['generate_latest_ms_median']:.0f} ms)",
+                "target": f"scrape of {scrape['endpoints']:,} endpoints (render) <= 50 ms",
+                "measured": f"{ms:.1f} ms (collect() {scrape['collect_ms_median']:.0f} ms, "
+                f"generate_latest {scrape['generate_latest_ms_median']:.0f} ms)",
                 "met": ms <= 50.0,
             }
         )

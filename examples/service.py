@@ -44,7 +44,7 @@ from prometheus_client.exposition import choose_encoder
 
 import lbclient
 from lbclient.http import ChatClient
-from lbclient.metrics import PrometheusCollector
+from lbclient.metrics import PrometheusCollector, render
 
 LB_KEY = web.AppKey("lb", lbclient.Balancer)
 CHAT_KEY = web.AppKey("chat", ChatClient)
@@ -93,7 +93,11 @@ def make_app(lb: lbclient.Balancer, *, balancer: str = "chat") -> web.Applicatio
 
 async def metrics(request: web.Request) -> web.Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[REGISTRY_KEY])
+    registry = request.app[REGISTRY_KEY]
+    # lbclient.metrics.render: the same text, ~3x faster than the generic writer (a
+    # 1,000-endpoint pool is ~10,000 samples); OpenMetrics via prometheus_client.
+    text = content_type.startswith("text/plain")
+    body = render(registry) if text else encoder(registry)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

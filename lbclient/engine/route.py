@@ -499,13 +499,18 @@ async def run_call(
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
     said "no room now" (the caller goes straight to the queue)."""
-    return await _recorded(
-        engine, call, _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
-    )
+    coro = _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
+    tracer = engine.tracer
+    if tracer is None:
+        return await _recorded(engine, call, coro)
+    call.tracer = tracer
+    with tracer.call(call):  # a span for the call; start() opens one per attempt
+        return await _recorded(engine, call, coro)
 
 
 async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any, R]) -> R:
     """Await the rest of a call; count and record how it ended."""
+    engine.active += 1
     try:
         result = await coro
     except Exception as exc:
@@ -513,6 +518,8 @@ async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any,
         if rec is not None:
             rec.call(engine.now() - call.started, False, call.served_by, error_type(exc))
         raise
+    finally:
+        engine.active -= 1
     engine.counters.ok += 1
     rec = engine.recorder
     if rec is not None:

@@ -282,12 +282,9 @@ async def test_aclose_timeout_is_checked() -> None:
     await lb.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool.wait_idle (called by aclose(timeout)) waits for attempts in flight "
-    "(pool.totals.inflight), not calls: a call waiting to retry (backoff, Retry-After) "
-    "has none, so aclose(timeout) returns at once while the call is still running",
-)
+# Was a defect: Pool.wait_idle (called by aclose(timeout)) waits for attempts in flight
+# (pool.totals.inflight), not calls: a call waiting to retry (backoff, Retry-After) has
+# none, so aclose(timeout) returns at once while the call is still running
 async def test_aclose_with_a_timeout_waits_for_a_call_waiting_to_retry() -> None:
     # One endpoint that answers 503 with Retry-After 0.3 s: the retry waits 0.3 s, with
     # no attempt in flight (deterministic, unlike a jittered backoff).
@@ -313,12 +310,9 @@ async def test_aclose_with_a_timeout_waits_for_a_call_waiting_to_retry() -> None
     assert await call == "second try"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call waiting in the admission queue when aclose(timeout) starts is taken "
-    "(it was accepted before the close), but once a slot frees it reaches pool.acquire "
-    "with call.sent == 0 and gets BalancerClosed: the graceful wait does not cover it",
-)
+# Was a defect: a call waiting in the admission queue when aclose(timeout) starts is taken
+# (it was accepted before the close), but once a slot frees it reaches pool.acquire with
+# call.sent == 0 and gets BalancerClosed: the graceful wait does not cover it
 async def test_aclose_with_a_timeout_finishes_calls_queued_at_admission() -> None:
     lb = lbclient.Balancer([A], admission=lbclient.Admission(limit=1, max_queue=5, throttle=None))
 
@@ -334,12 +328,9 @@ async def test_aclose_with_a_timeout_finishes_calls_queued_at_admission() -> Non
     assert await asyncio.gather(*calls, return_exceptions=True) == ["done", "done"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool.wait_idle measures its deadline with the balancer's clock (an injected "
-    "FakeClock that nobody advances) but sleeps in real time: aclose(timeout=0.1) never "
-    "returns while a call is in flight",
-)
+# Was a defect: Pool.wait_idle measures its deadline with the balancer's clock (an
+# injected FakeClock that nobody advances) but sleeps in real time: aclose(timeout=0.1)
+# never returns while a call is in flight
 async def test_aclose_timeout_is_real_time_with_an_injected_clock(clock: FakeClock) -> None:
     lb = lbclient.Balancer([A], clock=clock)
     running = asyncio.Event()
