@@ -44,6 +44,7 @@ log = logging.getLogger("lbclient")
 
 _RATE_SAMPLES = 64  # completions remembered to estimate how fast slots free up
 OUTPUT_WEIGHT = 2.0  # VTC: an output token costs twice an input token (the paper's default)
+_LATENCY_ALPHA = 0.05  # weight of a call's duration in the gate's latency EWMA
 WAIT_MARGIN = 0.5  # queue a caller only if its expected wait is within this share of its budget
 
 
@@ -73,13 +74,14 @@ class TenantCounters:
 class Permit:
     """A slot under the limit, held for a whole call (every attempt of it)."""
 
-    __slots__ = ("_gate", "cost", "done", "tenant", "tokens")
+    __slots__ = ("_gate", "cost", "done", "t0", "tenant", "tokens")
 
-    def __init__(self, gate: Gate, tenant: object, tokens: float, cost: float) -> None:
+    def __init__(self, gate: Gate, tenant: object, tokens: float, cost: float, t0: float) -> None:
         self._gate = gate
         self.tenant = tenant
         self.tokens = tokens
         self.cost = cost
+        self.t0 = t0
         self.done = False
 
     def release(
@@ -127,6 +129,8 @@ class Gate:
         self._quotas: dict[object, TenantQuota] = {}
         self.tenants: dict[object, TenantCounters] = {}
         self._done_at: collections.deque[float] = collections.deque(maxlen=_RATE_SAMPLES)
+        self._latency = 0.0  # EWMA of admitted calls' durations (seconds; 0: none yet)
+        self._waiting: dict[object, int] = {}  # tenants with callers queued: how many
         self.shed_total: dict[str, int] = {}
 
     # -- admission ----------------------------------------------------------------------
@@ -192,7 +196,7 @@ class Gate:
                 counters = queue.counters
                 counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
                 queue.last = tenant
-            return Permit(self, tenant, tokens, cost)
+            return Permit(self, tenant, tokens, cost, now)
         return None
 
     # -- the hot path: a call with no tokens, when there is room -------------------------
@@ -223,9 +227,9 @@ class Gate:
             queue.last = tenant
         return True
 
-    def permit_for(self, tenant: object) -> Permit:
-        """The permit of a call admitted by :meth:`enter`, for the full path."""
-        return Permit(self, tenant, 0.0, 1.0)
+    def permit_for(self, tenant: object, t0: float) -> Permit:
+        """The permit of a call admitted by :meth:`enter` at ``t0``, for the full path."""
+        return Permit(self, tenant, 0.0, 1.0, t0)
 
     def leave(self, tenant: object, latency: float, now: float) -> None:
         """A call admitted by :meth:`enter` succeeded in ``latency`` seconds."""
@@ -233,6 +237,8 @@ class Gate:
         self.in_flight = inflight - 1
         self.tenants[tenant].in_flight -= 1
         self._done_at.append(now)
+        lat = self._latency
+        self._latency = lat + _LATENCY_ALPHA * (latency - lat) if lat else latency
         throttle = self.throttle
         if throttle is not None and throttle.active:
             throttle.answered(True, now)
@@ -245,7 +251,7 @@ class Gate:
     def _cost(self, tokens: float) -> float:
         return tokens if tokens > 0 else 1.0
 
-    def _grant(self, tenant: object, tokens: float, waited: bool) -> Permit:
+    def _grant(self, tenant: object, tokens: float, waited: bool, now: float) -> Permit:
         self.in_flight += 1
         c = self.tenants.get(tenant)
         if c is None:
@@ -264,7 +270,7 @@ class Gate:
             counters = queue.counters
             counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
             queue.last = tenant
-        return Permit(self, tenant, tokens, cost)
+        return Permit(self, tenant, tokens, cost, now)
 
     async def wait(
         self, tenant: object, tokens: float, priority: int, deadline_left: float | None
@@ -320,6 +326,8 @@ class Gate:
         queue.push(w)
         c = self.tenant(tenant)
         c.queued += 1
+        waiting = self._waiting
+        waiting[tenant] = waiting.get(tenant, 0) + 1
         try:
             async with asyncio.timeout(budget):
                 permit: Permit = await w.future
@@ -345,6 +353,11 @@ class Gate:
             raise
         finally:
             c.queued -= 1
+            n = waiting[tenant] - 1
+            if n:
+                waiting[tenant] = n
+            else:
+                del waiting[tenant]
         return permit
 
     def _left_queue(self, w: Waiter) -> None:
@@ -354,14 +367,20 @@ class Gate:
 
     def _ahead(self, tenant: object) -> int:
         """About how many waiters will be served before a newcomer of ``tenant``: all of
-        them first come first served; with fairness, about one per backlogged tenant
-        for each of its own already queued (round robin by counter), at most all."""
+        them, first come first served; with fairness, its own tenant's (first come first
+        served within a tenant) and, of each other waiting tenant's, as many as turns
+        it gets meanwhile -- at most one more than the newcomer's own queue.  O(tenants
+        waiting), not O(waiters)."""
         q = self.queue
         if not q.fair or not q.size:
             return q.size
-        own = sum(1 for _ in self._own(tenant))
-        tenants = sum(1 for b in q._bands.values() for t, d in b.queues.items() if d)
-        return min(q.size, (own + 1) * max(1, tenants))
+        own = self._waiting.get(tenant, 0)
+        turns = own + 1
+        ahead = own
+        for t, n in self._waiting.items():
+            if t != tenant:
+                ahead += n if n < turns else turns
+        return min(q.size, ahead)
 
     def _own(self, tenant: object) -> list[Waiter]:
         out: list[Waiter] = []
@@ -428,6 +447,10 @@ class Gate:
         if span <= 0:
             return 0.0
         rate = len(done) / span
+        # Under light load completions come as fast as calls arrive, not as fast as slots
+        # can free: the calls in flight, each about one call time long, bound it below.
+        if self._latency > 0 and self.in_flight:
+            rate = max(rate, self.in_flight / self._latency)
         return (ahead + 1) / rate
 
     # -- release ------------------------------------------------------------------------
@@ -451,6 +474,10 @@ class Gate:
             now = self.now()
         inflight = self.in_flight
         self.in_flight = inflight - 1
+        if accepted:  # it ran and was answered: its duration tells how fast slots free
+            lat = self._latency
+            took = now - permit.t0
+            self._latency = lat + _LATENCY_ALPHA * (took - lat) if lat else took
         c = self.tenants[permit.tenant]
         c.in_flight -= 1
         if permit.tokens:
@@ -511,7 +538,7 @@ class Gate:
                 # it gone, so its own exit will not refund it: do it here.
                 self._refund_quota(w.tenant, w.tokens)
                 continue
-            fut.set_result(self._grant(w.tenant, w.tokens, True))
+            fut.set_result(self._grant(w.tenant, w.tokens, True, now))
 
     # -- shedding ------------------------------------------------------------------------
 

@@ -377,9 +377,11 @@ def _fast_admitted(
             s = acquire(t0)
         except Handoff as h:
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant))
+            return await run_call(
+                engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant, t0)
+            )
         except BaseException:
-            gate.permit_for(tenant).release()
+            gate.permit_for(tenant, t0).release()
             counters.failed("no endpoint")
             raise
         try:
@@ -387,7 +389,7 @@ def _fast_admitted(
         except Exception as exc:
             t1 = now()
             lease = Lease(pool, s, t0, 0)
-            permit = gate.permit_for(tenant)
+            permit = gate.permit_for(tenant, t0)
             if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 permit.release()
                 converted_cancel(None, lease, exc, t1)
@@ -412,7 +414,7 @@ def _fast_admitted(
             return result
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
-            gate.permit_for(tenant).release()
+            gate.permit_for(tenant, t0).release()
             raise
         t = now()
         succeeded(s, t0, t)

@@ -211,3 +211,16 @@ def test_picking_against_the_oracle_smoke(tmp_path: Path) -> None:
     overhead = data["fleets"][0]["overhead"]["overhead_ms"]
     assert 0.0 <= overhead < 20.0, overhead
     assert (tmp_path / "picking.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(90)
+def test_admission_scenarios_on_virtual_time_smoke(tmp_path: Path) -> None:
+    """``benchmarks/admission.py --quick --virtual``: the five admission scenarios on
+    virtual time (deterministic), every target judged and met, both plots written."""
+    _run("admission.py", "--quick", "--virtual", "--out", str(tmp_path), timeout=80.0)
+    data = json.loads((tmp_path / "admission.json").read_text())["virtual"]
+    assert set(data) == {"noisy", "spike", "sustained", "oscillation", "burst"}
+    judged = [t for sc in data.values() for t in sc["targets"] if t.get("met") is not None]
+    assert judged and all(t["met"] for t in judged), [t for t in judged if not t["met"]]
+    for name in ("admission-spike-virtual.png", "admission-oscillation-virtual.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
