@@ -177,26 +177,8 @@ class Gate:
                 f"the fleet is rejecting calls ({throttle.probability(now):.0%} now rejected "
                 "locally: Google SRE client-side throttling)",
             )
-        in_flight = self.in_flight
-        if in_flight < self.limit and not self.queue.size:
-            # _grant(tenant, tokens, False), inlined: the hot path of every admitted call
-            self.in_flight = in_flight + 1
-            c = self.tenants.get(tenant)
-            if c is None:
-                c = self.tenants[tenant] = TenantCounters()
-            c.admitted += 1
-            c.in_flight += 1
-            cost = 1.0
-            if tokens:
-                self.tokens_in_flight += tokens
-                c.tokens_in_flight += tokens
-                cost = tokens
-            if self._fair:
-                queue = self.queue
-                counters = queue.counters
-                counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
-                queue.last = tenant
-            return Permit(self, tenant, tokens, cost, now)
+        if self.in_flight < self.limit and not self.queue.size:
+            return self._grant(tenant, tokens, False, now)
         return None
 
     # -- the hot path: a call with no tokens, when there is room -------------------------
