@@ -12,6 +12,7 @@ name                     picks
 ``peak_ewma``            least peak-EWMA latency x (in-flight + 1) of up to 16 (the default)
 ``consistent_hash``      key affinity on an mmh3 ring with bounded load
 ``geo``                  lowest estimated total latency (network + processing + load)
+``prefix``               KV-cache affinity on the prompt prefix, priced against load
 =======================  ==========================================================
 
 A strategy is any object with a ``name`` and a ``picker(states, ctx)`` method returning
@@ -30,6 +31,7 @@ from .consistent_hash import ConsistentHash
 from .geo import Geo
 from .least import LeastConnections, LeastResponseTime
 from .p2c import PeakEwma, PowerOfTwo
+from .prefix import Prefix
 from .random import Random
 from .round_robin import RoundRobin
 from .weighted_round_robin import WeightedRoundRobin
@@ -44,6 +46,7 @@ __all__ = [
     "PickContext",
     "Picker",
     "PowerOfTwo",
+    "Prefix",
     "Random",
     "RoundRobin",
     "Strategy",
@@ -97,6 +100,7 @@ for _cls in (
     PeakEwma,
     ConsistentHash,
     Geo,
+    Prefix,
 ):
     register(_cls().name, _cls)  # type: ignore[arg-type]
 del _cls

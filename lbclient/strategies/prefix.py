@@ -1,0 +1,308 @@
+"""``prefix``: send a prompt where its prefix is already in a replica's KV cache -- unless
+that replica is too loaded for the cache to pay.
+
+An LLM replica answers a prompt whose prefix it has cached (system prompt, the
+conversation so far, few-shot examples) several times faster: it skips the prefill of
+that part.  This strategy keeps an approximate radix tree of the prompt text recently
+sent to each endpoint (:mod:`lbclient.strategies._radix`) and prices every endpoint in
+one unit, seconds on that endpoint::
+
+    cost(e) = ewma(e) x (queue(e) + 1 + hit_gain x size x (1 - matched(e)))
+
+* ``ewma(e)``: its peak-EWMA call latency (failure penalty included), so a slow replica
+  costs more for the same work;
+* ``queue(e)``: calls in flight there, in calls of average size (tokens in flight over
+  the mean call's tokens when calls give ``tokens=``; the server's own queue depth when
+  it reports a higher one -- see :mod:`lbclient.serverload`), per unit of weight;
+* ``matched(e)``: the share of the prompt endpoint ``e`` is modelled to hold (0 below
+  ``min_match`` characters), ``size`` this call's tokens over the mean (1 without
+  ``tokens=``): the uncached part costs ``hit_gain`` calls of average size more.
+
+The cheapest endpoint wins (ties at random), and the prompt is recorded in its tree at
+pick time -- it will be cached there once the call has run.  A call without a prefix goes
+to the least ``ewma x (queue + 1)`` (``least_response_time``).  Before pricing, endpoints
+loaded beyond ``balance_abs`` calls more than the least loaded *and* ``balance_rel``
+times it are set aside (never all of them: the least loaded always stays).
+
+What we took from SGLang's ``cache_aware`` router (sgl-router ``cache_aware.rs`` and
+``tree.rs``): one character-level radix tree shared by all workers with per-node owners
+and per-owner LRU eviction of leaves, recording at routing time, and the two balance
+thresholds (absolute *and* relative; its defaults are 64 requests and 1.5, with a cache
+threshold of 0.3 and a tree of 2**26 characters swept every 120 s).  What we do
+differently, and why:
+
+* **No switch between two policies.**  SGLang routes by cache while the pool is
+  balanced and by shortest queue as soon as it is not -- and then every request loses
+  its affinity at once (sglang PR 32195), the caches it had built go cold, and the pool
+  oscillates.  Here load and cache are one price; the imbalance guard only removes the
+  overloaded endpoints from the choice, and among the rest the longest match still
+  counts.
+* **A miss goes to the least loaded, not the smallest tree.**  SGLang sends a prompt
+  matching no worker above the threshold to the worker with the smallest tree,
+  whatever its load: under a stream of misses that one replica takes them all, slows
+  down, ... (the "death spiral" of sglang PR 14305).  Here a miss is priced like any
+  other call: the cheapest endpoint, which is the least loaded.
+* **Hot prefixes replicate instead of piling up.**  The home of a hot conversation
+  fills up; once its queue outweighs the prefill saved, the next turn goes to the next
+  cheapest endpoint -- preferring one that shares the system prompt -- which records it
+  and from then on competes with the home for that conversation: a hot prefix ends up
+  on as many replicas as its load needs.  (llm-d's scheduler does the same by adding a
+  prefix-cache scorer to queue and KV-utilisation scorers with weights; we price both
+  in seconds instead of weighting normalised scores.)
+* **Memory is bounded at every moment**: ``max_chars`` per endpoint, evicted in the
+  insert that overflowed (LRU, O(1) per node), not by a periodic sweep; an endpoint
+  that leaves the pool takes its share of the tree with it.
+* **Cost.**  The tree is walked a node at a time with C string comparisons; a pick of
+  a 4,000-character prompt of a multi-turn chat takes ~10-20 us of CPU in CPython, its
+  tree update well under 20 us (see ``benchmarks/prefix.py --micro``).  O(prompt
+  length) at most; O(endpoints) for the prices.
+
+``hit_gain`` says how much a cached prompt is worth, in calls of average size waiting in
+the queue: roughly (full-miss latency / full-hit latency - 1).  The default, 4, fits
+replicas where prefill of a full miss takes 4-6x a hit's time; a larger value keeps
+affinity under more load imbalance, a smaller one balances sooner.  ``benchmarks/prefix.py``
+sweeps it.
+
+The tree is a *model*: it does not know what the replica really evicted.  Give
+``max_chars`` about the replica's KV capacity in characters (~4 per token) times the
+share of it prompts may use; too large a value only makes the strategy optimistic about
+old prefixes (their price is still bounded by load).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+
+from .._errors import ConfigError
+from ..pool.load import token_outstanding
+from ..pool.state import PENALTY_DECAY, EndpointState
+from ._base import PickContext, Totals
+from ._radix import RadixTree, Tenant
+
+if TYPE_CHECKING:
+    from .._context import CallContext
+
+__all__ = ["NAME", "Prefix", "PrefixPicker"]
+
+NAME = "prefix"
+_exp = math.exp
+
+
+class PrefixPicker:
+    """The picker: the shared tree, one :class:`~._radix.Tenant` per endpoint, and the
+    pricing.  Kept across snapshot rebuilds (``updated``), so the tree survives
+    membership and health changes; an endpoint out of the pickable set keeps its share
+    for ``forget_after`` seconds (a breaker ejection or a drain that ends finds its cache
+    still modelled), one removed from the pool loses it at once."""
+
+    __slots__ = (
+        "_abs",
+        "_ctx",
+        "_gain",
+        "_gone",
+        "_min",
+        "_now",
+        "_random",
+        "_rel",
+        "_states",
+        "_tenants",
+        "_totals",
+        "cfg",
+        "picks",
+        "tree",
+    )
+
+    def __init__(self, states: Sequence[EndpointState], ctx: PickContext, cfg: Prefix) -> None:
+        self.cfg = cfg
+        self.tree = RadixTree()
+        self._tenants: dict[EndpointState, Tenant] = {}
+        self._gone: dict[EndpointState, float] = {}
+        self._gain = cfg.hit_gain
+        self._min = cfg.min_match
+        self._abs = cfg.balance_abs
+        self._rel = cfg.balance_rel
+        self.picks = [0, 0, 0]  # with a prefix, sent where the longest match was, set aside
+        self._install(states, ctx)
+
+    def _install(self, states: Sequence[EndpointState], ctx: PickContext) -> None:
+        self._states = tuple(states)
+        self._ctx = ctx
+        self._now = ctx.clock.now
+        self._random = ctx.rng.random
+        self._totals: Totals = ctx.totals
+        for s in self._states:
+            if s not in self._tenants:
+                self._tenants[s] = Tenant(s.url, self.cfg.max_chars)
+
+    def updated(self, states: Sequence[EndpointState], ctx: PickContext) -> PrefixPicker:
+        """The pickable set changed: keep the tree, drop the shares of endpoints that
+        left the pool (the pool marks every member's ``available`` before asking, so a
+        state gone from ``states`` but still marked available is no member any more)."""
+        now = ctx.clock.now()
+        live = set(states)
+        for s in list(self._tenants):
+            if s in live:
+                self._gone.pop(s, None)
+                continue
+            since = self._gone.setdefault(s, now)
+            if s.available or now - since >= self.cfg.forget_after:
+                self.forget(s)
+        self._install(states, ctx)
+        return self
+
+    def forget(self, s: EndpointState) -> None:
+        """Drop everything modelled for ``s``."""
+        tenant = self._tenants.pop(s, None)
+        self._gone.pop(s, None)
+        if tenant is not None:
+            self.tree.remove(tenant)
+
+    def tenant(self, s: EndpointState) -> Tenant | None:
+        """``s``'s share of the tree (tests, stats)."""
+        return self._tenants.get(s)
+
+    def pick(
+        self, call: CallContext | None, exclude: Collection[EndpointState] | None
+    ) -> EndpointState | None:
+        text = call.prefix if call is not None else None
+        if not text:
+            return self._least(exclude)
+        states = self._states
+        n = len(states)
+        tree = self.tree
+        m = tree.match(text)
+        held = tree.lengths(m, n) if m.path else {}
+        now = self._now()
+        totals = self._totals
+        mean = totals.mean_tokens
+        size = 1.0
+        if call is not None and call.tokens and mean > 0:
+            size = call.tokens / mean
+        # Loads first: the imbalance guard needs the least.
+        loads: list[float] = []
+        qmin = math.inf
+        for s in states:
+            q = token_outstanding(s, now, mean) / s.weight
+            loads.append(q)
+            if q < qmin and not (exclude and s in exclude):
+                qmin = q
+        if qmin == math.inf:
+            return None
+        limit = qmin + self._abs
+        if qmin * self._rel > limit:
+            limit = qmin * self._rel
+        gain = self._gain * size
+        floor = self._min
+        length = len(text)
+        tenants = self._tenants
+        start = int(self._random() * n)
+        best: EndpointState | None = None
+        best_cost = math.inf
+        best_match = 0
+        longest = 0
+        set_aside = False
+        for k in range(start, start + n):
+            i = k - n if k >= n else k
+            s = states[i]
+            if exclude and s in exclude:
+                continue
+            matched = held.get(tenants[s], 0) if held else 0
+            if matched < floor:
+                matched = 0
+            elif matched > longest:
+                longest = matched
+            q = loads[i]
+            if q > limit:
+                set_aside = True
+                continue
+            cost = q + 1.0 + gain * (1.0 - matched / length)
+            if s.penalty:  # a recent failure: priced like peak_ewma prices it
+                p = s.penalty * _exp(-(now - s.penalty_at) / PENALTY_DECAY)
+                if p > s.cost:
+                    cost *= p / s.cost
+            if cost < best_cost:
+                best, best_cost, best_match = s, cost, matched
+        if best is None:  # only reachable with NaN loads: be safe
+            return self._least(exclude)
+        picks = self.picks
+        picks[0] += 1
+        if longest and best_match == longest:
+            picks[1] += 1
+        if set_aside:
+            picks[2] += 1
+        tree.insert(tenants[best], m)
+        return best
+
+    def _least(self, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        """No prefix: the least ``ewma x (queue + 1)`` (random start breaks ties)."""
+        states = self._states
+        n = len(states)
+        now = self._now()
+        mean = self._totals.mean_tokens
+        start = int(self._random() * n)
+        best: EndpointState | None = None
+        best_cost = math.inf
+        for k in range(start, start + n):
+            s = states[k - n if k >= n else k]
+            if exclude and s in exclude:
+                continue
+            cost = s.ewma(now) * (token_outstanding(s, now, mean) / s.weight + 1.0)
+            if cost < best_cost:
+                best, best_cost = s, cost
+        return best
+
+    def __repr__(self) -> str:
+        return f"<PrefixPicker endpoints={len(self._states)} nodes={self.tree.nodes()}>"
+
+
+def _number(
+    name: str, minimum: float, *, integer: bool = False, open_min: bool = False
+) -> Callable[[object, object, object], None]:
+    def check(_inst: object, _attr: object, value: object) -> None:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"Prefix.{name} must be a number, got {value!r}")
+        v = float(value)
+        if not math.isfinite(v) or v < minimum or (open_min and v == minimum):
+            bound = f"> {minimum:g}" if open_min else f">= {minimum:g}"
+            raise ConfigError(f"Prefix.{name} must be a finite number {bound}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class Prefix:
+    """Prompt-prefix (KV-cache) affinity bounded by load.  See the module docstring.
+
+    * ``hit_gain`` (default 4.0) -- what a fully cached prompt saves, in calls of
+      average size waiting in a queue: about full-miss latency / full-hit latency - 1.
+    * ``min_match`` (default 256 characters, ~64 tokens) -- shorter matches count as
+      none (a KV cache works in blocks; a few shared characters save nothing).
+    * ``balance_abs`` (default 8.0) and ``balance_rel`` (default 1.5) -- an endpoint
+      loaded more than ``balance_abs`` calls above the least loaded *and* more than
+      ``balance_rel`` times it is not chosen, whatever it has cached.
+    * ``max_chars`` (default 1,000,000) -- characters of prompt text modelled per
+      endpoint (LRU beyond); the tree's memory is at most the sum over endpoints.
+    * ``forget_after`` (default 300 s) -- an endpoint out of the pickable set (ejected,
+      draining, cooling down) keeps its share of the tree this long.
+
+    Give each call its prompt text with ``route(prefix=lambda payload: text)`` (the
+    built-in :class:`~lbclient.http.ChatClient` derives it from the messages: see
+    :func:`lbclient.prompt_text`).
+    """
+
+    hit_gain: float = attrs.field(default=16.0, validator=_number("hit_gain", 0.0))
+    min_match: int = attrs.field(default=256, validator=_number("min_match", 0, integer=True))
+    balance_abs: float = attrs.field(default=8.0, validator=_number("balance_abs", 0.0))
+    balance_rel: float = attrs.field(default=1.5, validator=_number("balance_rel", 1.0))
+    max_chars: int = attrs.field(default=1_000_000, validator=_number("max_chars", 1, integer=True))
+    forget_after: float = attrs.field(default=300.0, validator=_number("forget_after", 0.0))
+    name: str = attrs.field(default=NAME, init=False)
+    uses_prefix = True  # the built-in clients derive the prompt text only for such strategies
+
+    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> PrefixPicker:
+        return PrefixPicker(states, ctx, self)
