@@ -137,6 +137,7 @@ class SGLang:
     """SGLang's ``cache_aware`` as its router does it (see the module docstring)."""
 
     name = "sglang"
+    uses_prefix = True  # ChatClient: derive the prompt text for it
 
     def __init__(self, threshold: float = 0.3, abs_: float = 64, rel: float = 1.5) -> None:
         self.threshold, self.abs, self.rel = threshold, abs_, rel

@@ -219,11 +219,15 @@ class PrefixPicker:
             if q > limit:
                 set_aside = True
                 continue
-            cost = q + 1.0 + gain * (1.0 - matched / length)
-            if s.penalty:  # a recent failure: priced like peak_ewma prices it
+            if s.penalty:  # a recent failure: its cache is worth nothing, and it is
+                # priced like peak_ewma prices it (penalty / its latency)
                 p = s.penalty * _exp(-(now - s.penalty_at) / PENALTY_DECAY)
                 if p > s.cost:
-                    cost *= p / s.cost
+                    cost = (q + 1.0 + gain) * p / s.cost
+                    if cost < best_cost:
+                        best, best_cost, best_match = s, cost, 0
+                    continue
+            cost = q + 1.0 + gain * (1.0 - matched / length)
             if cost < best_cost:
                 best, best_cost, best_match = s, cost, matched
         if best is None:  # only reachable with NaN loads: be safe
@@ -297,7 +301,7 @@ class Prefix:
 
     hit_gain: float = attrs.field(default=16.0, validator=_number("hit_gain", 0.0))
     min_match: int = attrs.field(default=256, validator=_number("min_match", 0, integer=True))
-    balance_abs: float = attrs.field(default=8.0, validator=_number("balance_abs", 0.0))
+    balance_abs: float = attrs.field(default=4.0, validator=_number("balance_abs", 0.0))
     balance_rel: float = attrs.field(default=1.5, validator=_number("balance_rel", 1.0))
     max_chars: int = attrs.field(default=1_000_000, validator=_number("max_chars", 1, integer=True))
     forget_after: float = attrs.field(default=300.0, validator=_number("forget_after", 0.0))

@@ -1102,6 +1102,8 @@ class ReplicaFleet:
             total.in_flight += c.in_flight
             total.max_in_flight = max(total.max_in_flight, c.max_in_flight)
             total.health_checks += c.health_checks
+            total.prompt_blocks += c.prompt_blocks
+            total.cached_blocks += c.cached_blocks
         return total
 
     @property
