@@ -19,7 +19,27 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["Request", "Workload", "make"]
+__all__ = ["FLEET", "RATE", "WORKLOAD", "Request", "Workload", "make"]
+
+# The benchmark configuration shared by prefix.py (loopback) and prefix_sim.py.
+RATE = 130.0  # requests per second
+WORKLOAD = {
+    "conversations": 300,
+    "system_prompts": 20,
+    "system_chars": 400,
+    "user_chars": 150,
+    "answer_chars": 250,
+    "max_turns": 16,
+    "zipf": 0.8,
+}
+FLEET = {
+    "replicas": 8,
+    "slots": 2,  # concurrent requests per replica
+    "base": 0.020,  # decode time, seconds (lognormal, sigma 0.25)
+    "cache_blocks": 2500,  # prefix cache per replica
+    "block": 64,  # characters per block
+    "prefill": 0.0025,  # seconds per uncached block
+}
 
 _WORDS = [
     "the",

@@ -57,30 +57,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import lbclient
-from _chat import Workload, make
+from _chat import FLEET, RATE, WORKLOAD, Workload, make
 from lbclient.http import ChatClient
 from prefix_sim import SGLang
 
 FLEET_SERVER = HERE / "_fleet_server.py"
 REQUEST_TIMEOUT = 20.0
-RATE = 130.0
-REPLICAS = 8
-WORKLOAD = {
-    "conversations": 300,
-    "system_prompts": 20,
-    "system_chars": 400,
-    "user_chars": 150,
-    "answer_chars": 250,
-    "max_turns": 16,
-    "zipf": 0.8,
-}
+REPLICAS = int(FLEET["replicas"])
 REPLICA = {
-    "base_latency": 0.020,
+    "base_latency": FLEET["base"],
     "sigma": 0.25,
-    "capacity": 2,
-    "kv_cache_blocks": 2500,
-    "kv_block_chars": 64,
-    "prefill_per_block": 0.0025,
+    "capacity": FLEET["slots"],
+    "kv_cache_blocks": FLEET["cache_blocks"],
+    "kv_block_chars": FLEET["block"],
+    "prefill_per_block": FLEET["prefill"],
     "tokens": 8,
 }
 _live: set[int] = set()

@@ -16,16 +16,20 @@ queue whenever the pool is imbalanced), for comparison.
 
 ::
 
-    python benchmarks/prefix_sim.py                 # the scenarios of prefix.py + sweeps
-    python benchmarks/prefix_sim.py --quick
-    python benchmarks/prefix_sim.py --gains 1,2,4,8 --loads 0.4,0.6,0.8
+    python benchmarks/prefix_sim.py                 # prefix.py's scenarios and more, 3 seeds
+    python benchmarks/prefix_sim.py --quick         # 1 seed, 1500 requests (~30 s)
+    python benchmarks/prefix_sim.py --gains 4,8,32 --strategies prefix   # sweep hit_gain
+
+Scenarios: prefix.py's (``base``, ``slow``, ``unique``, ``hot``, ``load0.6``,
+``load1.2``), ``one-system`` (every conversation under one 2,000-character system
+prompt), and the same chat on another fleet shape, 4 replicas x 4 slots (``4x4``,
+``4x4-slow``; the rate scaled to the same capacity).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -38,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lbclient
-from _chat import Workload, make
+from _chat import FLEET, RATE, WORKLOAD, Workload, make
 from lbclient.pool.load import outstanding
 from lbclient.pool.state import EndpointState
 from lbclient.strategies import PickContext
@@ -54,13 +58,13 @@ class Fleet:
 
     def __init__(
         self,
-        speeds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        speeds: Sequence[float] = (1.0,) * int(FLEET["replicas"]),
         *,
-        slots: int = 4,
-        base: float = 0.020,
-        prefill: float = 0.0025,
-        cache_blocks: int = 5000,
-        block: int = 64,
+        slots: int = int(FLEET["slots"]),
+        base: float = FLEET["base"],
+        prefill: float = FLEET["prefill"],
+        cache_blocks: int = int(FLEET["cache_blocks"]),
+        block: int = int(FLEET["block"]),
     ) -> None:
         self.speeds = tuple(speeds)
         self.slots = slots
@@ -214,59 +218,62 @@ def run(
     }
 
 
-def capacity(fleet: Fleet, work: Workload, hit: float) -> float:
-    """Requests per second the fleet serves if a share ``hit`` of prompt blocks is
-    cached (a rough yardstick for choosing the rate)."""
-    blocks = work.mean_chars / fleet.block
-    service = fleet.base + fleet.prefill * blocks * (1.0 - hit)
-    return sum(fleet.slots * s for s in fleet.speeds) / service
-
-
 STRATEGIES = ("prefix", "power_of_two", "consistent_hash", "round_robin", "sglang")
+N = int(FLEET["replicas"])
+SLOW = (0.5,) + (1.0,) * (N - 1)
+# name -> (fleet kwargs, rate factor, workload overrides, unique, strategies or None: all)
+SCENARIOS: dict[str, tuple[dict[str, Any], float, dict[str, Any], bool, tuple[str, ...] | None]] = {
+    "base": ({}, 1.0, {}, False, None),
+    "slow": ({"speeds": SLOW}, 1.0, {}, False, None),
+    "unique": ({}, 1.0, {}, True, ("prefix", "power_of_two", "peak_ewma")),
+    "hot": ({}, 1.0, {"system_zipf": 1.5, "system_chars": 4000, "max_turns": 4}, False, None),
+    "one-system": ({}, 0.85, {"system_prompts": 1, "system_chars": 2000}, False, None),
+    "load0.6": ({}, 0.6, {}, False, None),
+    "load1.2": ({}, 1.2, {}, False, None),
+    "4x4": ({"speeds": (1.0,) * 4, "slots": 4, "cache_blocks": 5000}, 1.0, {}, False, None),
+    "4x4-slow": (
+        {"speeds": (0.5, 1.0, 1.0, 1.0), "slots": 4, "cache_blocks": 5000},
+        1.0,
+        {},
+        False,
+        None,
+    ),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--requests", type=int, default=0)
-    ap.add_argument(
-        "--rate", type=float, default=0.0, help="requests/s (default: the base scenario)"
-    )
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--gains", default="", help="sweep Prefix(hit_gain=) over these")
-    ap.add_argument("--loads", default="", help="sweep the rate: fractions of the base rate")
-    ap.add_argument("--seeds", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 1500 requests")
+    ap.add_argument("--requests", type=int, default=0, help="per run (default 3000)")
+    ap.add_argument("--seeds", type=int, default=0, help="runs per cell, averaged (default 3)")
+    ap.add_argument("--scenarios", default="", help=",".join(SCENARIOS))
+    ap.add_argument("--strategies", default="", help="default: " + ",".join(STRATEGIES))
+    ap.add_argument("--gains", default="", help="also sweep Prefix(hit_gain=) over these")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    n = args.requests or (1500 if args.quick else 4000)
+    n = args.requests or (1500 if args.quick else 3000)
     seeds = args.seeds or (1 if args.quick else 3)
-    rate = args.rate or 90.0
-    strategies = args.strategies.split(",")
+    only = args.strategies.split(",") if args.strategies else None
+    gains: list[float | None] = [None] + [float(g) for g in args.gains.split(",") if g]
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-
-    def scenario(name: str, fleet: Fleet, **kw: Any) -> None:
-        r = kw.pop("rate", rate)
-        unique = kw.pop("unique", False)
-        events = kw.pop("events", ())
-        strats = kw.pop("strategies", strategies)
-        gains = kw.pop("gains", [None])
-        for strategy in strats:
+    for name in args.scenarios.split(",") if args.scenarios else SCENARIOS:
+        fleet_kw, factor, wk, unique, strats = SCENARIOS[name]
+        fleet = Fleet(**fleet_kw)
+        # The same rate per slot as the base fleet (the 4x4 shape has as many slots).
+        rate = RATE * factor * fleet.slots * len(fleet.speeds) / (int(FLEET["slots"]) * N)
+        works = [
+            make(requests=n, rate=rate, unique=unique, seed=seed + 1, **{**WORKLOAD, **wk})
+            for seed in range(seeds)
+        ]
+        for strategy in only or strats or STRATEGIES:
             for g in gains if strategy == "prefix" else [None]:
                 res = [
-                    run(
-                        fleet,
-                        make(requests=n, rate=r, unique=unique, seed=seed + 1),
-                        strategy,
-                        seed=seed,
-                        gain=g,
-                        events=events,
-                    )
-                    for seed in range(seeds)
+                    run(fleet, works[seed], strategy, seed=seed, gain=g) for seed in range(seeds)
                 ]
                 row = {
                     "scenario": name,
-                    "rate": r,
+                    "rate": round(rate, 1),
                     "strategy": res[0]["strategy"],
                     **{
                         k: statistics.fmean(x[k] for x in res)
@@ -276,45 +283,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
                 rows.append(row)
                 print(
-                    f"{name:>14} {r:6.0f}/s {row['strategy']:>18}  mean {row['mean_ms']:7.1f}  p50 {row['p50_ms']:7.1f}"
-                    f"  p99 {row['p99_ms']:7.1f}  hit {row['hit_ratio']:.3f}  share {row['share']}",
+                    f"{name:>10} {rate:5.0f}/s {row['strategy']:>18}  mean {row['mean_ms']:7.1f}"
+                    f"  p50 {row['p50_ms']:7.1f}  p99 {row['p99_ms']:7.1f}"
+                    f"  hit {row['hit_ratio']:.3f}",
                     flush=True,
                 )
-
-    base = Fleet()
-    if args.gains:
-        gains = [float(g) for g in args.gains.split(",")]
-        scenario("gain", base, strategies=["prefix"], gains=gains)
-        scenario("gain-slow", Fleet((0.5, 1, 1, 1)), strategies=["prefix"], gains=gains)
-    elif args.loads:
-        for f in (float(x) for x in args.loads.split(",")):
-            scenario(f"load {f:g}", base, rate=rate * f)
-    else:
-        scenario("base", base)
-        scenario("slow replica", Fleet((0.5, 1.0, 1.0, 1.0)))
-        scenario("unique", base, unique=True, strategies=["prefix", "power_of_two", "peak_ewma"])
-        scenario(
-            "restart",
-            base,
-            events=[(n / rate / 2, "clear", 0)],
-            strategies=["prefix", "power_of_two"],
-        )
-        for f in (0.4, 0.7, 1.15):
-            scenario(
-                f"load {f:g}",
-                base,
-                rate=rate * f,
-                strategies=["prefix", "power_of_two", "consistent_hash"],
-            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix_sim.json").write_text(
-        json.dumps(
-            {"requests": n, "seeds": seeds, "rows": rows, "loadavg": os.getloadavg()}, indent=1
-        )
-    )
+    result = {"requests": n, "seeds": seeds, "rows": rows, "loadavg": os.getloadavg()}
+    (out / "prefix_sim.json").write_text(json.dumps(result, indent=1))
     print(f"{time.perf_counter() - t0:.0f} s; wrote {out / 'prefix_sim.json'}")
-    _ = math
     return 0
 
 

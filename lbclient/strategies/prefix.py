@@ -5,68 +5,80 @@ An LLM replica answers a prompt whose prefix it has cached (system prompt, the
 conversation so far, few-shot examples) several times faster: it skips the prefill of
 that part.  This strategy keeps an approximate radix tree of the prompt text recently
 sent to each endpoint (:mod:`lbclient.strategies._radix`) and prices every endpoint in
-one unit, seconds on that endpoint::
+one unit, *calls of average size waiting*::
 
-    cost(e) = ewma(e) x (queue(e) + 1 + hit_gain x size x (1 - matched(e)))
+    cost(e) = queue(e) + 1 + hit_gain x size x (1 - matched(e))
 
-* ``ewma(e)``: its peak-EWMA call latency (failure penalty included), so a slow replica
-  costs more for the same work;
 * ``queue(e)``: calls in flight there, in calls of average size (tokens in flight over
-  the mean call's tokens when calls give ``tokens=``; the server's own queue depth when
-  it reports a higher one -- see :mod:`lbclient.serverload`), per unit of weight;
+  the mean call's tokens when calls give ``tokens=``; the server's own queue when it
+  reports a larger one -- ``x-queue-depth`` or :class:`lbclient.MetricsPoller`), per
+  unit of weight.  A slow replica shows as a longer queue;
 * ``matched(e)``: the share of the prompt endpoint ``e`` is modelled to hold (0 below
-  ``min_match`` characters), ``size`` this call's tokens over the mean (1 without
-  ``tokens=``): the uncached part costs ``hit_gain`` calls of average size more.
+  ``min_match`` characters); ``size``: this call's tokens over the mean (1 without
+  ``tokens=``).  The uncached part of the prompt costs ``hit_gain`` calls per call of
+  average size;
+* an endpoint with a recent failure (a live penalty) is priced as holding nothing,
+  times penalty / its latency, as ``peak_ewma`` prices it.
 
 The cheapest endpoint wins (ties at random), and the prompt is recorded in its tree at
-pick time -- it will be cached there once the call has run.  A call without a prefix goes
-to the least ``ewma x (queue + 1)`` (``least_response_time``).  Before pricing, endpoints
-loaded beyond ``balance_abs`` calls more than the least loaded *and* ``balance_rel``
-times it are set aside (never all of them: the least loaded always stays).
+pick time -- it will be cached there once the call has run.  Endpoints loaded more than
+``balance_abs`` calls above the least loaded *and* ``balance_rel`` times it are set
+aside first (never all: the least loaded stays).  A call without a prefix goes to the
+least ``ewma x (queue + 1)`` (``least_response_time``).
 
-What we took from SGLang's ``cache_aware`` router (sgl-router ``cache_aware.rs`` and
-``tree.rs``): one character-level radix tree shared by all workers with per-node owners
-and per-owner LRU eviction of leaves, recording at routing time, and the two balance
-thresholds (absolute *and* relative; its defaults are 64 requests and 1.5, with a cache
-threshold of 0.3 and a tree of 2**26 characters swept every 120 s).  What we do
-differently, and why:
+What we took from SGLang's ``cache_aware`` router (``sgl-router/src/policies/
+cache_aware.rs`` and ``tree.rs``): one character-level radix tree shared by all workers
+with per-node owners and per-owner LRU eviction of leaves, recording the prompt at
+routing time, and a load guard with an absolute *and* a relative threshold (its
+defaults: cache threshold 0.3, balance thresholds 64 requests / 1.5, a tree of 2**26
+characters swept every 120 s).  What we do differently, and why:
 
-* **No switch between two policies.**  SGLang routes by cache while the pool is
-  balanced and by shortest queue as soon as it is not -- and then every request loses
-  its affinity at once (sglang PR 32195), the caches it had built go cold, and the pool
-  oscillates.  Here load and cache are one price; the imbalance guard only removes the
-  overloaded endpoints from the choice, and among the rest the longest match still
+* **One price, no switch between two policies.**  SGLang routes by cache while the pool
+  is balanced and by shortest queue as soon as it is not -- and then every request loses
+  its affinity at once (sglang PR 32195), the caches it built go cold, the extra
+  prefill makes the imbalance worse.  Here load and cache are one price; the guard only
+  sets the overloaded endpoints aside, and among the others the longest match still
   counts.
 * **A miss goes to the least loaded, not the smallest tree.**  SGLang sends a prompt
-  matching no worker above the threshold to the worker with the smallest tree,
-  whatever its load: under a stream of misses that one replica takes them all, slows
-  down, ... (the "death spiral" of sglang PR 14305).  Here a miss is priced like any
-  other call: the cheapest endpoint, which is the least loaded.
-* **Hot prefixes replicate instead of piling up.**  The home of a hot conversation
-  fills up; once its queue outweighs the prefill saved, the next turn goes to the next
-  cheapest endpoint -- preferring one that shares the system prompt -- which records it
-  and from then on competes with the home for that conversation: a hot prefix ends up
-  on as many replicas as its load needs.  (llm-d's scheduler does the same by adding a
-  prefix-cache scorer to queue and KV-utilisation scorers with weights; we price both
-  in seconds instead of weighting normalised scores.)
+  matching no worker above its threshold to the worker with the smallest tree, whatever
+  its load, and a prompt matching above it to the first owner it finds: with one hot
+  shared prefix, one replica takes everything (the "death spiral" of sglang PR 14305).
+  Here a miss is priced like any call: it goes to the least loaded.
+* **Hot prefixes replicate instead of piling up.**  The home of a hot conversation or
+  system prompt fills up; once its queue outweighs the prefill saved, the next request
+  goes to the next cheapest endpoint -- preferring one that shares the longest part --
+  which records it and from then on competes with the home: a hot prefix ends up on as
+  many replicas as its load needs.  (llm-d's scheduler mixes a prefix-cache scorer with a
+  queue scorer by weights, 3 and 2 in its default profile; we price both in one unit.)
+* **Queue counts, not latency.**  Multiplying by a peak-EWMA latency, as ``peak_ewma``
+  does, looked natural and failed: with a cache every miss is 4-6x a hit, so each miss
+  made its replica's estimate jump, its conversations spilled elsewhere as misses, which
+  made those jump too -- on the simulated chat (``benchmarks/prefix_sim.py``, 4 replicas
+  x 4 slots, 280 req/s) the mean was 463 ms with the EWMA and 146 ms with queue counts
+  (SGLang-like affinity: 93 ms).  A slow replica still gets less: its queue is longer.
 * **Memory is bounded at every moment**: ``max_chars`` per endpoint, evicted in the
   insert that overflowed (LRU, O(1) per node), not by a periodic sweep; an endpoint
-  that leaves the pool takes its share of the tree with it.
-* **Cost.**  The tree is walked a node at a time with C string comparisons; a pick of
-  a 4,000-character prompt of a multi-turn chat takes ~10-20 us of CPU in CPython, its
-  tree update well under 20 us (see ``benchmarks/prefix.py --micro``).  O(prompt
-  length) at most; O(endpoints) for the prices.
+  that leaves the pool takes its share of the tree with it at once (one out of the
+  pickable set keeps it for ``forget_after`` seconds).
+* **Cost.**  The tree is walked a node at a time with C string comparisons: a whole pick
+  of a 4,000-character multi-turn prompt on 8 endpoints costs ~10 us of CPU in CPython,
+  its tree update ~2 us (``python benchmarks/prefix.py --micro``).  O(prompt length)
+  at most; O(endpoints) for the prices.
 
-``hit_gain`` says how much a cached prompt is worth, in calls of average size waiting in
-the queue: roughly (full-miss latency / full-hit latency - 1).  The default, 4, fits
-replicas where prefill of a full miss takes 4-6x a hit's time; a larger value keeps
-affinity under more load imbalance, a smaller one balances sooner.  ``benchmarks/prefix.py``
-sweeps it.
+``hit_gain`` is what a fully cached prompt is worth, in calls of average size waiting:
+about (full-miss latency / full-hit latency - 1) x the calls a replica serves at once,
+plus a margin for the prefill a miss adds to everyone's queue.  The default, 16, and
+``balance_abs=4`` come from sweeping ``benchmarks/prefix_sim.py`` over two fleet shapes
+(8 x 2 and 4 x 4 slots), loads from 0.6x to 1.2x, a slow replica, hot and single system
+prompts and no shared prefix at all (``--gains 4,8,32``): 8, 16 and 32 are within 5% of
+each other on the mean everywhere; 4 spills too eagerly (p99 113 ms against 61 ms on 4 x 4;
+1.5x the mean at 280 req/s in an earlier, cache-starved fleet).  ``balance_abs=4``
+rather than 8 halved the mean when every conversation shares one system prompt.
 
 The tree is a *model*: it does not know what the replica really evicted.  Give
 ``max_chars`` about the replica's KV capacity in characters (~4 per token) times the
-share of it prompts may use; too large a value only makes the strategy optimistic about
-old prefixes (their price is still bounded by load).
+share prompts may use; too large a value only makes the strategy optimistic about old
+prefixes (whose price is still bounded by load).
 """
 
 from __future__ import annotations
@@ -282,11 +294,11 @@ def _number(
 class Prefix:
     """Prompt-prefix (KV-cache) affinity bounded by load.  See the module docstring.
 
-    * ``hit_gain`` (default 4.0) -- what a fully cached prompt saves, in calls of
-      average size waiting in a queue: about full-miss latency / full-hit latency - 1.
+    * ``hit_gain`` (default 16.0) -- what a fully cached prompt is worth, in calls of
+      average size waiting (see the module docstring for how to choose it).
     * ``min_match`` (default 256 characters, ~64 tokens) -- shorter matches count as
       none (a KV cache works in blocks; a few shared characters save nothing).
-    * ``balance_abs`` (default 8.0) and ``balance_rel`` (default 1.5) -- an endpoint
+    * ``balance_abs`` (default 4.0) and ``balance_rel`` (default 1.5) -- an endpoint
       loaded more than ``balance_abs`` calls above the least loaded *and* more than
       ``balance_rel`` times it is not chosen, whatever it has cached.
     * ``max_chars`` (default 1,000,000) -- characters of prompt text modelled per
