@@ -17,7 +17,9 @@ name                     picks
 
 A strategy is any object with a ``name`` and a ``picker(states, ctx)`` method returning
 an object with ``pick(key, exclude)`` (see :class:`Strategy`, :class:`Picker`);
-:func:`register` adds it to the names ``Balancer(strategy=...)`` accepts.
+:func:`register` adds it to the names ``Balancer(strategy=...)`` accepts.  A strategy
+whose class sets ``uses_prefix = True`` (as ``prefix`` does) gets the prompt text from the
+built-in :class:`~lbclient.http.ChatClient` in ``call.prefix``.
 """
 
 from __future__ import annotations

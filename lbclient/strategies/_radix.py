@@ -211,9 +211,25 @@ class RadixTree:
 
     def _evict(self, tenant: Tenant) -> None:
         lru = tenant.lru
-        while tenant.chars > tenant.capacity and lru:
-            node, _ = lru.popitem(last=False)
-            self._drop(tenant, node)
+        pop = lru.popitem
+        capacity = tenant.capacity
+        while tenant.chars > capacity and lru:
+            node, _ = pop(last=False)
+            children = node.children
+            if children and any(tenant in c.holders for c in children.values()):
+                lru[node] = None  # rare (see _split): take its subtree along
+                self._drop(tenant, node)
+                continue
+            # The usual case, inlined: a leaf of the tenant's holdings.
+            holders = node.holders
+            holders.discard(tenant)
+            label = node.label
+            tenant.chars -= len(label)
+            if not holders:
+                parent = node.parent
+                if parent is not None and parent.children.get(label[0]) is node:
+                    del parent.children[label[0]]
+                node.parent = None
 
     def _drop(self, tenant: Tenant, node: _Node) -> None:
         """Drop ``node`` and its descendants from ``tenant``; unlink nodes nobody holds."""

@@ -109,7 +109,9 @@ class PrefixPicker:
     pricing.  Kept across snapshot rebuilds (``updated``), so the tree survives
     membership and health changes; an endpoint out of the pickable set keeps its share
     for ``forget_after`` seconds (a breaker ejection or a drain that ends finds its cache
-    still modelled), one removed from the pool loses it at once."""
+    still modelled), one removed from the pool loses it at once.  With ``locality=``,
+    the local tier and the whole pool get a picker each, so each models the prompts
+    sent through it (a spill-over to another region starts that region's tree)."""
 
     __slots__ = (
         "_abs",
