@@ -143,6 +143,8 @@ def _variants() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     out.append(
         ("consistent_hash, key=", {"strategy": "consistent_hash"}, {"key": lambda: "user-42"})
     )
+    prompt = "system: " + "You are a helpful assistant. " * 140  # ~4,000 characters
+    out.append(("prefix, prefix= (4k chars)", {"strategy": "prefix"}, {"prefix": lambda: prompt}))
     pe = {"strategy": "peak_ewma"}
     out += [
         ("peak_ewma + Retry()", {**pe, "retry": lbclient.Retry()}, {}),
@@ -611,8 +613,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         for name in dict.fromkeys(r["strategy"] for r in rows):
-            if name.startswith("least_"):
-                continue
+            if name.startswith("least_") or name == "prefix":
+                continue  # O(n) by design: they compare every endpoint
             by = {r["size"]: r["pick_ns"] for r in rows if r["strategy"] == name}
             ratio = by[hi] / by[lo]
             out.append(

@@ -31,6 +31,7 @@ from ._errors import (
     StreamIdleTimeout,
     UnknownEndpoint,
 )
+from ._prompt import prompt_text
 from .admission.policy import Admission, Quota
 from .observe.events import (
     AdmissionEvent,
@@ -60,6 +61,7 @@ from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+from .serverload import MetricsPoller, ServerMetrics
 
 __version__ = "0.1.0"
 
@@ -97,6 +99,7 @@ __all__ = [
     "Listener",
     "Locality",
     "MembershipEvent",
+    "MetricsPoller",
     "MonotonicClock",
     "NoEndpointAvailable",
     "Overloaded",
@@ -105,10 +108,12 @@ __all__ = [
     "QuotaExceeded",
     "Retry",
     "RetryEvent",
+    "ServerMetrics",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
     "__version__",
+    "prompt_text",
     "report_usage",
     "retry_if",
     "retry_if_exception",

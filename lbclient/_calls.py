@@ -15,6 +15,7 @@ from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
     check_async,
+    check_prefix,
     check_priority,
     check_timeout,
     check_tokens,
@@ -59,6 +60,7 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        prefix: Callable[..., object] | None = None,
     ) -> RouteDecorator: ...
     def route(
         self,
@@ -71,6 +73,7 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        prefix: Callable[..., object] | None = None,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
 
@@ -92,6 +95,9 @@ class Calls:
           quotas and fairness are charged in tokens, settled by :func:`report_usage`.
         * ``priority`` -- an int (or a callable giving one): under admission, waiting
           calls of higher priority are served first.
+        * ``prefix`` -- a callable giving the call's prompt text (a str, or None) for the
+          ``prefix`` strategy's KV-cache affinity (e.g. ``prefix=lambda payload:
+          lbclient.prompt_text(payload["messages"])``).  Calls then take the full path.
         """
         self._check_open()
         options = functools.partial(
@@ -103,6 +109,7 @@ class Calls:
             tenant=tenant,
             tokens=tokens,
             priority=priority,
+            prefix=prefix,
         )
         return options if fn is None else options(fn)
 
@@ -115,12 +122,13 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        prefix: str | None = None,
         **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
-        are this call's values themselves (see :meth:`route`); to pass arguments of those
-        names to ``fn``, bind them with ``functools.partial``."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority`` and
+        ``prefix`` are this call's values themselves (see :meth:`route`); to pass
+        arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
         retry = self._engine.retry
         call = CallContext(
@@ -129,6 +137,7 @@ class Calls:
             tokens=check_tokens(tokens),
             timeout=retry.timeout if retry is not None else None,
             priority=check_priority(priority),
+            prefix=check_prefix(prefix),
         )
         return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
 
@@ -140,13 +149,15 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        prefix: str | None = None,
     ) -> PickedEndpoint:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
         :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
-        :meth:`route`, under :class:`Admission`."""
+        :meth:`route`, under :class:`Admission`; ``prefix``: the prompt text (the ``prefix``
+        strategy)."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
@@ -157,5 +168,6 @@ class Calls:
             tokens=check_tokens(tokens),
             timeout=seconds,
             priority=check_priority(priority),
+            prefix=check_prefix(prefix),
         )
         return PickedEndpoint(self._engine, call)

@@ -58,6 +58,7 @@ __all__ = [
     "RouteDecorator",
     "admit",
     "check_async",
+    "check_prefix",
     "check_priority",
     "check_timeout",
     "check_tokens",
@@ -116,9 +117,9 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 class Extract:
     """What a route computes from each call's arguments: its affinity key, tenant,
-    estimated tokens and priority (each a callable, or absent)."""
+    estimated tokens, priority and prompt prefix (each a callable, or absent)."""
 
-    __slots__ = ("key", "priority", "tenant", "tokens")
+    __slots__ = ("key", "prefix", "priority", "tenant", "tokens")
 
     def __init__(
         self,
@@ -126,8 +127,10 @@ class Extract:
         tenant: Callable[..., object] | None,
         tokens: Callable[..., object] | None,
         priority: int | Callable[..., object] | None,
+        prefix: Callable[..., object] | None = None,
     ) -> None:
         self.key = _callable_or_none(key, "key")
+        self.prefix = _callable_or_none(prefix, "prefix")
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
         if (
@@ -140,7 +143,9 @@ class Extract:
 
     @property
     def any(self) -> bool:
-        return any(x is not None for x in (self.key, self.tenant, self.tokens, self.priority))
+        return any(
+            x is not None for x in (self.key, self.tenant, self.tokens, self.priority, self.prefix)
+        )
 
     def context(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, timeout: float | None, stream: bool
@@ -154,6 +159,8 @@ class Extract:
         )
         if self.priority is not None:
             call.priority = _priority_of(self.priority, args, kwargs)
+        if self.prefix is not None:
+            call.prefix = check_prefix(self.prefix(*args, **kwargs))
         return call
 
 
@@ -171,6 +178,16 @@ def _priority_of(
     value = priority(*args, **kwargs)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"priority= must give an int, got {value!r}")
+    return value
+
+
+def check_prefix(value: object) -> str | None:
+    """A call's prompt text for prefix affinity: a str (None or "": none).  Anything
+    else is the caller's bug: TypeError naming it, before anything is sent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"prefix= must give the prompt text (a str), got {type(value).__name__}")
     return value
 
 
@@ -196,10 +213,11 @@ def make_route(
     tenant: Callable[..., object] | None = None,
     tokens: Callable[..., object] | None = None,
     priority: int | Callable[..., object] | None = None,
+    prefix: Callable[..., object] | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    extract = Extract(key, tenant, tokens, priority)
+    extract = Extract(key, tenant, tokens, priority, prefix)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
     if deadline is None and engine.retry is not None:
@@ -215,7 +233,13 @@ def make_route(
             f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
             "plain async function: use timeout="
         )
-    if deadline is None and extract.key is None and extract.tokens is None:
+    # A prefix needs the call's context: the full path.
+    if (
+        deadline is None
+        and extract.key is None
+        and extract.tokens is None
+        and extract.prefix is None
+    ):
         if engine.gate is None:
             if engine.hedger is not None and extract.tenant is None:
                 return functools.wraps(fn)(_hedged(engine, fn, None))
@@ -230,6 +254,7 @@ def make_route(
         and engine.hedger is not None
         and deadline is None
         and (extract.tenant is None and extract.tokens is None and extract.priority is None)
+        and extract.prefix is None
     ):
         return functools.wraps(fn)(_hedged(engine, fn, extract.key))
     return functools.wraps(fn)(_full(engine, fn, extract, deadline))

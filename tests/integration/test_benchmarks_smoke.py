@@ -224,3 +224,49 @@ def test_admission_scenarios_on_virtual_time_smoke(tmp_path: Path) -> None:
     assert judged and all(t["met"] for t in judged), [t for t in judged if not t["met"]]
     for name in ("admission-spike-virtual.png", "admission-oscillation-virtual.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(60)
+def test_prefix_benchmark_tiny_writes_json_and_png(tmp_path: Path) -> None:
+    out = _run(
+        "prefix.py",
+        "--scenarios",
+        "base",
+        "--strategies",
+        "prefix,power_of_two",
+        "--requests",
+        "120",
+        "--out",
+        str(tmp_path),
+        timeout=50.0,
+    )
+    assert "prefix" in out and "power_of_two" in out
+    data = json.loads((tmp_path / "prefix.json").read_text())
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == {"prefix", "power_of_two"}
+    for r in rows.values():
+        assert r["failed"] == 0
+        assert 5.0 < r["p50_ms"] <= r["p99_ms"] < 5_000.0
+        assert 0.0 < r["hit_ratio"] < 1.0
+    assert rows["prefix"]["hit_ratio"] > rows["power_of_two"]["hit_ratio"]
+    assert [c["target"] for c in data["checks"]]
+    assert (tmp_path / "prefix.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(60)
+def test_prefix_simulation_tiny(tmp_path: Path) -> None:
+    out = _run(
+        "prefix_sim.py",
+        "--requests",
+        "300",
+        "--seeds",
+        "1",
+        "--strategies",
+        "prefix,power_of_two",
+        "--out",
+        str(tmp_path),
+    )
+    data = json.loads((tmp_path / "prefix_sim.json").read_text())
+    base = {r["strategy"]: r for r in data["rows"] if r["scenario"] == "base"}
+    assert base["prefix"]["hit_ratio"] > base["power_of_two"]["hit_ratio"]
+    assert "base" in out
