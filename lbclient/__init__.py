@@ -38,6 +38,7 @@ from .observe.events import (
     BreakerEvent,
     CooldownEvent,
     Event,
+    FleetEvent,
     HedgeEvent,
     Listener,
     MembershipEvent,
@@ -60,6 +61,7 @@ from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+from .shared.policy import RedisState
 
 __version__ = "0.1.0"
 
@@ -89,6 +91,7 @@ __all__ = [
     "Endpoint",
     "EndpointStats",
     "Event",
+    "FleetEvent",
     "GeoTable",
     "HealthCheck",
     "Hedge",
@@ -103,6 +106,7 @@ __all__ = [
     "PanicEvent",
     "Quota",
     "QuotaExceeded",
+    "RedisState",
     "Retry",
     "RetryEvent",
     "StaticDiscovery",
