@@ -174,6 +174,9 @@ class SharedStats:
     cooldowns: int
     quotas: tuple[FleetQuotaStats, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
 
 @attrs.frozen(kw_only=True)
 class BalancerStats:

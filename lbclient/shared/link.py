@@ -64,6 +64,11 @@ class FleetLink:
     """See the module docstring.  Lives on the balancer's event loop; not thread-safe."""
 
     def __init__(self, config: RedisState, pool: Pool, observer: Observer, clock: Clock) -> None:
+        # redis-py takes ~0.3 s to import: here, at construction, not in the event loop
+        # on the first pick.
+        from . import redis_io
+
+        self._syncer_type = redis_io.Syncer
         self.config = config
         self.pool = pool
         self.observer = observer
@@ -422,11 +427,9 @@ class FleetLink:
 
     async def run(self) -> None:
         """The background task (started with the balancer's other background work)."""
-        from .redis_io import Syncer
-
         if self.closed:
             return
-        syncer = Syncer(self)
+        syncer = self._syncer_type(self)
         self.syncer = syncer
         await syncer.run()
 

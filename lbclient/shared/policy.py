@@ -129,7 +129,10 @@ class RedisState:
     * ``scripts`` -- lease by Lua script when the server runs them (default ``True``;
       checked at every connection); ``False`` always uses the fallback.
     * ``share_ejections`` / ``share_cooldowns`` -- turn either part off (default on).
-    * ``reconnect_max`` -- the longest wait between reconnect attempts (default 1 s).
+    * ``reconnect_max`` -- the longest wait between reconnect attempts (default 0.5 s,
+      plus up to a quarter of it in jitter: the processes of a fleet come back within
+      about half a second of each other -- while some are back and others not, the
+      first ones lease the whole rate as the others still spend their local share).
 
     Needs the ``redis`` extra (``pip install 'lbclient[redis]'``, redis-py's asyncio
     client).  Standalone Redis >= 6.2 and Valkey are supported; Sentinel through
@@ -153,7 +156,7 @@ class RedisState:
     share_ejections: bool = attrs.field(default=True, kw_only=True, validator=_flag)
     share_cooldowns: bool = attrs.field(default=True, kw_only=True, validator=_flag)
     reconnect_max: float = attrs.field(
-        default=1.0, kw_only=True, converter=_to_float, validator=_seconds(0.0, 60.0)
+        default=0.5, kw_only=True, converter=_to_float, validator=_seconds(0.0, 60.0)
     )
     connect: Callable[[], Any] | None = attrs.field(default=None, kw_only=True, validator=_connect)
 

@@ -1,10 +1,12 @@
 """Smoke test of the benchmark scripts: a tiny ``benchmarks/run.py --quick`` and a tiny
 ``benchmarks/overhead.py``, each in a subprocess, checking that the JSON and the PNG are
-written and that the numbers are sane.  Runs in well under 30 s."""
+written and that the numbers are sane.  Runs in well under 30 s each.  The
+``fleet_shared.py`` ones need a real redis-server (``redis_server_bin``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +213,78 @@ def test_picking_against_the_oracle_smoke(tmp_path: Path) -> None:
     overhead = data["fleets"][0]["overhead"]["overhead_ms"]
     assert 0.0 <= overhead < 20.0, overhead
     assert (tmp_path / "picking.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _run_fleet_shared(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """``benchmarks/fleet_shared.py`` in a subprocess (with this checkout's lbclient: the
+    client processes it spawns import it too)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "fleet_shared.py"), *args, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert (tmp_path / "fleet_shared.png").read_bytes()[:8] == PNG_MAGIC
+    data: dict[str, Any] = json.loads((tmp_path / "fleet_shared.json").read_text())
+    return data
+
+
+@pytest.mark.timeout(90)
+def test_fleet_shared_quota_and_redis_killed_smoke(tmp_path: Path, redis_server_bin: str) -> None:
+    """Two client processes, a fleet-wide quota of 30/s against 2 x 40 offered, then the
+    same with redis-server killed and restarted mid-run."""
+    data = _run_fleet_shared(
+        tmp_path,
+        "--scenarios",
+        "quota,redis_killed",
+        "--processes",
+        "2",
+        "--rate",
+        "40",
+        "--quota",
+        "30",
+        "--duration",
+        "4.5",
+    )
+    quota = data["figures"]["quota"]
+    assert quota["per_process"]["admitted_per_s_steady"] > 60  # each admits its own 30+
+    assert 20 < quota["shared"]["admitted_per_s_steady"] < 40  # the fleet admits ~30
+    assert quota["shared"]["failed_calls"] == 0
+    killed = data["figures"]["redis_killed"]
+    assert killed["failed_calls"] == 0  # no call failed because Redis was gone
+    assert all(d is not None and d < 1.0 for d in killed["degraded_after_kill_s"])
+    assert killed["converged_after_restart_s"] is not None
+    assert killed["admitted_per_s_during_outage"] < 40
+    assert {t["target"].split(":")[0] for t in data["targets"]} == {"quota", "redis killed"}
+
+
+@pytest.mark.timeout(90)
+def test_fleet_shared_ejection_smoke(tmp_path: Path, redis_server_bin: str) -> None:
+    """One replica starts failing: processes sharing state eject it together, with fewer
+    failed attempts than processes learning alone."""
+    data = _run_fleet_shared(
+        tmp_path,
+        "--scenarios",
+        "ejection",
+        "--processes",
+        "2",
+        "--rate",
+        "40",
+        "--duration",
+        "3.5",
+        "--no-peak-ewma",
+        "--repeat",
+        "1",
+    )
+    e = data["figures"]["ejection"]
+    assert set(e) == {"single", "per_process", "shared"}
+    assert e["shared"]["failed_calls"] == 0  # retried elsewhere
+    assert e["single"]["failed_attempts"] >= 5  # Breaker(failures=5)
+    assert e["shared"]["failed_attempts"] < e["per_process"]["failed_attempts"]
+    assert e["shared"]["all_ejected_within_s"] is not None
+    assert e["shared"]["all_ejected_within_s"] < 1.0
