@@ -390,15 +390,22 @@ def ejection_figures(r: dict[str, Any], fault_at: float, window: float) -> dict[
     first = min(seen) if seen else None
     end = (first if first is not None else r["duration"]) + window
     failed = []
+    failed_all = 0
     last_sent = []
     for c in r["clients"]:
         bad = [a for a in c["attempts"] if a[1] == 0 and fault_at <= a[0] <= end]
         failed.append(sum(1 for a in bad if a[2] >= 500 or a[2] == 0))
         last_sent.append(max((a[0] for a in bad), default=None))
+        failed_all += sum(
+            1
+            for a in c["attempts"]
+            if a[1] == 0 and a[0] >= fault_at and (a[2] >= 500 or a[2] == 0)
+        )
     errors = sum(1 for c in r["clients"] for _, w in c["outcomes"] if w != "ok")
     return {
         "failed_attempts": sum(failed),
         "failed_by_process": failed,
+        "failed_attempts_to_the_end": failed_all,  # probes after the cooldowns included
         "first_ejection_s": None if first is None else first - fault_at,
         "ejected_after_first_s": [None if t is None or first is None else t - first for t in opens],
         "all_ejected_within_s": None
@@ -415,9 +422,12 @@ def merge_ejections(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Several repeats of one ejection run: the mean failed attempts, the worst spread."""
     failed = [r["failed_attempts"] for r in runs]
     within = [r["all_ejected_within_s"] for r in runs]
+    to_end = [r["failed_attempts_to_the_end"] for r in runs]
     return {
         "failed_attempts": sum(failed) / len(failed),
         "failed_attempts_each": failed,
+        "failed_attempts_to_the_end": sum(to_end) / len(to_end),
+        "failed_attempts_to_the_end_each": to_end,
         "all_ejected_within_s": None if None in within else max(within),
         "first_ejection_s": [r["first_ejection_s"] for r in runs],
         "failed_calls": sum(r["failed_calls"] for r in runs),

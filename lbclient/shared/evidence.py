@@ -33,6 +33,8 @@ from typing import Final
 
 __all__ = ["EJECT", "NONE", "SUSPECT", "Evidence", "Report"]
 
+_FORGET: Final = 60.0  # s: a report with nothing to say for this long is dropped
+
 NONE: Final = "none"
 SUSPECT: Final = "suspect"
 EJECT: Final = "eject"
@@ -122,7 +124,10 @@ class Evidence:
             return []
         refuted = self._refuted.get(url)
         out = []
-        for peer, r in peers.items():
+        for peer, r in list(peers.items()):
+            if r.open_until <= now and now - r.at > _FORGET:
+                del peers[peer]  # a peer long silent (restarted under a new id, gone)
+                continue
             if refuted:
                 until = refuted.get(peer)
                 if until is not None:
@@ -159,15 +164,6 @@ class Evidence:
         if tripped:
             return SUSPECT, fleet, tripped
         return NONE, fleet, sources
-
-    def open_until(self, url: str, now: float) -> float:
-        """The latest end of a believed peer's trip on ``url`` (``-inf``: none), to line
-        this process's probes up with the fleet's: one probe per cooldown in all."""
-        latest = -math.inf
-        for _, r in self._believed(url, now):
-            if r.open_until > now and r.open_until > latest:
-                latest = r.open_until
-        return latest
 
     def __repr__(self) -> str:
         return f"<Evidence urls={len(self._by_url)} refuted={len(self._refuted)}>"

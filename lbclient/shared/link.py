@@ -11,8 +11,9 @@ on one peer's word (one probe decides), its reopening lined up with the fleet's,
 ``Retry-After`` cooldown applied.  What a process publishes about an endpoint:
 
 * ``["run", url, n]`` -- its breaker's run of consecutive failures there (0: it ended);
-* ``["open", url, seconds, run, derived]`` -- its breaker opened (``derived``: on fleet
-  evidence, not its own failures);
+* ``["open", url, seconds, run, derived, probe]`` -- its breaker opened (``derived``: on
+  fleet evidence, not its own failures; ``probe``: a half-open probe failed -- the
+  replica is still down after a cooldown);
 * ``["close", url]`` -- its breaker closed (a probe succeeded);
 * ``["cool", url, seconds, status]`` -- a ``Retry-After`` cooldown started.
 
@@ -58,6 +59,7 @@ CLOSED = "closed"
 
 _HASTEN_AFTER = 1.0  # s: a peer's recovery hastens a local probe only after this long open
 _RUN_POLL = 0.05  # s: how often a reported failure run is checked for its end
+_FOLLOW = 0.1  # reopen up to this share later than a peer whose probe failed
 
 
 class FleetLink:
@@ -130,7 +132,10 @@ class FleetLink:
             self._reported.pop(url, None)
             self._suspects.pop(url, None)  # a suspicion's probe failed: confirmed here
             seconds = event.cooldown or 0.0
-            self._send(("e", url), ["open", url, seconds, event.consecutive_failures, derived])
+            probe = event.old == "half_open"
+            self._send(
+                ("e", url), ["open", url, seconds, event.consecutive_failures, derived, probe]
+            )
         elif event.new == "closed":
             self._derived.discard(url)
             self._reported.pop(url, None)
@@ -214,7 +219,10 @@ class FleetLink:
                 left = b.reopen_at - now
                 if left > 0:
                     derived = s.url in self._derived
-                    self._send(("e", s.url), ["open", s.url, left, b.consecutive_failures, derived])
+                    self._send(
+                        ("e", s.url),
+                        ["open", s.url, left, b.consecutive_failures, derived, False],
+                    )
             if self.config.share_cooldowns and s.cooldown_until > now:
                 self._send(("c", s.url), ["cool", s.url, s.cooldown_until - now, None])
 
@@ -257,7 +265,10 @@ class FleetLink:
         if kind == "run":
             self.evidence.run(url, peer, int(ev[2]), now)
         elif kind == "open":
-            self.evidence.opened(url, peer, float(ev[2]), int(ev[3]), bool(ev[4]), now)
+            seconds = float(ev[2])
+            self.evidence.opened(url, peer, seconds, int(ev[3]), bool(ev[4]), now)
+            if len(ev) > 5 and ev[5]:
+                self._probe_failed(s, seconds, now)
         elif kind == "close":
             self.evidence.closed(url, peer, now)
             self._hasten(s, peer, now)
@@ -313,16 +324,24 @@ class FleetLink:
                     url,
                     now,
                 )
-        elif b.state == "open":
-            # Already out here: line the reopening up with the fleet's latest trip, so
-            # the fleet probes a dead replica about once per cooldown, not once per
-            # process (never beyond the longest cooldown the local policy allows).
-            until = self.evidence.open_until(url, now)
-            policy = b.policy
-            until = min(until, now + policy.max_cooldown * (1.0 + policy.jitter))
-            if until > b.reopen_at:
-                b.reopen_at = until
-                self.pool.invalidate()
+
+    def _probe_failed(self, s: EndpointState, seconds: float, now: float) -> None:
+        """A peer's probe of ``s`` failed after its cooldown: the replica is still down.
+        If ``s`` is out here too, put its reopening back as far as the peer's (never
+        beyond the longest cooldown the local policy allows), so the fleet probes a dead
+        replica about once per cooldown, not once per process.  (Trips are not lined up:
+        the breakers' jitter keeps the processes' reopenings apart, so the first probe's
+        verdict arrives before the others reopen.)"""
+        b = s.breaker
+        if b is None or b.state != "open" or s.url in self._suspects:
+            return
+        policy = b.policy
+        # A little later than the peer (0-10%), so next time too its probe decides first.
+        seconds *= 1.0 + _FOLLOW * self.pool.rng.random()
+        until = now + min(seconds, policy.max_cooldown * (1.0 + policy.jitter))
+        if until > b.reopen_at:
+            b.reopen_at = until
+            self.pool.invalidate()
 
     def _hasten(self, s: EndpointState, peer: str, now: float) -> None:
         """A peer's probe of ``s`` succeeded: probe it here now rather than at the end of

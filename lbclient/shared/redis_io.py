@@ -288,7 +288,7 @@ class Syncer:
             peer, _, url = key[len(prefix) + 6 :].partition("|")
             run, derived = json.loads(value)
             if peer != link.peer:
-                link.apply(peer, ["open", url, seconds, int(run), bool(derived)], now)
+                link.apply(peer, ["open", url, seconds, int(run), bool(derived), False], now)
         elif key.startswith(f"{prefix}:cool:"):
             url = key[len(prefix) + 6 :]
             status = json.loads(value)

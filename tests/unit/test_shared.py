@@ -10,7 +10,6 @@ real ``redis-server`` in ``tests/integration/test_shared_redis.py``.
 from __future__ import annotations
 
 import json
-import math
 import random
 from typing import Any
 
@@ -127,6 +126,7 @@ def test_a_probe_that_fails_confirms_with_the_usual_cooldown() -> None:
     assert b.reopen_at - clock.now() == pytest.approx(5.0)  # Breaker(cooldown=5), no growth
     out = link.take_outbox()
     assert out[-1][:2] == ["open", A] and out[-1][4] is False  # its own evidence now
+    assert out[-1][5] is True  # and a failed probe: peers put their reopening back
 
 
 def test_two_peers_trips_eject_at_once_and_are_republished_as_derived() -> None:
@@ -187,7 +187,7 @@ def test_derived_trips_alone_are_not_evidence() -> None:
     assert breaker_of(lb).state == "closed"
 
 
-def test_a_remote_trip_lines_up_the_local_reopening() -> None:
+def test_a_peer_s_failed_probe_puts_the_local_reopening_back_but_a_trip_does_not() -> None:
     clock = FakeClock(100.0)
     lb = balancer(clock)
     link = link_of(lb)
@@ -195,10 +195,26 @@ def test_a_remote_trip_lines_up_the_local_reopening() -> None:
     b = breaker_of(lb)
     assert b.state == "open"
     mine = b.reopen_at
-    link.receive(msg("p1", ["open", A, 9.0, 3, False]))
-    assert b.reopen_at == pytest.approx(clock.now() + 9.0) and b.reopen_at > mine
-    link.receive(msg("p2", ["open", A, 1e6, 3, False]))  # never beyond the local policy
+    link.receive(msg("p1", ["open", A, 9.0, 3, False, False]))  # a trip: jitter kept
+    assert b.reopen_at == mine
+    link.receive(msg("p1", ["open", A, 9.0, 4, False, True]))  # its probe failed
+    # Reopens a little after that peer (0-10% later): its next probe decides first.
+    assert clock.now() + 9.0 <= b.reopen_at <= clock.now() + 9.9
+    link.receive(msg("p2", ["open", A, 1e6, 3, False, True]))  # never beyond the policy
     assert b.reopen_at <= clock.now() + b.policy.max_cooldown * (1 + b.policy.jitter)
+
+
+def test_a_failed_probe_is_published_as_such() -> None:
+    clock = FakeClock(100.0)
+    lb = balancer(clock)
+    link = link_of(lb)
+    fail_locally(lb, clock, n=3)
+    assert link.take_outbox()[-1][5] is False  # a trip
+    clock.advance(6.0)
+    lease = lb._pool.acquire(None, None, clock.now())
+    assert lease.state.url == A and lease.probe > 0
+    lease.fail(ConnectionError("refused"))
+    assert link.take_outbox()[-1][5] is True  # a probe that failed
 
 
 def test_a_peer_recovery_hastens_the_local_probe_but_not_at_once() -> None:
@@ -327,7 +343,6 @@ def test_weigh_table() -> None:
     assert ev.weigh(A, 0, 5, 6.0)[0] == SUSPECT
     ev.refute(A, {"p2"}, 6.0)
     assert ev.weigh(A, 0, 5, 6.0)[0] == NONE
-    assert ev.open_until(A, 6.0) == -math.inf
 
 
 # -- the breaker's suspect transition -----------------------------------------------------------
