@@ -28,7 +28,8 @@ Scenarios (each beside its baseline):
   admitted total against the quota, and how long until every process is connected
   with the full peer count again.
 
-Results: a table, ``fleet_shared.json`` and ``fleet_shared.png`` in ``--out``.
+Results: a table, ``fleet_shared.json`` (figures and targets), ``fleet_shared_raw.json``
+(every call and attempt of every run) and ``fleet_shared.png`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -754,10 +755,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     result["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    _report.write_json(args.out / "fleet_shared.json", result)
     plot(result, args.out / "fleet_shared.png")
+    # Every call and attempt of every run, apart: the figures file stays small.
+    _report.write_json(args.out / "fleet_shared_raw.json", {"runs": result.pop("runs")})
+    _report.write_json(args.out / "fleet_shared.json", result)
     console.print(
-        f"wrote {args.out / 'fleet_shared.json'} and .png in {result['wall_seconds']:.0f} s"
+        f"wrote {args.out / 'fleet_shared.json'}, _raw.json and .png in "
+        f"{result['wall_seconds']:.0f} s"
     )
     return 0
 

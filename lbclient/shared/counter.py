@@ -19,13 +19,22 @@ over at the same moment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["FleetCounter"]
 
 
-class FleetCounter:
-    __slots__ = ("fleet", "name", "pending", "sending", "window", "window_id")
+def _alone() -> tuple[int, bool]:
+    return 1, True
 
-    def __init__(self, name: str, window: float) -> None:
+
+class FleetCounter:
+    __slots__ = ("fleet", "name", "pending", "sending", "status", "window", "window_id")
+
+    def __init__(
+        self, name: str, window: float, status: Callable[[], tuple[int, bool]] = _alone
+    ) -> None:
+        self.status = status  # () -> (live peers, connected?): the link's
         self.name = name
         self.window = window  # seconds
         self.window_id = -1  # the server-clock window the fleet total belongs to
@@ -37,10 +46,11 @@ class FleetCounter:
         """Count ``amount`` (sync; sent with the next background sync)."""
         self.pending += amount
 
-    def total(self, peers: int = 1, connected: bool = True) -> float:
+    def total(self) -> float:
         """The fleet's total in the current window: the last synced total plus what this
-        process added since -- times ``peers`` when not ``connected`` (the others are
-        assumed to spend alike while nobody can tell)."""
+        process added since -- times the live peers while Redis is out of reach (the
+        others are assumed to spend alike while nobody can tell)."""
+        peers, connected = self.status()
         mine = self.pending + self.sending
         return self.fleet + (mine if connected else mine * max(1, peers))
 

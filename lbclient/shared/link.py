@@ -169,7 +169,9 @@ class FleetLink:
         """A fleet-wide sum over ``window`` seconds (see :mod:`lbclient.shared.counter`)."""
         c = self.counters.get(name)
         if c is None:
-            c = self.counters[name] = FleetCounter(name, window)
+            c = self.counters[name] = FleetCounter(
+                name, window, lambda: (self.peers, self.mode == CONNECTED)
+            )
         return c
 
     # -- the outbox -----------------------------------------------------------------------

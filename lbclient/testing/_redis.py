@@ -19,6 +19,7 @@ with a cache Redis), bound to 127.0.0.1 only.  ``extra`` adds arguments, e.g.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -30,6 +31,13 @@ from collections.abc import Sequence
 from types import TracebackType
 
 __all__ = ["RedisServer", "free_port"]
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
 
 
 def free_port() -> int:
@@ -97,6 +105,8 @@ class RedisServer:
             proc = self.proc = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
             )
+            # Never outlive the interpreter (a test or script that raised before stop()).
+            atexit.register(_reap, proc)
             while proc.poll() is None and time.monotonic() < deadline:
                 if self.ping():
                     return self

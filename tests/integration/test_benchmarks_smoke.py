@@ -24,6 +24,14 @@ BENCH = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _env() -> dict[str, str]:
+    """The environment for a benchmark subprocess: this checkout's lbclient first (a
+    script's own directory, not the working directory, starts its ``sys.path``, so an
+    installed lbclient -- another checkout's -- would be imported instead)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
 def _run(script: str, *args: str, timeout: float = 25.0) -> str:
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args],
@@ -32,6 +40,7 @@ def _run(script: str, *args: str, timeout: float = 25.0) -> str:
         text=True,
         timeout=timeout,
         check=False,
+        env=_env(),
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
@@ -128,6 +137,11 @@ def test_overhead_tiny_writes_json(tmp_path: Path) -> None:
     assert picks == {(s, n) for s in lbclient.strategies.names() for n in (10, 100)}
     assert all(r["pick_ns"] > 0 and r["acquire_release_ns"] > 0 for r in data["pick"])
 
+    if data.get("shared_ab"):  # redis-server installed: shared= timed beside its twin
+        assert any("shared=" in v for v in variants)
+        for ab in data["shared_ab"]:
+            assert ab["link"]["mode"] == "connected" and abs(ab["median_extra_ns"]) < 50_000
+
     http = data["http"]
     assert http["ratio"] > 0
     for mode in http["modes"].values():
@@ -218,7 +232,6 @@ def test_picking_against_the_oracle_smoke(tmp_path: Path) -> None:
 def _run_fleet_shared(tmp_path: Path, *args: str) -> dict[str, Any]:
     """``benchmarks/fleet_shared.py`` in a subprocess (with this checkout's lbclient: the
     client processes it spawns import it too)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(BENCH / "fleet_shared.py"), *args, "--out", str(tmp_path)],
         cwd=ROOT,
@@ -226,7 +239,7 @@ def _run_fleet_shared(tmp_path: Path, *args: str) -> dict[str, Any]:
         text=True,
         timeout=80,
         check=False,
-        env=env,
+        env=_env(),
     )
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert (tmp_path / "fleet_shared.png").read_bytes()[:8] == PNG_MAGIC

@@ -457,3 +457,27 @@ async def test_a_hung_redis_never_delays_a_call(
     finally:
         server.resume()
     await wait_until(lambda: mode(lb) == "connected", 3.0)
+
+
+async def test_a_fleet_counter_sums_every_process_s_spend(
+    fleet: Fleet, redis_factory: Callable[..., RedisServer], redis_namespace: str
+) -> None:
+    """What a cost ceiling reads: the fleet's spend in the window, not one process's;
+    with Redis gone, this process's unsynced spend counts once per live peer."""
+    from lbclient.shared.link import FleetLink
+
+    server = redis_factory()
+    state = lbclient.RedisState(server.url, namespace=redis_namespace)
+    lbs = [fleet.add(FAKE, state) for _ in range(3)]
+    await fleet.start()
+    links = [lb._pool.shared for lb in lbs]
+    assert all(isinstance(link, FleetLink) for link in links)
+    counters = [link.counter("cost_usd", 3600.0) for link in links]  # type: ignore[union-attr]
+    for i, c in enumerate(counters):
+        c.add(1.5 * (i + 1))  # 1.5 + 3.0 + 4.5
+    await wait_until(lambda: all(c.total() == pytest.approx(9.0) for c in counters), 2.0)
+    await wait_until(lambda: all(peers(lb) == 3 for lb in lbs))
+    server.kill()
+    await wait_until(lambda: all(mode(lb) == "degraded" for lb in lbs), 2.0)
+    counters[0].add(1.0)
+    assert counters[0].total() == pytest.approx(9.0 + 3.0)

@@ -447,14 +447,16 @@ def test_gate_quota_is_leased_when_shared() -> None:
 
 
 def test_fleet_counter_errs_high_when_disconnected() -> None:
-    c = FleetCounter("cost", 3600.0)
+    connected = [True]
+    c = FleetCounter("cost", 3600.0, lambda: (4, connected[0]))
     c.add(2.0)
     assert c.total() == 2.0
     sent = c.take()
     c.synced(1, 10.0, sent)  # the fleet spent 10 this window, ours included
     c.add(1.0)
     assert c.total() == 11.0
-    assert c.total(peers=4, connected=False) == 14.0
+    connected[0] = False  # Redis out of reach: the 3 others may be spending alike
+    assert c.total() == 14.0
     sent = c.take()
     c.lost(sent)
     assert c.pending == 1.0 and c.sending == 0.0
