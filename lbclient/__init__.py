@@ -39,6 +39,7 @@ from .observe.events import (
     BreakerEvent,
     CooldownEvent,
     Event,
+    FleetEvent,
     HedgeEvent,
     Listener,
     MembershipEvent,
@@ -62,6 +63,7 @@ from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDi
 from .pool.health import HealthCheck
 from .pool.locality import Locality
 from .serverload import MetricsPoller, ServerMetrics
+from .shared.policy import RedisState
 
 __version__ = "0.1.0"
 
@@ -91,6 +93,7 @@ __all__ = [
     "Endpoint",
     "EndpointStats",
     "Event",
+    "FleetEvent",
     "GeoTable",
     "HealthCheck",
     "Hedge",
@@ -106,6 +109,7 @@ __all__ = [
     "PanicEvent",
     "Quota",
     "QuotaExceeded",
+    "RedisState",
     "Retry",
     "RetryEvent",
     "ServerMetrics",
