@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .._context import CallContext
 
 _exp = math.exp
+_INF = math.inf
 
 POWER_OF_TWO = "power_of_two"
 PEAK_EWMA = "peak_ewma"
@@ -159,7 +160,7 @@ class _PeakEwma(P2CPicker):
     """The least peak-EWMA x (in-flight + 1) per weight among a random window of up to
     :data:`SCAN_WINDOW` endpoints (all of them in smaller pools)."""
 
-    __slots__ = ("_ring", "_window")
+    __slots__ = ("_fresh", "_inv_decay", "_ring", "_window")
 
     def __init__(
         self,
@@ -172,6 +173,9 @@ class _PeakEwma(P2CPicker):
         self._window = min(self._n, SCAN_WINDOW)
         # The states twice over: a window from any start is one slice.
         self._ring = self._states + self._states[: self._window - 1]
+        decay = self._states[0].decay if self._states else 10.0
+        self._inv_decay = 1.0 / decay
+        self._fresh = 0.01 * decay
 
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
@@ -194,22 +198,23 @@ class _PeakEwma(P2CPicker):
         """The least loaded of the window (ties: the first from a random start)."""
         start = int(self._random() * self._n)
         best: EndpointState | None = None
-        best_load = 0.0
+        best_load = _INF
+        fresh = self._fresh
         for s in self._ring[start : start + self._window]:
             if exclude and s in exclude:
                 continue
             if load is not None or s.server_load is not None or s.penalty:
                 v = (load or peak_ewma_load)(s, now)
             else:
-                # peak_ewma_load inlined: cost decayed for idle time, x (in-flight + 1) /
-                # weight.  A gap under 1% of the decay time changes the cost by under 1%:
-                # skip the exp.
+                # peak_ewma_load inlined: the cost decayed for idle time, x (in-flight +
+                # 1) / weight.  The decay is folded into the estimate as Finagle's
+                # PeakEwma does on every read (cost x exp(-dt/decay), stamp = now), so an
+                # idle endpoint pays the exp once per 1% of the decay time, not per pick.
                 dt = now - s.stamp
-                v = (
-                    (s.cost if dt < 0.01 * s.decay else s.cost * _exp(-dt / s.decay))
-                    * (s.inflight + 1)
-                    / s.weight
-                )
+                if dt >= fresh:
+                    s.cost *= _exp(-dt * self._inv_decay)
+                    s.stamp = now
+                v = s.cost * (s.inflight + 1) / s.weight
             if best is None or v < best_load:
                 best, best_load = s, v
         return best
