@@ -152,9 +152,18 @@ def make_stream_route(
                 permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
             except Overloaded as exc:
                 counters.failed(f"shed: {exc.reason}")
+                rec = engine.recorder
+                if rec is not None and rec.traffic:
+                    rec.shed(now() - t, error_type(exc), call, True)
                 raise
             if permit is None:
-                permit = await admit(engine, call)
+                try:
+                    permit = await admit(engine, call)
+                except Overloaded as exc:
+                    rec = engine.recorder
+                    if rec is not None and rec.traffic:
+                        rec.shed(now() - t, error_type(exc), call, True)
+                    raise
         ok = False
         span = None
         if engine.tracer is not None:
@@ -173,9 +182,14 @@ def make_stream_route(
         except Exception as exc:
             rec = engine.recorder
             if rec is not None and call.served_by is None:  # failed before its first chunk
-                rec.call(engine.now() - t, False, None, error_type(exc), True)
+                rec.call(engine.now() - t, False, None, error_type(exc), True, call)
             raise
         finally:
+            rec = engine.recorder
+            if rec is not None and rec.traffic and call.served_by is not None:
+                pending = sys.exc_info()[1]
+                failed = None if ok else "closed" if pending is None else error_type(pending)
+                rec.stream_end(engine.now() - t, ok, call.served_by, failed, call)
             if permit is not None:
                 release(permit, call, ok or call.sample is not None)
             if span is not None:
@@ -287,7 +301,7 @@ async def _stream_call(
             call.sample = won_in
             call.served_by = att.lease.state.url
             if engine.recorder is not None:
-                engine.recorder.call(t - call.started, True, call.served_by, None, True)
+                engine.recorder.call(t - call.started, True, call.served_by, None, True, call)
             for other in live:
                 if other is not att:
                     other.lease.lose(t, won_in)
