@@ -222,7 +222,9 @@ async def _stream_call(
     def launch(lease: Lease) -> None:
         lease.stream = True
         att = _Attempt(lease)
-        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals), context=ctx)
+        # Each pump its own copy: what one attempt sets (a cost meter's attempt record)
+        # must not leak into, or be reset under, a concurrent one.
+        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals), context=ctx.copy())
         task.add_done_callback(att.ended)  # a no-op unless it was cancelled before running
         att.task = task
         live.append(att)
