@@ -32,6 +32,7 @@ from ._errors import (
     UnknownEndpoint,
 )
 from .admission.policy import Admission, Quota
+from .admission.spend import SpendStats
 from .observe.events import (
     AdmissionEvent,
     AttemptEvent,
@@ -54,6 +55,7 @@ from .policies.classify import (
     retry_if_exception,
     retry_if_status,
 )
+from .policies.cost import CostPolicy
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
@@ -82,6 +84,7 @@ __all__ = [
     "Clock",
     "ConfigError",
     "CooldownEvent",
+    "CostPolicy",
     "DeadlineExceeded",
     "Discovery",
     "DnsDiscovery",
@@ -105,6 +108,7 @@ __all__ = [
     "QuotaExceeded",
     "Retry",
     "RetryEvent",
+    "SpendStats",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",

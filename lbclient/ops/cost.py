@@ -33,7 +33,7 @@ running everything on-demand.  Monthly = hourly x 730.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -229,6 +229,10 @@ def _share(name: str, value: object, *, below_one: bool) -> float:
     return float(value)
 
 
+def _instances(value: Iterable[InstanceType]) -> tuple[InstanceType, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class CostModel:
     """The cost model (see the module docstring).
@@ -241,7 +245,9 @@ class CostModel:
       time (default 0.05: AWS's most common "<5%" interruption frequency band).
     """
 
-    instances: tuple[InstanceType, ...] = attrs.field(default=DEFAULT_INSTANCES, converter=tuple)
+    instances: tuple[InstanceType, ...] = attrs.field(
+        default=DEFAULT_INSTANCES, converter=_instances
+    )
     max_spot_share: float = attrs.field(default=0.5)
     spot_interruption: float = attrs.field(default=0.05)
 
