@@ -4,8 +4,12 @@ direct simulation of the same queue."""
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,8 @@ from lbclient.ops import (
     replay,
     synthetic_trace,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_erlang_c_known_values() -> None:
@@ -166,3 +172,29 @@ def test_bad_inputs_are_config_errors() -> None:
         CapacityPlanner(trace).plan(5.0, rate="p42")
     with pytest.raises(ConfigError, match="diurnal"):
         synthetic_trace(1.0, 10.0, diurnal=1.5)
+
+
+def test_cli_plans_from_a_recording(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    trace = tmp_path / "traffic.jsonl"
+    with open(trace, "w") as f:
+        for r in synthetic_trace(30.0, 300.0, service_time=0.5, seed=4):
+            f.write(json.dumps(r.to_dict()) + "\n")
+    png = tmp_path / "plan.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "lbclient", "plan", "--trace", str(trace), "--target-p95", "2",
+         "--concurrency", "4", "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "Erlang C" in out.stdout and "replicas needed" in out.stdout
+    assert "burstiness" in out.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "lbclient", "plan", "--trace", str(trace), "--target-p95",
+             "2", "--concurrency", "4", "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+    )  # fmt: skip
+    expected = CapacityPlanner(synthetic_trace(30.0, 300.0, service_time=0.5, seed=4))
+    assert data["plan"]["replicas"] == expected.plan(2.0, concurrency=4).replicas
