@@ -31,6 +31,7 @@ from ._errors import (
     StreamIdleTimeout,
     UnknownEndpoint,
 )
+from ._prompt import prompt_text
 from .admission.policy import Admission, Quota
 from .admission.spend import SpendStats
 from .observe.events import (
@@ -39,6 +40,7 @@ from .observe.events import (
     BreakerEvent,
     CooldownEvent,
     Event,
+    FleetEvent,
     HedgeEvent,
     Listener,
     MembershipEvent,
@@ -62,6 +64,8 @@ from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+from .serverload import MetricsPoller, ServerMetrics
+from .shared.policy import RedisState
 
 __version__ = "0.1.0"
 
@@ -92,6 +96,7 @@ __all__ = [
     "Endpoint",
     "EndpointStats",
     "Event",
+    "FleetEvent",
     "GeoTable",
     "HealthCheck",
     "Hedge",
@@ -100,19 +105,23 @@ __all__ = [
     "Listener",
     "Locality",
     "MembershipEvent",
+    "MetricsPoller",
     "MonotonicClock",
     "NoEndpointAvailable",
     "Overloaded",
     "PanicEvent",
     "Quota",
     "QuotaExceeded",
+    "RedisState",
     "Retry",
     "RetryEvent",
+    "ServerMetrics",
     "SpendStats",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
     "__version__",
+    "prompt_text",
     "report_usage",
     "retry_if",
     "retry_if_exception",

@@ -16,6 +16,7 @@ from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
     check_async,
+    check_prefix,
     check_priority,
     check_timeout,
     check_tokens,
@@ -61,6 +62,7 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        prefix: Callable[..., object] | None = None,
     ) -> RouteDecorator: ...
     def route(
         self,
@@ -73,6 +75,7 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        prefix: Callable[..., object] | None = None,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
 
@@ -94,6 +97,9 @@ class Calls:
           quotas and fairness are charged in tokens, settled by :func:`report_usage`.
         * ``priority`` -- an int (or a callable giving one): under admission, waiting
           calls of higher priority are served first.
+        * ``prefix`` -- a callable giving the call's prompt text (a str, or None) for the
+          ``prefix`` strategy's KV-cache affinity (e.g. ``prefix=lambda payload:
+          lbclient.prompt_text(payload["messages"])``).  Calls then take the full path.
         """
         self._check_open()
         options: Callable[[Callable[..., Any]], Any] = functools.partial(
@@ -105,6 +111,7 @@ class Calls:
             tenant=tenant,
             tokens=tokens,
             priority=priority,
+            prefix=prefix,
         )
         if self._meter is not None:  # a cost policy: reserve before, settle after
             options = functools.partial(self._meter.route, options, tokens=tokens)
@@ -119,12 +126,13 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        prefix: str | None = None,
         **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
-        are this call's values themselves (see :meth:`route`); to pass arguments of those
-        names to ``fn``, bind them with ``functools.partial``."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority`` and
+        ``prefix`` are this call's values themselves (see :meth:`route`); to pass
+        arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
         retry = self._engine.retry
         call = CallContext(
@@ -133,6 +141,7 @@ class Calls:
             tokens=check_tokens(tokens),
             timeout=retry.timeout if retry is not None else None,
             priority=check_priority(priority),
+            prefix=check_prefix(prefix),
         )
         if self._meter is not None:
             return await self._meter.call(  # type: ignore[no-any-return]
@@ -150,13 +159,15 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        prefix: str | None = None,
     ) -> PickedEndpoint | MeteredPick:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
         :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
-        :meth:`route`, under :class:`Admission`."""
+        :meth:`route`, under :class:`Admission`; ``prefix``: the prompt text (the ``prefix``
+        strategy)."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
@@ -167,6 +178,7 @@ class Calls:
             tokens=check_tokens(tokens),
             timeout=seconds,
             priority=check_priority(priority),
+            prefix=check_prefix(prefix),
         )
         picked = PickedEndpoint(self._engine, call)
         if self._meter is not None:

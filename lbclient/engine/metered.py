@@ -76,7 +76,7 @@ class Meter:
             engine.counters.failed(f"shed: {exc.reason}")
             rec = engine.recorder
             if rec is not None and rec.traffic:
-                rec.shed(0.0, "Overloaded", None, stream)
+                rec.traffic_only(0.0, False, None, "Overloaded", stream, None)
             raise
 
     def settle(self, charge: Charge) -> None:

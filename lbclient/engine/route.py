@@ -58,6 +58,7 @@ __all__ = [
     "RouteDecorator",
     "admit",
     "check_async",
+    "check_prefix",
     "check_priority",
     "check_timeout",
     "check_tokens",
@@ -116,9 +117,9 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 class Extract:
     """What a route computes from each call's arguments: its affinity key, tenant,
-    estimated tokens and priority (each a callable, or absent)."""
+    estimated tokens, priority and prompt prefix (each a callable, or absent)."""
 
-    __slots__ = ("key", "priority", "tenant", "tokens")
+    __slots__ = ("key", "prefix", "priority", "tenant", "tokens")
 
     def __init__(
         self,
@@ -126,8 +127,10 @@ class Extract:
         tenant: Callable[..., object] | None,
         tokens: Callable[..., object] | None,
         priority: int | Callable[..., object] | None,
+        prefix: Callable[..., object] | None = None,
     ) -> None:
         self.key = _callable_or_none(key, "key")
+        self.prefix = _callable_or_none(prefix, "prefix")
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
         if (
@@ -140,7 +143,9 @@ class Extract:
 
     @property
     def any(self) -> bool:
-        return any(x is not None for x in (self.key, self.tenant, self.tokens, self.priority))
+        return any(
+            x is not None for x in (self.key, self.tenant, self.tokens, self.priority, self.prefix)
+        )
 
     def context(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, timeout: float | None, stream: bool
@@ -154,6 +159,8 @@ class Extract:
         )
         if self.priority is not None:
             call.priority = _priority_of(self.priority, args, kwargs)
+        if self.prefix is not None:
+            call.prefix = check_prefix(self.prefix(*args, **kwargs))
         return call
 
 
@@ -171,6 +178,16 @@ def _priority_of(
     value = priority(*args, **kwargs)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"priority= must give an int, got {value!r}")
+    return value
+
+
+def check_prefix(value: object) -> str | None:
+    """A call's prompt text for prefix affinity: a str (None or "": none).  Anything
+    else is the caller's bug: TypeError naming it, before anything is sent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"prefix= must give the prompt text (a str), got {type(value).__name__}")
     return value
 
 
@@ -196,10 +213,11 @@ def make_route(
     tenant: Callable[..., object] | None = None,
     tokens: Callable[..., object] | None = None,
     priority: int | Callable[..., object] | None = None,
+    prefix: Callable[..., object] | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    extract = Extract(key, tenant, tokens, priority)
+    extract = Extract(key, tenant, tokens, priority, prefix)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
     if deadline is None and engine.retry is not None:
@@ -215,7 +233,13 @@ def make_route(
             f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
             "plain async function: use timeout="
         )
-    if deadline is None and extract.key is None and extract.tokens is None:
+    # A prefix needs the call's context: the full path.
+    if (
+        deadline is None
+        and extract.key is None
+        and extract.tokens is None
+        and extract.prefix is None
+    ):
         if engine.gate is None:
             if engine.hedger is not None and extract.tenant is None:
                 return functools.wraps(fn)(_hedged(engine, fn, None))
@@ -230,6 +254,7 @@ def make_route(
         and engine.hedger is not None
         and deadline is None
         and (extract.tenant is None and extract.tokens is None and extract.priority is None)
+        and extract.prefix is None
     ):
         return functools.wraps(fn)(_hedged(engine, fn, extract.key))
     return functools.wraps(fn)(_full(engine, fn, extract, deadline))
@@ -307,12 +332,11 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             return await run_call(engine, fn, args, kwargs, CallContext(), h.lease)
         counters.calls += 1
         deposit(t0)
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 converted_cancel(None, Lease(pool, s, t0, 0), exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
@@ -358,18 +382,26 @@ def _fast_admitted(
         if engine.tracer is not None:  # spans need a call context: the full path
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx)
-        try:
-            permit = gate.try_admit(tenant, 0.0, priority, t0)
-        except Overloaded as exc:
+        if not gate.enter(tenant):  # quotas, throttling or no room: the general way
+            try:
+                permit = gate.try_admit(tenant, 0.0, priority, t0)
+            except Overloaded as exc:
+                counters.calls += 1
+                counters.failed(f"shed: {exc.reason}")
+                rec = engine.recorder
+                if rec is not None and rec.traffic:
+                    ctx = CallContext(tenant=tenant, started=t0)
+                    rec.traffic_only(now() - t0, False, None, error_type(exc), False, ctx)
+                raise
+            if permit is None:  # no room now: wait in the queue (or be shed), full path
+                ctx = CallContext(tenant=tenant, priority=priority)
+                return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            # admitted with a permit (a quota charged): the full path gives it back
             counters.calls += 1
-            counters.failed(f"shed: {exc.reason}")
-            rec = engine.recorder
-            if rec is not None and rec.traffic:
-                rec.shed(now() - t0, error_type(exc), CallContext(tenant=tenant, started=t0), False)
-            raise
-        if permit is None:  # no room now: wait in the queue (or be shed) on the full path
+            if budget is not None:
+                budget.deposit(t0)
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         counters.calls += 1
         if budget is not None:
             budget.deposit(t0)
@@ -377,18 +409,20 @@ def _fast_admitted(
             s = acquire(t0)
         except Handoff as h:
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, h.lease, permit)
+            return await run_call(
+                engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant, t0)
+            )
         except BaseException:
-            permit.release()
+            gate.permit_for(tenant, t0).release()
             counters.failed("no endpoint")
             raise
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
             lease = Lease(pool, s, t0, 0)
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            permit = gate.permit_for(tenant, t0)
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 permit.release()
                 converted_cancel(None, lease, exc, t1)
             ctx = CallContext(tenant=tenant, priority=priority, started=t0)
@@ -412,12 +446,12 @@ def _fast_admitted(
             return result
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
-            permit.release()
+            gate.permit_for(tenant, t0).release()
             raise
         t = now()
         succeeded(s, t0, t)
         counters.ok += 1
-        permit.release("latency", t - t0, accepted=True)
+        gate.leave(tenant, t - t0, t)
         rec = engine.recorder
         if rec is not None:
             traced = CallContext(tenant=tenant, started=t0) if rec.traffic else None
@@ -501,13 +535,18 @@ async def run_call(
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
     said "no room now" (the caller goes straight to the queue)."""
-    return await _recorded(
-        engine, call, _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
-    )
+    coro = _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
+    tracer = engine.tracer
+    if tracer is None:
+        return await _recorded(engine, call, coro)
+    call.tracer = tracer
+    with tracer.call(call):  # a span for the call; start() opens one per attempt
+        return await _recorded(engine, call, coro)
 
 
 async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any, R]) -> R:
     """Await the rest of a call; count and record how it ended."""
+    engine.active += 1
     try:
         result = await coro
     except Exception as exc:
@@ -515,6 +554,8 @@ async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any,
         if rec is not None:
             rec.call(engine.now() - call.started, False, call.served_by, error_type(exc), call=call)
         raise
+    finally:
+        engine.active -= 1
     engine.counters.ok += 1
     rec = engine.recorder
     if rec is not None:

@@ -154,7 +154,7 @@ def make_stream_route(
                 counters.failed(f"shed: {exc.reason}")
                 rec = engine.recorder
                 if rec is not None and rec.traffic:
-                    rec.shed(now() - t, error_type(exc), call, True)
+                    rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
                 raise
             if permit is None:
                 try:
@@ -162,10 +162,11 @@ def make_stream_route(
                 except Overloaded as exc:
                     rec = engine.recorder
                     if rec is not None and rec.traffic:
-                        rec.shed(now() - t, error_type(exc), call, True)
+                        rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
                     raise
-        ok = False
+        ok = ended = False
         span = None
+        engine.active += 1
         if engine.tracer is not None:
             call.tracer = engine.tracer
             span = engine.tracer.call(call)
@@ -177,19 +178,25 @@ def make_stream_route(
             ) as inner:
                 async for item in inner:
                     yield item
-            ok = True
+            ok = ended = True
             counters.ok += 1
+            rec = engine.recorder
+            if rec is not None:  # the whole stream (its first chunk was recorded then)
+                rec.call(engine.now() - t, True, call.served_by, call=call)
+                if call.usage is not None:
+                    rec.usage(call.usage, call.served_by)
         except Exception as exc:
             rec = engine.recorder
-            if rec is not None and call.served_by is None:  # failed before its first chunk
-                rec.call(engine.now() - t, False, None, error_type(exc), True, call)
+            ended = True
+            if rec is not None:
+                rec.call(engine.now() - t, False, call.served_by, error_type(exc), call=call)
             raise
         finally:
+            engine.active -= 1
             rec = engine.recorder
-            if rec is not None and rec.traffic and call.served_by is not None:
-                pending = sys.exc_info()[1]
-                failed = None if ok else "closed" if pending is None else error_type(pending)
-                rec.stream_end(engine.now() - t, ok, call.served_by, failed, call)
+            if not ended and rec is not None and rec.traffic and call.served_by is not None:
+                # closed by its consumer after the first chunk: no outcome recorded above
+                rec.traffic_only(engine.now() - t, False, call.served_by, "closed", True, call)
             if permit is not None:
                 release(permit, call, ok or call.sample is not None)
             if span is not None:

@@ -82,8 +82,8 @@ CallHook = Callable[[float, bool, str | None, str | None, bool], None]
 
 class TrafficSink(Protocol):
     """Told about every call with its context (tenant, tokens, usage), for a traffic
-    recording (:class:`lbclient.ops.TrafficRecorder`).  Both methods run on the event
-    loop, inside the call's path: they must only append to a buffer."""
+    recording (:class:`lbclient.ops.TrafficRecorder`).  Runs on the event loop, inside
+    the call's path: it must only append to a buffer."""
 
     def call(
         self,
@@ -95,13 +95,8 @@ class TrafficSink(Protocol):
         call: CallContext | None,
     ) -> None:
         """As :meth:`Recorder.call`; ``call`` is the call's context when it has one (the
-        plain fast path has none: no tenant, no tokens)."""
-
-    def stream_end(
-        self, seconds: float, ok: bool, endpoint: str | None, error: str | None, call: CallContext
-    ) -> None:
-        """A stream that had its first chunk (already told to :meth:`call`) ended after
-        ``seconds``: ``ok``, or ``error`` after the first chunk."""
+        plain fast path has none: no tenant, no tokens).  A stream is told twice: at its
+        first chunk (``stream`` and ``ok``) and when it ends (``call.stream``)."""
 
 
 class Recorder:
@@ -142,19 +137,19 @@ class Recorder:
             for sink in self.traffic:
                 sink.call(seconds, ok, endpoint, error, stream, call)
 
-    def stream_end(
-        self, seconds: float, ok: bool, endpoint: str | None, error: str | None, call: CallContext
+    def traffic_only(
+        self,
+        seconds: float,
+        ok: bool,
+        endpoint: str | None,
+        error: str | None,
+        stream: bool,
+        call: CallContext | None,
     ) -> None:
-        """A stream that had its first chunk ended after ``seconds`` (traffic sinks only:
-        the histograms took its time to first chunk)."""
+        """Tell only the traffic sinks (the histograms do not count it): a call shed
+        before the path that records the others, a stream closed by its consumer."""
         for sink in self.traffic:
-            sink.stream_end(seconds, ok, endpoint, error, call)
-
-    def shed(self, seconds: float, error: str, call: CallContext | None, stream: bool) -> None:
-        """A call shed before it entered the call path that records the others (traffic
-        sinks only: the histograms do not count it)."""
-        for sink in self.traffic:
-            sink.call(seconds, False, None, error, stream, call)
+            sink.call(seconds, ok, endpoint, error, stream, call)
 
     def usage(self, usage: tuple[float, float], endpoint: str | None) -> None:
         """A call's real ``(input, output)`` token use (from ``report_usage``)."""

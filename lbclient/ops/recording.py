@@ -279,15 +279,12 @@ class TrafficRecorder:
         stream: bool,
         call: CallContext | None,
     ) -> None:
-        if stream and ok and call is not None:
-            call.ttft = seconds  # its first chunk: the record is written when it ends
-            return
+        if call is not None:
+            if stream and ok and call.stream:
+                call.ttft = seconds  # its first chunk: the record is written when it ends
+                return
+            stream = call.stream
         self._put(seconds, endpoint, "ok" if ok else (error or "error"), stream, call)
-
-    def stream_end(
-        self, seconds: float, ok: bool, endpoint: str | None, error: str | None, call: CallContext
-    ) -> None:
-        self._put(seconds, endpoint, "ok" if ok else (error or "error"), True, call)
 
     def _put(
         self,

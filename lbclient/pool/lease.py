@@ -155,8 +155,10 @@ class Lease:
         if t is None:
             t = pool.now()
         if self.first_at is None:
-            expected = s.ttft.at(self.t0) if self.stream else s.at(self.t0)
-            if t - self.t0 <= expected:
+            est = s.ttft if self.stream else s
+            # (An estimate is evidence once the endpoint has answered; before, it is the
+            # pool's prior, and a cut counts.)
+            if est.count and t - self.t0 <= est.at(self.t0):
                 return self.cancel()
         self.done = True
         self._stream_ended(t)
@@ -288,6 +290,9 @@ class Lease:
         if b is not None:
             before = b.state
             b.on_failure(t, self.probe)
+            shared = pool.shared
+            if shared is not None:
+                shared.failed(s, t)  # queues the fleet's copy; may eject on fleet evidence
             if b.state != before or self.probe:
                 pool.invalidate()
                 return

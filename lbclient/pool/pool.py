@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .._clock import Clock
 from .._endpoint import Endpoint, normalize_url, to_endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
-from ..observe.events import CooldownEvent, MembershipEvent, PanicEvent
+from ..observe.events import BreakerEvent, CooldownEvent, MembershipEvent, PanicEvent
 from ..strategies import PickContext, Strategy, Totals
 from .lease import PANIC_PICK, Lease
 from .snapshot import MIN_RAMP, Snapshot, build
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..observe.observer import Observer
     from ..policies.breaker import Breaker
     from ..policies.geo import GeoTable
+    from ..shared.protocol import Shared
     from .locality import Locality
 
 __all__ = ["DEFAULT_COST", "Handoff", "Pool"]
@@ -95,6 +96,9 @@ class Pool:
         self.on_refresh: Callable[[], None] | None = None  # the façade's background hook
         self._typical: tuple[object, int, float, float] | None = None
         self.outcomes = 0  # attempts ended (keys the typical-cost cache)
+        # The fleet-shared state (Balancer(shared=...)), told about failures, breaker
+        # transitions and cooldowns -- never on the success path.  Set before members.
+        self.shared: Shared | None = None
 
     # -- membership -------------------------------------------------------------------------
 
@@ -110,8 +114,17 @@ class Pool:
         if self.breaker is not None:
             from ..policies.breaker import BreakerState
 
-            s.breaker = BreakerState(self.breaker, ep.url, rng=self.rng, emit=self.observer.emit)
+            emit = self.observer.emit if self.shared is None else self._breaker_event
+            s.breaker = BreakerState(self.breaker, ep.url, rng=self.rng, emit=emit)
         return s
+
+    def _breaker_event(self, event: BreakerEvent) -> None:
+        """A breaker transition, when the fleet shares state: the observer, then the
+        fleet (which may publish it)."""
+        self.observer.emit(event)
+        shared = self.shared
+        if shared is not None:
+            shared.breaker_event(event)
 
     def add(self, endpoint: Endpoint | str, *, initial: bool = False) -> Endpoint:
         ep = to_endpoint(endpoint)
@@ -216,8 +229,17 @@ class Pool:
         if s is not None:
             s.retries_denied += 1
 
-    def cool(self, s: EndpointState, seconds: float, status: int | None, now: float) -> None:
-        """No new picks of ``s`` for ``seconds`` (the server's ``Retry-After``)."""
+    def cool(
+        self,
+        s: EndpointState,
+        seconds: float,
+        status: int | None,
+        now: float,
+        *,
+        publish: bool = True,
+    ) -> None:
+        """No new picks of ``s`` for ``seconds`` (the server's ``Retry-After``).
+        ``publish=False``: the cooldown came from another process (do not echo it)."""
         until = now + seconds
         if until <= s.cooldown_until:
             return
@@ -226,6 +248,8 @@ class Pool:
         self.observer.counters.cooldowns += 1
         if self.observer.wants(20):
             self.observer.emit(CooldownEvent(url=s.url, seconds=seconds, status=status, at=now))
+        if publish and self.shared is not None:
+            self.shared.cooled(s, seconds, status, now)
 
     def state_of(self, url: str) -> EndpointState:
         s = self.members.get(url) if isinstance(url, str) else None
@@ -292,10 +316,11 @@ class Pool:
         """Pick an endpoint for ``call`` (avoiding ``exclude`` while others remain) and take
         an in-flight slot on it.  Synchronous.  Raises :class:`NoEndpointAvailable`.
 
-        Once the pool is closed, only a call already in flight (one that has sent an
-        attempt) may still pick -- its retries finish it, as closing promises."""
+        Once the pool is closed, only a call already under way may still pick (a call
+        context exists only for a call that started before the close: its retries, or
+        a call that was queued for admission, finish it, as closing promises)."""
         if now >= self.next_refresh:
-            if self.closed and (call is None or not call.sent):
+            if self.closed and call is None:
                 raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
             self.refresh()
         snap = self.snap
@@ -571,18 +596,6 @@ class Pool:
     def close(self) -> None:
         self.closed = True
         self.next_refresh = -math.inf  # the hot path's one compare now sees "closed"
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until no attempt is in flight; True if none is."""
-        import asyncio
-
-        deadline = self.now() + timeout
-        while self.totals.inflight > 0:
-            left = deadline - self.now()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(0.01, left))
-        return True
 
     def __repr__(self) -> str:
         return f"<Pool members={len(self.members)} pickable={len(self.snap.pickable)}>"
