@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._prompt import prompt_text
 from .admission.policy import Admission, Quota
+from .admission.spend import SpendStats
 from .observe.events import (
     AdmissionEvent,
     AttemptEvent,
@@ -56,6 +57,7 @@ from .policies.classify import (
     retry_if_exception,
     retry_if_status,
 )
+from .policies.cost import CostPolicy
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
@@ -86,6 +88,7 @@ __all__ = [
     "Clock",
     "ConfigError",
     "CooldownEvent",
+    "CostPolicy",
     "DeadlineExceeded",
     "Discovery",
     "DnsDiscovery",
@@ -113,6 +116,7 @@ __all__ = [
     "Retry",
     "RetryEvent",
     "ServerMetrics",
+    "SpendStats",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",

@@ -17,11 +17,14 @@ from ._calls import Calls
 from ._clock import Clock
 from ._config import BalancerConfig
 from ._endpoint import Endpoint
+from ._errors import ConfigError
 from ._runtime import build, shutdown
 from .admission.policy import Admission
+from .admission.spend import SpendStats, spend_stats
 from .engine.route import check_timeout
 from .observe.stats import BalancerStats, health_view, snapshot
 from .policies.breaker import Breaker
+from .policies.cost import CostPolicy
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
@@ -69,6 +72,9 @@ class Balancer(Calls):
       ``endpoints`` may then be empty -- use ``async with`` (or ``await lb.start()``) so
       the first resolution completes before the first call.
     * ``clock`` / ``rng`` -- injectable time and randomness (an int seeds a Random).
+    * ``cost`` -- a :class:`CostPolicy`: prefer cheaper endpoints (priced in their
+      ``metadata``) while their latency stays near the best, track spend, and shed
+      calls with ``Overloaded("budget")`` at a ceiling per period (see :meth:`spend`).
 
     A balancer lives on one event loop thread at a time; it may be used by several
     event loops one after another (``asyncio.run`` twice).
@@ -94,11 +100,17 @@ class Balancer(Calls):
         discovery: Discovery | None = None,
         clock: Clock | None = None,
         rng: random.Random | int | None = None,
+        cost: CostPolicy | None = None,
     ) -> None:
         # Every parameter, checked in one place (a ConfigError names the bad value).
         cfg = BalancerConfig(**{k: v for k, v in locals().items() if k != "self"})
         self._config = cfg
         self._observer, self._pool, self._engine, self._background = build(cfg)
+        if cfg.cost is not None:
+            from .engine.metered import Meter
+
+            book = getattr(self._pool.strategy, "book", None)  # the picker's prices
+            self._meter = Meter(self._engine, cfg.cost, book)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -195,6 +207,16 @@ class Balancer(Calls):
     def stats(self) -> BalancerStats:
         """An immutable snapshot of every endpoint and the call totals."""
         return snapshot(self._pool, self._engine)
+
+    def spend(self) -> SpendStats:
+        """What the :class:`CostPolicy` has counted: spend this period and since the
+        start, reservations in flight, calls shed at the ceiling, spend per endpoint.
+        Without ``cost=``: a :class:`~lbclient.ConfigError`."""
+        if self._meter is None:
+            raise ConfigError(
+                "lb.spend() needs a cost policy: Balancer(..., cost=lbclient.CostPolicy())"
+            )
+        return spend_stats(self._meter.ledger, self._pool.now())
 
     def ready(self) -> bool:
         """For a readiness probe: open, and at least one endpoint may be picked now."""

@@ -11,6 +11,7 @@ from ._context import CallContext
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed
 from .engine.engine import Engine
+from .engine.metered import Meter, MeteredPick
 from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
@@ -32,9 +33,10 @@ T = TypeVar("T")
 
 class Calls:
     """:class:`~lbclient.Balancer`'s calling half (its other half: membership, lifecycle,
-    stats).  Needs ``_engine``."""
+    stats).  Needs ``_engine`` (and ``_meter`` under a cost policy)."""
 
     _engine: Engine
+    _meter: Meter | None = None
 
     def _check_open(self) -> None:
         if self._engine.pool.closed:
@@ -100,7 +102,7 @@ class Calls:
           lbclient.prompt_text(payload["messages"])``).  Calls then take the full path.
         """
         self._check_open()
-        options = functools.partial(
+        options: Callable[[Callable[..., Any]], Any] = functools.partial(
             make_route,
             self._engine,
             key=key,
@@ -111,6 +113,8 @@ class Calls:
             priority=priority,
             prefix=prefix,
         )
+        if self._meter is not None:  # a cost policy: reserve before, settle after
+            options = functools.partial(self._meter.route, options, tokens=tokens)
         return options if fn is None else options(fn)
 
     async def call(
@@ -139,6 +143,12 @@ class Calls:
             priority=check_priority(priority),
             prefix=check_prefix(prefix),
         )
+        if self._meter is not None:
+            return await self._meter.call(  # type: ignore[no-any-return]
+                lambda metered: run_call(self._engine, metered, args, kwargs, call),
+                fn,
+                call.tokens,
+            )
         return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
 
     def pick(
@@ -150,7 +160,7 @@ class Calls:
         tokens: float | None = None,
         priority: int = 0,
         prefix: str | None = None,
-    ) -> PickedEndpoint:
+    ) -> PickedEndpoint | MeteredPick:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
@@ -170,4 +180,7 @@ class Calls:
             priority=check_priority(priority),
             prefix=check_prefix(prefix),
         )
-        return PickedEndpoint(self._engine, call)
+        picked = PickedEndpoint(self._engine, call)
+        if self._meter is not None:
+            return self._meter.pick(picked, call)
+        return picked

@@ -23,6 +23,7 @@ from ._errors import ConfigError
 from .admission.policy import Admission
 from .observe.observer import EventHandler, to_listeners
 from .policies.breaker import Breaker
+from .policies.cost import CostPolicy, Price
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
@@ -183,6 +184,10 @@ def _admission(value: object) -> Admission | None:
     return _instance(value, "admission", Admission, "lbclient.Admission()")  # type: ignore[no-any-return]
 
 
+def _cost(value: object) -> CostPolicy | None:
+    return _instance(value, "cost", CostPolicy, "lbclient.CostPolicy()")  # type: ignore[no-any-return]
+
+
 def _shared(value: object) -> RedisState | None:
     return _instance(value, "shared", RedisState, "lbclient.RedisState(url)")  # type: ignore[no-any-return]
 
@@ -215,12 +220,16 @@ class BalancerConfig:
     discovery: Any = attrs.field(default=None, converter=_discovery)
     clock: Clock = attrs.field(default=None, converter=_clock)
     rng: random.Random = attrs.field(default=None, converter=_rng)
+    cost: CostPolicy | None = attrs.field(default=None, converter=_cost)
 
     def __attrs_post_init__(self) -> None:
         if not self.endpoints and self.discovery is None:
             raise ConfigError("endpoints must not be empty (or give discovery=): got []")
         if self.locality is not None and self.region is None:
             raise ConfigError("locality needs the client's own region: pass region=")
+        if self.cost is not None:
+            for ep in self.endpoints:
+                Price.of(ep)  # a bad price fails here, naming the endpoint and the key
         if self.ewma_decay < 0.01:
             raise ConfigError(
                 f"ewma_decay must be at least 0.01 s (it is how long the latency estimate "

@@ -15,13 +15,13 @@ import contextvars
 import math
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._errors import Attempt
     from .pool.state import EndpointState
 
-__all__ = ["CURRENT", "CallContext", "report_usage"]
+__all__ = ["ATTEMPT", "CURRENT", "CallContext", "UsageSink", "report_usage"]
 
 _NONE_TRIED: frozenset[Any] = frozenset()
 
@@ -69,6 +69,7 @@ class CallContext:
     rejected = False
     usage: tuple[float, float] | None = None
     served_by: str | None = None  # the URL of the endpoint whose answer the call got
+    ttft: float | None = None  # a stream's time to first chunk (set for traffic recording)
     tracer: Any = None  # the engine's tracer while spans are on (see lbclient.metrics)
     span: Any = None  # this call's span, parent of its attempts' spans
 
@@ -140,6 +141,19 @@ CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
 about its real token use (the built-in client and the httpx transport report it)."""
 
 
+class UsageSink(Protocol):
+    """Where :func:`report_usage` also writes: one attempt's spend record under a
+    :class:`lbclient.CostPolicy` (see :mod:`lbclient.engine.metered`)."""
+
+    usage: tuple[float, float] | None
+
+
+ATTEMPT: contextvars.ContextVar[UsageSink | None] = contextvars.ContextVar(
+    "lbclient_attempt", default=None
+)
+"""The attempt the running code belongs to, while a cost policy meters it."""
+
+
 def report_usage(input_tokens: float, output_tokens: float) -> None:
     """Tell lbclient how many tokens the current call really used (e.g. from the
     response's ``usage``), from inside a balanced function::
@@ -147,15 +161,20 @@ def report_usage(input_tokens: float, output_tokens: float) -> None:
         lbclient.report_usage(body["usage"]["prompt_tokens"],
                               body["usage"]["completion_tokens"])
 
-    It settles the call's estimate (``tokens=``) in tenant quotas and fairness.  Outside
+    It settles the call's estimate (``tokens=``) in tenant quotas and fairness, and its
+    spend under a :class:`lbclient.CostPolicy` (priced per token).  Outside
     a balanced call, or with nothing to settle, it does nothing.  Bad values are ignored
     (a malformed ``usage`` must never fail a call)."""
     call = CURRENT.get()
-    if call is None:
+    attempt = ATTEMPT.get()
+    if call is None and attempt is None:
         return
     try:
         pair = (float(input_tokens), float(output_tokens))
     except (TypeError, ValueError):
         return
     if all(math.isfinite(x) and x >= 0 for x in pair):
-        call.usage = pair
+        if call is not None:
+            call.usage = pair
+        if attempt is not None:
+            attempt.usage = pair

@@ -24,8 +24,13 @@ LOSER_GRACE = 1.0  # seconds aclose() gives cancelled hedge losers to finish the
 def build(cfg: BalancerConfig) -> tuple[Observer, Pool, Engine, Background]:
     """Wire a balancer's parts from ``cfg`` and add its initial endpoints."""
     observer = Observer(cfg.on_event, now=cfg.clock.now)
+    strategy = cfg.strategy
+    if cfg.cost is not None and cfg.cost.latency_factor is not None:
+        from .strategies.cheapest import Cheapest
+
+        strategy = Cheapest(strategy, cfg.cost)  # cheaper endpoints within the factor
     pool = Pool(
-        strategy=cfg.strategy,
+        strategy=strategy,
         breaker=cfg.breaker,
         health=cfg.health is not None,
         slow_start=cfg.slow_start,

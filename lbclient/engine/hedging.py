@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import heapq
 import logging
 import math
@@ -334,6 +335,7 @@ class _Race:
         "backups",
         "call",
         "caller",
+        "context",
         "delay",
         "done",
         "due",
@@ -376,6 +378,12 @@ class _Race:
         self.won_in: float | None = None  # the winning backup's own latency
         self.fatal: BaseException | None = None  # a backup's BaseException, for the caller
         self.backups: list[tuple[asyncio.Task[Any], Lease]] = []
+        # Backups run in the caller's context (its contextvars: report_usage's current
+        # call, a cost policy's meter), not in whichever call's context armed the timer.
+        self.context = contextvars.copy_context()
+
+
+_EMPTY = contextvars.Context()
 
 
 def _finish(race: _Race) -> None:
@@ -386,6 +394,7 @@ def _finish(race: _Race) -> None:
     race.kwargs = {}
     race.result = None
     race.caller = None
+    race.context = _EMPTY
 
 
 def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
@@ -403,7 +412,7 @@ def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
     lease = send_backup(engine, race.call, race.delay, t)
     if lease is None:
         return
-    task = loop.create_task(_backup(engine, race, lease))
+    task = loop.create_task(_backup(engine, race, lease), context=race.context)
     task.add_done_callback(_finisher(lease))
     race.backups.append((task, lease))
     hedger.tasks.add(task)

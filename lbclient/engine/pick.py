@@ -111,13 +111,13 @@ class PickedEndpoint:
                 call.sample = t - lease.t0
                 engine.counters.ok += 1
                 if rec is not None:
-                    rec.call(t - call.started, True, lease.state.url)
+                    rec.call(t - call.started, True, lease.state.url, call=call)
             elif isinstance(exc, Exception):
                 t = engine.now()
                 settle(call, lease, exc, t)
                 engine.counters.failed("error")
                 if rec is not None:
-                    rec.call(t - call.started, False, lease.state.url, error_type(exc))
+                    rec.call(t - call.started, False, lease.state.url, error_type(exc), call=call)
             else:
                 lease.cancel()
         finally:

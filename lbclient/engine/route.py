@@ -388,6 +388,10 @@ def _fast_admitted(
             except Overloaded as exc:
                 counters.calls += 1
                 counters.failed(f"shed: {exc.reason}")
+                rec = engine.recorder
+                if rec is not None and rec.traffic:
+                    ctx = CallContext(tenant=tenant, started=t0)
+                    rec.traffic_only(now() - t0, False, None, error_type(exc), False, ctx)
                 raise
             if permit is None:  # no room now: wait in the queue (or be shed), full path
                 ctx = CallContext(tenant=tenant, priority=priority)
@@ -429,7 +433,7 @@ def _fast_admitted(
                 counters.failed("error")
                 release(permit, ctx, False)
                 if engine.recorder is not None:
-                    engine.recorder.call(t1 - t0, False, s.url, error_type(exc))
+                    engine.recorder.call(t1 - t0, False, s.url, error_type(exc), call=ctx)
                 raise
             try:
                 result = await _recorded(
@@ -448,8 +452,10 @@ def _fast_admitted(
         succeeded(s, t0, t)
         counters.ok += 1
         gate.leave(tenant, t - t0, t)
-        if engine.recorder is not None:
-            engine.recorder.call(t - t0, True, s.url)
+        rec = engine.recorder
+        if rec is not None:
+            traced = CallContext(tenant=tenant, started=t0) if rec.traffic else None
+            rec.call(t - t0, True, s.url, call=traced)
         return result
 
     return call
@@ -493,7 +499,7 @@ def _hedged(
             return await _recorded(engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc))
         counters.ok += 1
         if engine.recorder is not None:
-            engine.recorder.call(now() - t0, True, ctx.served_by)
+            engine.recorder.call(now() - t0, True, ctx.served_by, call=ctx)
         return result
 
     return call
@@ -546,14 +552,14 @@ async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any,
     except Exception as exc:
         rec = engine.recorder
         if rec is not None:
-            rec.call(engine.now() - call.started, False, call.served_by, error_type(exc))
+            rec.call(engine.now() - call.started, False, call.served_by, error_type(exc), call=call)
         raise
     finally:
         engine.active -= 1
     engine.counters.ok += 1
     rec = engine.recorder
     if rec is not None:
-        rec.call(engine.now() - call.started, True, call.served_by)
+        rec.call(engine.now() - call.started, True, call.served_by, call=call)
         if call.usage is not None:
             rec.usage(call.usage, call.served_by)
     return result

@@ -152,10 +152,19 @@ def make_stream_route(
                 permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
             except Overloaded as exc:
                 counters.failed(f"shed: {exc.reason}")
+                rec = engine.recorder
+                if rec is not None and rec.traffic:
+                    rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
                 raise
             if permit is None:
-                permit = await admit(engine, call)
-        ok = False
+                try:
+                    permit = await admit(engine, call)
+                except Overloaded as exc:
+                    rec = engine.recorder
+                    if rec is not None and rec.traffic:
+                        rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
+                    raise
+        ok = ended = False
         span = None
         engine.active += 1
         if engine.tracer is not None:
@@ -169,20 +178,25 @@ def make_stream_route(
             ) as inner:
                 async for item in inner:
                     yield item
-            ok = True
+            ok = ended = True
             counters.ok += 1
             rec = engine.recorder
             if rec is not None:  # the whole stream (its first chunk was recorded then)
-                rec.call(engine.now() - t, True, call.served_by)
+                rec.call(engine.now() - t, True, call.served_by, call=call)
                 if call.usage is not None:
                     rec.usage(call.usage, call.served_by)
         except Exception as exc:
             rec = engine.recorder
+            ended = True
             if rec is not None:
-                rec.call(engine.now() - t, False, call.served_by, error_type(exc))
+                rec.call(engine.now() - t, False, call.served_by, error_type(exc), call=call)
             raise
         finally:
             engine.active -= 1
+            rec = engine.recorder
+            if not ended and rec is not None and rec.traffic and call.served_by is not None:
+                # closed by its consumer after the first chunk: no outcome recorded above
+                rec.traffic_only(engine.now() - t, False, call.served_by, "closed", True, call)
             if permit is not None:
                 release(permit, call, ok or call.sample is not None)
             if span is not None:
@@ -215,7 +229,9 @@ async def _stream_call(
     def launch(lease: Lease) -> None:
         lease.stream = True
         att = _Attempt(lease)
-        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals), context=ctx)
+        # Each pump its own copy: what one attempt sets (a cost meter's attempt record)
+        # must not leak into, or be reset under, a concurrent one.
+        task = loop.create_task(_pump(engine, att, fn, args, kwargs, signals), context=ctx.copy())
         task.add_done_callback(att.ended)  # a no-op unless it was cancelled before running
         att.task = task
         live.append(att)
@@ -294,7 +310,7 @@ async def _stream_call(
             call.sample = won_in
             call.served_by = att.lease.state.url
             if engine.recorder is not None:
-                engine.recorder.call(t - call.started, True, call.served_by, None, True)
+                engine.recorder.call(t - call.started, True, call.served_by, None, True, call)
             for other in live:
                 if other is not att:
                     other.lease.lose(t, won_in)

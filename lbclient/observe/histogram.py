@@ -11,8 +11,19 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "TTFT_BUCKETS", "Histogram", "Recorder"]
+if TYPE_CHECKING:
+    from .._context import CallContext
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "TOKEN_BUCKETS",
+    "TTFT_BUCKETS",
+    "Histogram",
+    "Recorder",
+    "TrafficSink",
+]
 
 DURATION_BUCKETS: tuple[float, ...] = (
     *(0.01 * 2**k for k in range(14)),  # OpenTelemetry GenAI: 0.01, 0.02 ... 81.92 s
@@ -69,17 +80,38 @@ class Histogram:
 CallHook = Callable[[float, bool, str | None, str | None, bool], None]
 
 
+class TrafficSink(Protocol):
+    """Told about every call with its context (tenant, tokens, usage), for a traffic
+    recording (:class:`lbclient.ops.TrafficRecorder`).  Runs on the event loop, inside
+    the call's path: it must only append to a buffer."""
+
+    def call(
+        self,
+        seconds: float,
+        ok: bool,
+        endpoint: str | None,
+        error: str | None,
+        stream: bool,
+        call: CallContext | None,
+    ) -> None:
+        """As :meth:`Recorder.call`; ``call`` is the call's context when it has one (the
+        plain fast path has none: no tenant, no tokens).  A stream is told twice: at its
+        first chunk (``stream`` and ``ok``) and when it ends (``call.stream``)."""
+
+
 class Recorder:
     """Per-call measurements: ``duration`` (whole calls), ``ttft`` (streams), and hooks
-    other exporters add (OpenTelemetry records per call with attributes)."""
+    other exporters add (OpenTelemetry records per call with attributes; a traffic
+    recording adds a :class:`TrafficSink`)."""
 
-    __slots__ = ("duration", "hooks", "ttft", "usage_hooks")
+    __slots__ = ("duration", "hooks", "traffic", "ttft", "usage_hooks")
 
     def __init__(self) -> None:
         self.duration = Histogram(DURATION_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.hooks: list[CallHook] = []
         self.usage_hooks: list[Callable[[tuple[float, float], str | None], None]] = []
+        self.traffic: list[TrafficSink] = []
 
     def call(
         self,
@@ -88,17 +120,36 @@ class Recorder:
         endpoint: str | None = None,
         error: str | None = None,
         stream: bool = False,
+        call: CallContext | None = None,
     ) -> None:
         """A call ended after ``seconds`` (for a stream: its first chunk came then).
 
         A stream that failed before its first chunk (``stream`` and not ``ok``) had no
-        first chunk: its time goes to ``duration``, not ``ttft``."""
+        first chunk: its time goes to ``duration``, not ``ttft``.  ``call``: the call's
+        context, when it has one (for traffic sinks)."""
         h = self.ttft if stream and ok else self.duration
         h.counts[bisect_left(h.bounds, seconds)] += 1  # Histogram.observe, inlined: per call
         h.sum += seconds
         if self.hooks:
             for hook in self.hooks:
                 hook(seconds, ok, endpoint, error, stream)
+        if self.traffic:
+            for sink in self.traffic:
+                sink.call(seconds, ok, endpoint, error, stream, call)
+
+    def traffic_only(
+        self,
+        seconds: float,
+        ok: bool,
+        endpoint: str | None,
+        error: str | None,
+        stream: bool,
+        call: CallContext | None,
+    ) -> None:
+        """Tell only the traffic sinks (the histograms do not count it): a call shed
+        before the path that records the others, a stream closed by its consumer."""
+        for sink in self.traffic:
+            sink.call(seconds, ok, endpoint, error, stream, call)
 
     def usage(self, usage: tuple[float, float], endpoint: str | None) -> None:
         """A call's real ``(input, output)`` token use (from ``report_usage``)."""

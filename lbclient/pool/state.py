@@ -81,6 +81,19 @@ class Latency:
         """Samples observed so far."""
         return self._i
 
+    def last_mean(self, k: int) -> float | None:
+        """The mean of the last ``k`` samples (fewer if there are fewer), or None.  Unlike
+        the estimate it forgets a prior and a past spike within ``k`` samples."""
+        n = self._i
+        if n == 0:
+            return None
+        ring = self._ring
+        k = min(k, n, _RING)
+        total = 0.0
+        for j in range(1, k + 1):
+            total += ring[(n - j) & (_RING - 1)]
+        return total / k
+
     def recent(self) -> list[float]:
         """The most recent samples (up to 256), in no particular order."""
         return list(self._ring)

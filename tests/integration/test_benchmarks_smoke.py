@@ -361,3 +361,29 @@ def test_fleet_shared_ejection_smoke(tmp_path: Path, redis_server_bin: str) -> N
     assert e["shared"]["failed_attempts"] < e["per_process"]["failed_attempts"]
     assert e["shared"]["all_ejected_within_s"] is not None
     assert e["shared"]["all_ejected_within_s"] < 1.0
+
+
+@pytest.mark.timeout(90)
+def test_pressure_quick_writes_the_spec_json_and_png(tmp_path: Path) -> None:
+    """Two of the ten pressure scenarios (the full suite is ``pressure.py --quick``):
+    ``pressure.json`` is SPEC.md's list of ``{scenario, passed, figure, target}``."""
+    out = _run(
+        "pressure.py",
+        "--quick",
+        "--scenarios",
+        "cost_runaway,burst_10k",
+        "--out",
+        str(tmp_path),
+        timeout=80.0,
+    )
+    assert "2/2 passed" in out, out
+    rows = json.loads((tmp_path / "pressure.json").read_text())
+    assert [r["scenario"] for r in rows] == ["cost_runaway", "burst_10k"]
+    for r in rows:
+        assert set(r) == {"scenario", "passed", "figure", "target"}
+        assert r["passed"] is True and r["figure"] and r["target"]
+    details = json.loads((tmp_path / "pressure-details.json").read_text())
+    spend = details["results"][0]["details"]["spend"]
+    assert 0 < spend["spent"] <= spend["ceiling"] and spend["max_overshoot"] == 0.0
+    assert details["results"][0]["details"]["admitted"]["success_pct"] == 100.0
+    assert (tmp_path / "pressure.png").read_bytes()[:8] == PNG_MAGIC

@@ -166,3 +166,53 @@ def on_fleet(event: lbclient.Event) -> None:
         action: str = event.action
         where: str | None = event.url
         del action, where
+
+
+# -- cost-aware routing and the operator's tools --------------------------------------------
+
+priced = lbclient.Balancer(
+    [
+        lbclient.Endpoint(
+            "http://d", metadata={"price_per_1k_input": 0.15, "price_per_1k_output": 0.6}
+        )
+    ],
+    cost=lbclient.CostPolicy(ceiling=50.0, period=3600.0, latency_factor=1.5),
+)
+
+
+async def spend() -> None:
+    async with priced.pick(tokens=500) as ep:
+        host: str = ep.url
+        lbclient.report_usage(400, 80)
+    s: lbclient.SpendStats = priced.spend()
+    left: float | None = s.left
+    total: float = s.total + s.spent + s.reserved
+    per: float = s.by_endpoint.get("http://d", 0.0)
+    try:
+        await priced.call(f, 1)
+    except lbclient.Overloaded as exc:
+        why: str = exc.reason
+        del why
+    del host, left, total, per
+
+
+def operate() -> None:
+    from lbclient.ops import (
+        CapacityPlanner,
+        CostModel,
+        Manifests,
+        TrafficRecorder,
+        load_trace,
+        manifests,
+        synthetic_trace,
+        to_yaml,
+    )
+
+    with TrafficRecorder(priced, "traffic.jsonl") as recorder:
+        dropped: int = recorder.dropped
+    plan = CapacityPlanner(load_trace("traffic.jsonl")).plan(2.0, concurrency=8)
+    replicas: int = plan.replicas
+    plan2 = CapacityPlanner(synthetic_trace(10.0, 600.0)).plan(4.0)
+    text: str = to_yaml(manifests(Manifests(name="llm", image="img", max_replicas=plan2.replicas)))
+    monthly: float = CostModel().plan(rps=100).monthly
+    del dropped, replicas, text, monthly
