@@ -14,6 +14,8 @@ geo-aware scoring, inside your Python process -- no proxy tier::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._balancer import Balancer, DrainResult
 from ._clock import Clock, MonotonicClock
 from ._context import CallContext, report_usage
@@ -27,6 +29,8 @@ from ._errors import (
     LBError,
     NoEndpointAvailable,
     Overloaded,
+    PoolFailure,
+    PoolsExhausted,
     QuotaExceeded,
     StreamIdleTimeout,
     UnknownEndpoint,
@@ -56,10 +60,14 @@ from .policies.classify import (
 )
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
+from .policies.limits import Limits
 from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+
+if TYPE_CHECKING:
+    from .transport import HTTPTransport
 
 __version__ = "0.1.0"
 
@@ -90,10 +98,12 @@ __all__ = [
     "EndpointStats",
     "Event",
     "GeoTable",
+    "HTTPTransport",
     "HealthCheck",
     "Hedge",
     "HedgeEvent",
     "LBError",
+    "Limits",
     "Listener",
     "Locality",
     "MembershipEvent",
@@ -101,6 +111,8 @@ __all__ = [
     "NoEndpointAvailable",
     "Overloaded",
     "PanicEvent",
+    "PoolFailure",
+    "PoolsExhausted",
     "Quota",
     "QuotaExceeded",
     "Retry",
@@ -115,8 +127,26 @@ __all__ = [
     "retry_if_status",
 ]
 
+_LAZY = {"HTTPTransport": "lbclient.transport"}  # they import an extra (httpx)
+
+
+def __getattr__(name: str) -> object:
+    """The public names whose module imports an optional dependency, loaded on first use
+    (``import lbclient`` stays light)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lbclient' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 # Public reprs say ``lbclient.X`` rather than the private module they live in.
 for _name in __all__:
+    if _name in _LAZY:
+        continue
     _obj = globals()[_name]
     if (
         isinstance(_obj, type)

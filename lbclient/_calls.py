@@ -9,12 +9,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._context import CallContext
 from ._endpoint import Endpoint
-from ._errors import BalancerClosed
+from ._errors import BalancerClosed, ConfigError
 from .engine.engine import Engine
 from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
     check_async,
+    check_eligible,
     check_priority,
     check_timeout,
     check_tokens,
@@ -59,6 +60,8 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        eligible: Callable[..., object] | None = None,
+        fallback: bool = True,
     ) -> RouteDecorator: ...
     def route(
         self,
@@ -71,6 +74,8 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        eligible: Callable[..., object] | None = None,
+        fallback: bool = True,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
 
@@ -92,6 +97,20 @@ class Calls:
           quotas and fairness are charged in tokens, settled by :func:`report_usage`.
         * ``priority`` -- an int (or a callable giving one): under admission, waiting
           calls of higher priority are served first.
+        * ``eligible`` -- which endpoints a call may go to: called like ``fn`` itself,
+          with a candidate endpoint first (``eligible(endpoint, *args, **kwargs)``), it
+          returns whether that endpoint may serve this call -- by model, tags, tier,
+          anything in ``endpoint.metadata``::
+
+              @lb.route(eligible=lambda ep, req: req["model"] in ep.metadata["models"])
+
+          It is asked only about the candidates a pick looks at (two for P2C), never
+          twice per pick.  An endpoint it refuses is never picked for the call, even as
+          a last resort; none left: :class:`NoEndpointAvailable` (``reason
+          "ineligible"``) saying how many each test refused.  Calls with ``tokens=``
+          also skip endpoints whose ``metadata["max_context"]`` is smaller.
+        * ``fallback`` -- ``False``: never send this route's calls to the balancer's
+          ``fallback=`` pool.
         """
         self._check_open()
         options = functools.partial(
@@ -103,6 +122,8 @@ class Calls:
             tenant=tenant,
             tokens=tokens,
             priority=priority,
+            eligible=eligible,
+            fallback=fallback,
         )
         return options if fn is None else options(fn)
 
@@ -115,14 +136,18 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        eligible: Callable[[Endpoint], bool] | None = None,
+        fallback: bool = True,
         **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens`` and ``priority``
-        are this call's values themselves (see :meth:`route`); to pass arguments of those
-        names to ``fn``, bind them with ``functools.partial``."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority``
+        and ``fallback`` are this call's values themselves (see :meth:`route`);
+        ``eligible`` is a predicate on the candidate :class:`Endpoint`.  To pass
+        arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
-        retry = self._engine.retry
+        engine = self._engine
+        retry = engine.retry
         call = CallContext(
             key=key,
             tenant=tenant,
@@ -130,7 +155,26 @@ class Calls:
             timeout=retry.timeout if retry is not None else None,
             priority=check_priority(priority),
         )
-        return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
+        if eligible is not None:
+            call.eligible = check_eligible(eligible)
+        result: Coroutine[Any, Any, R] = run_call(engine, fn, args, kwargs, call)
+        if engine.fallback is None or fallback is False:
+            return await result
+        from .engine.fallback import with_fallback_call
+
+        def again(other: Calls) -> Awaitable[R]:
+            return other.call(
+                fn,
+                *args,
+                key=key,
+                tenant=tenant,
+                tokens=tokens,
+                priority=priority,
+                eligible=eligible,
+                **kwargs,
+            )
+
+        return await with_fallback_call(engine, result, again)
 
     def pick(
         self,
@@ -140,13 +184,18 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        eligible: Callable[[Endpoint], bool] | None = None,
+        fallback: bool = True,
     ) -> PickedEndpoint:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
         :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
-        :meth:`route`, under :class:`Admission`."""
+        :meth:`route`, under :class:`Admission`; ``eligible``: a predicate on the
+        candidate :class:`Endpoint`.  When nothing can be picked (or admission sheds
+        the call), the pick comes from the ``fallback=`` pool unless ``fallback=False``;
+        a block already entered is not re-run anywhere."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
@@ -158,4 +207,8 @@ class Calls:
             timeout=seconds,
             priority=check_priority(priority),
         )
-        return PickedEndpoint(self._engine, call)
+        if eligible is not None:
+            call.eligible = check_eligible(eligible)
+        if not isinstance(fallback, bool):
+            raise ConfigError(f"fallback must be a bool, got {fallback!r}")
+        return PickedEndpoint(self._engine, call, fallback)

@@ -46,6 +46,8 @@ def build(cfg: BalancerConfig) -> tuple[Observer, Pool, Engine, Background]:
         clock=cfg.clock,
         rng=cfg.rng,
         admission=cfg.admission,
+        fallback=cfg.fallback,
+        name=cfg.name,
     )
     background = Background(pool, engine, cfg.discovery, cfg.health)
     for ep in cfg.endpoints:

@@ -44,10 +44,12 @@ EXPECTED_ALL = [
     "EndpointStats",
     "Event",
     "GeoTable",
+    "HTTPTransport",
     "HealthCheck",
     "Hedge",
     "HedgeEvent",
     "LBError",
+    "Limits",
     "Listener",
     "Locality",
     "MembershipEvent",
@@ -55,6 +57,8 @@ EXPECTED_ALL = [
     "NoEndpointAvailable",
     "Overloaded",
     "PanicEvent",
+    "PoolFailure",
+    "PoolsExhausted",
     "Quota",
     "QuotaExceeded",
     "Retry",
@@ -155,7 +159,7 @@ def test_import_stays_light() -> None:
     """Optional extras (rich, matplotlib, prometheus_client, dnspython) load lazily."""
     code = (
         "import lbclient, sys; "
-        "print([m for m in ('rich','matplotlib','prometheus_client','dns','dnslib') "
+        "print([m for m in ('rich','matplotlib','prometheus_client','dns','dnslib','httpx','openai') "
         "if m in sys.modules])"
     )
     out = subprocess.run(

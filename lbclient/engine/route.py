@@ -58,6 +58,7 @@ __all__ = [
     "RouteDecorator",
     "admit",
     "check_async",
+    "check_eligible",
     "check_priority",
     "check_timeout",
     "check_tokens",
@@ -116,9 +117,10 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 class Extract:
     """What a route computes from each call's arguments: its affinity key, tenant,
-    estimated tokens and priority (each a callable, or absent)."""
+    estimated tokens and priority, and which endpoints it may go to (each a callable,
+    or absent)."""
 
-    __slots__ = ("key", "priority", "tenant", "tokens")
+    __slots__ = ("eligible", "key", "priority", "tenant", "tokens")
 
     def __init__(
         self,
@@ -126,10 +128,12 @@ class Extract:
         tenant: Callable[..., object] | None,
         tokens: Callable[..., object] | None,
         priority: int | Callable[..., object] | None,
+        eligible: Callable[..., object] | None = None,
     ) -> None:
         self.key = _callable_or_none(key, "key")
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
+        self.eligible = _callable_or_none(eligible, "eligible")
         if (
             priority is not None
             and not callable(priority)
@@ -140,7 +144,10 @@ class Extract:
 
     @property
     def any(self) -> bool:
-        return any(x is not None for x in (self.key, self.tenant, self.tokens, self.priority))
+        return any(
+            x is not None
+            for x in (self.key, self.tenant, self.tokens, self.priority, self.eligible)
+        )
 
     def context(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, timeout: float | None, stream: bool
@@ -154,7 +161,21 @@ class Extract:
         )
         if self.priority is not None:
             call.priority = _priority_of(self.priority, args, kwargs)
+        eligible = self.eligible
+        if eligible is not None:
+
+            def may_use(endpoint: Endpoint) -> bool:
+                return bool(eligible(endpoint, *args, **kwargs))
+
+            call.eligible = may_use
         return call
+
+
+def check_eligible(value: object) -> Callable[[Endpoint], bool]:
+    """``eligible=`` of one call (``lb.call``, ``lb.pick``): a predicate on endpoints."""
+    if isinstance(value, type) or not callable(value):
+        raise ConfigError(f"eligible must be a callable taking an lbclient.Endpoint, got {value!r}")
+    return value
 
 
 def check_priority(value: object) -> int:
@@ -196,43 +217,82 @@ def make_route(
     tenant: Callable[..., object] | None = None,
     tokens: Callable[..., object] | None = None,
     priority: int | Callable[..., object] | None = None,
+    eligible: Callable[..., object] | None = None,
+    fallback: bool = True,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    extract = Extract(key, tenant, tokens, priority)
+    extract = Extract(key, tenant, tokens, priority, eligible)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"route fallback must be a bool, got {fallback!r}")
     if deadline is None and engine.retry is not None:
         deadline = engine.retry.timeout
-    if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
+    stream = inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
         getattr(fn, "__call__", None)  # noqa: B004
-    ):
+    )
+    if stream:
         from .streaming import make_stream_route
 
-        return make_stream_route(engine, fn, extract, deadline, idle)
-    if idle is not None:
-        raise ConfigError(
-            f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
-            "plain async function: use timeout="
+        wrapped = make_stream_route(engine, fn, extract, deadline, idle)
+    else:
+        if idle is not None:
+            raise ConfigError(
+                f"idle_timeout applies to streaming routes (async generators) only; {fn!r} "
+                "is a plain async function: use timeout="
+            )
+        wrapped = functools.wraps(fn)(_variant(engine, fn, extract, deadline))
+    if not fallback or engine.fallback is None:
+        return wrapped
+    from .fallback import with_fallback
+
+    def secondary(other: Any) -> Callable[..., Any]:
+        # The same function through the fallback balancer, with the route's own options
+        # (its timeout left to that balancer's Retry, as given here).
+        route: Callable[..., Any] = other.route(
+            key=key,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            tenant=tenant,
+            tokens=tokens,
+            priority=priority,
+            eligible=eligible,
         )
+        routed: Callable[..., Any] = route(fn)
+        return routed
+
+    return functools.wraps(fn)(with_fallback(engine, wrapped, secondary, stream=stream))
+
+
+def _variant(
+    engine: Engine, fn: Callable[..., Any], extract: Extract, deadline: float | None
+) -> Callable[..., Any]:
+    """The wrapper a plain (not streaming) route runs: the least machinery its options
+    need."""
     if deadline is None and extract.key is None and extract.tokens is None:
+        if extract.eligible is not None:
+            return _full(engine, fn, extract, deadline)
         if engine.gate is None:
             if engine.hedger is not None and extract.tenant is None:
-                return functools.wraps(fn)(_hedged(engine, fn, None))
+                return _hedged(engine, fn, None)
             if not extract.any:
                 if engine.retry is None:
-                    return functools.wraps(fn)(_fast(engine, fn))
-                return functools.wraps(fn)(_fast_then_retry(engine, fn))
+                    return _fast(engine, fn)
+                return _fast_then_retry(engine, fn)
         elif engine.hedger is None:
-            return functools.wraps(fn)(_fast_admitted(engine, fn, extract))
+            return _fast_admitted(engine, fn, extract)
     elif (
         engine.gate is None
         and engine.hedger is not None
         and deadline is None
-        and (extract.tenant is None and extract.tokens is None and extract.priority is None)
+        and extract.tenant is None
+        and extract.tokens is None
+        and extract.priority is None
+        and extract.eligible is None
     ):
-        return functools.wraps(fn)(_hedged(engine, fn, extract.key))
-    return functools.wraps(fn)(_full(engine, fn, extract, deadline))
+        return _hedged(engine, fn, extract.key)
+    return _full(engine, fn, extract, deadline)
 
 
 def _fast(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -296,7 +356,7 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
         try:
             s = acquire(t0)
         except NoEndpointAvailable as exc:
-            if exc.retry_after is None:
+            if exc.reason != "cooling":
                 counters.calls += 1
                 counters.failed("no endpoint")
                 raise
@@ -375,6 +435,15 @@ def _fast_admitted(
         except Handoff as h:
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx, h.lease, permit)
+        except NoEndpointAvailable as exc:
+            if exc.reason not in ("limits", "cooling"):
+                permit.release()
+                counters.failed("no endpoint")
+                raise
+            # Every endpoint is at its limits (or cooling down): the full path waits
+            # for one, holding the permit.
+            ctx = CallContext(tenant=tenant, priority=priority)
+            return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         except BaseException:
             permit.release()
             counters.failed("no endpoint")
@@ -447,7 +516,7 @@ def _hedged(
         try:
             lease = pool.acquire(ctx, None, t0)
         except NoEndpointAvailable as exc:
-            if exc.retry_after is None:
+            if exc.reason != "cooling":
                 counters.failed("no endpoint")
                 raise
             return await run(engine, ctx, fn, args, kwargs)  # waits out the cooldowns

@@ -133,7 +133,8 @@ class BalancerStats:
     retries and hedges).  ``failed_by`` counts failed calls by reason, ``retries_by``
     retries by the kind of error retried (``"status 503"``, ``"connection"``...).
     ``panic`` is true while the breaker's max-ejection share is reached and ejected
-    endpoints are being used anyway.
+    endpoints are being used anyway.  ``fallbacks`` counts calls this pool could not
+    serve and handed to its ``fallback=`` pool (they count in ``calls_failed`` too).
     """
 
     strategy: str
@@ -154,6 +155,7 @@ class BalancerStats:
     in_flight: int
     endpoints: tuple[EndpointStats, ...]
     admission: AdmissionStats | None = None
+    fallbacks: int = 0
 
     def endpoint(self, url: str) -> EndpointStats:
         """The stats of one endpoint by url (trailing ``/`` ignored)."""
@@ -282,6 +284,7 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
         in_flight=sum(e.in_flight for e in eps),
         endpoints=eps,
         admission=admission,
+        fallbacks=c.fallbacks,
     )
 
 
