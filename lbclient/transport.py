@@ -57,8 +57,13 @@ time it sees an SDK retry (``x-stainless-retry-count``).  Likewise the SDK's
 ``timeout`` becomes a per-*attempt* timeout here; bound the whole call with
 ``lbclient.Retry(timeout=...)``.
 
-This module imports httpx (``pip install 'lbclient[httpx]'``); ``import lbclient``
-does not import it.
+**httpx or httpx2.**  The transport speaks whichever the client is: ``httpx`` (the
+extra, ``pip install 'lbclient[httpx]'``) or ``httpx2``, the fork recent OpenAI and
+Anthropic SDKs are built on (Anthropic's accepts only an ``httpx2.AsyncClient``)::
+
+    anthropic.AsyncAnthropic(http_client=httpx2.AsyncClient(transport=HTTPTransport(lb)))
+
+This module imports httpx (or httpx2); ``import lbclient`` does not import it.
 """
 
 from __future__ import annotations
@@ -67,11 +72,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-import httpx
+try:
+    import httpx
+except ImportError:  # pragma: no cover - only the SDKs' fork is installed
+    import httpx2 as httpx  # type: ignore[no-redef]
 
 from ._context import report_usage
 from ._endpoint import Endpoint
@@ -122,7 +131,7 @@ def request_json(request: httpx.Request) -> Any:
         return None if cached is _NO_JSON else cached
     body: Any = _NO_JSON
     stream = request.stream
-    if isinstance(stream, httpx.ByteStream) and "json" in request.headers.get("content-type", ""):
+    if _is_bytes(stream) and "json" in request.headers.get("content-type", ""):
         content = request.content
         if 0 < len(content) <= JSON_LIMIT:
             try:
@@ -140,10 +149,11 @@ class _Request:
     """One request as the attempts send it: the original, the path below the base path,
     and the headers without ``Host`` (each endpoint gets its own)."""
 
-    __slots__ = ("bodies", "eligible", "headers", "path", "request", "stream")
+    __slots__ = ("bodies", "eligible", "flavour", "headers", "path", "request", "stream")
 
     def __init__(self, request: httpx.Request, path: str, stream: bool) -> None:
         self.request = request
+        self.flavour = _flavour(request)
         self.path = path
         self.stream = stream
         self.headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
@@ -178,22 +188,25 @@ class _Head:
         self.conn = conn
 
 
-class _UpstreamStatus(httpx.HTTPStatusError):
+class UpstreamStatus(Exception):
     """An endpoint answered with an error status: the attempt failed (retried or not as
     the balancer's classifier says), and the answer -- read whole -- goes back to the
     client if it is the call's last word.  ``status_code`` and ``headers`` are what
-    lbclient's classifiers and ``Retry-After`` reader look at."""
+    lbclient's classifiers and ``Retry-After`` reader look at (``response`` and
+    ``request`` are there too, as on ``httpx.HTTPStatusError``)."""
 
     def __init__(self, response: httpx.Response, request: httpx.Request, url: str) -> None:
         detail = body_message(response.content[:65536]) if response.content else ""
         reason = response.reason_phrase
         message = f"{response.status_code} {reason} from {url}" + (f": {detail}" if detail else "")
-        super().__init__(message, request=request, response=response)
+        super().__init__(message)
+        self.response = response
+        self.request = request
         self.status_code = response.status_code
         self.headers = response.headers
 
 
-class _Relay(httpx.AsyncByteStream):
+class _Relay:
     """The body of a streamed answer, as the client reads it: the first chunk, then the
     balanced stream's; closing it closes the stream (and frees its connection)."""
 
@@ -214,7 +227,7 @@ class _Relay(httpx.AsyncByteStream):
             await aclose()
 
 
-class _Tail(httpx.AsyncByteStream):
+class _Tail:
     """The rest of a long plain answer, after the part read inside the attempt."""
 
     def __init__(self, head: list[bytes], rest: AsyncIterator[bytes], close: Any) -> None:
@@ -235,6 +248,43 @@ class _Tail(httpx.AsyncByteStream):
             await close()
 
 
+# -- httpx or httpx2 ---------------------------------------------------------------------
+
+
+class _Flavour:
+    """The classes of one httpx (``httpx``, or its fork ``httpx2``): a client only takes
+    responses, streams and transports of its own kind."""
+
+    __slots__ = ("Relay", "Request", "Response", "Tail", "URL", "bytestream", "transport")
+
+    def __init__(self, module: Any) -> None:
+        self.Request: type[httpx.Request] = module.Request
+        self.Response: type[httpx.Response] = module.Response
+        self.URL: type[httpx.URL] = module.URL
+        self.bytestream: type[httpx.ByteStream] = module.ByteStream
+        self.transport: type[httpx.AsyncHTTPTransport] = module.AsyncHTTPTransport
+        base = module.AsyncByteStream
+        self.Relay: type[_Relay] = type("_Relay", (_Relay, base), {})
+        self.Tail: type[_Tail] = type("_Tail", (_Tail, base), {})
+
+
+_FLAVOURS: dict[type, _Flavour] = {}
+
+
+def _flavour(request: httpx.Request) -> _Flavour:
+    cls = type(request)
+    found = _FLAVOURS.get(cls)
+    if found is None:
+        module = sys.modules[cls.__module__.partition(".")[0]]
+        found = _FLAVOURS[cls] = _Flavour(module)
+    return found
+
+
+def _is_bytes(stream: object) -> bool:
+    """A body of bytes (JSON, ``content=``), in either httpx."""
+    return type(stream).__name__ == "ByteStream"
+
+
 # -- one endpoint's connection pool ----------------------------------------------------------
 
 
@@ -245,6 +295,7 @@ class _Conn:
     __slots__ = (
         "endpoint",
         "extra",
+        "flavour",
         "host",
         "model",
         "owner",
@@ -262,12 +313,14 @@ class _Conn:
         transport: httpx.AsyncBaseTransport,
         owner: Balancer | None,
         extra: list[tuple[bytes, bytes]],
+        flavour: _Flavour,
     ) -> None:
         self.endpoint = endpoint
+        self.flavour = flavour
         self.transport = transport
         self.owner = owner  # the balancer whose pool it is in (report_load goes there)
         self.prefix = endpoint.url
-        self.host = httpx.URL(endpoint.url).netloc
+        self.host = flavour.URL(endpoint.url).netloc
         self.extra = extra
         model = endpoint.metadata.get("model")
         self.model = model if isinstance(model, str) and model else None
@@ -281,7 +334,7 @@ class _Conn:
         if url is None:
             if len(self.urls) >= _URL_CACHE:
                 self.urls.clear()
-            url = self.urls[path] = httpx.URL(self.prefix + path)
+            url = self.urls[path] = self.flavour.URL(self.prefix + path)
         return url
 
     def request(self, r: _Request) -> httpx.Request:
@@ -292,13 +345,13 @@ class _Conn:
         if self.model is not None:
             body = r.body_for(self.model)
             if body is not None:
-                stream = httpx.ByteStream(body)
+                stream = self.flavour.bytestream(body)
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                 headers.append((b"Content-Length", str(len(body)).encode()))
         if self.extra:
             names = {k.lower() for k, _ in self.extra}
             headers = [(k, v) for k, v in headers if k.lower() not in names] + self.extra
-        return httpx.Request(
+        return self.flavour.Request(
             original.method,
             self.url(r.path),
             headers=headers,
@@ -311,15 +364,18 @@ class _Conn:
         inner: httpx.Response,
         *,
         content: bytes | None = None,
-        stream: httpx.AsyncByteStream | None = None,
+        stream: _Relay | _Tail | None = None,
     ) -> httpx.Response:
         """The answer the client gets: ``inner``'s, tagged with the endpoint."""
         headers = [*inner.headers.raw, self.tag]
+        Response = self.flavour.Response
         if stream is not None:
-            return httpx.Response(
-                inner.status_code, headers=headers, stream=stream, extensions=inner.extensions
+            # ``stream`` is an AsyncByteStream of the client's httpx (see _Flavour).
+            relay: Any = stream
+            return Response(
+                inner.status_code, headers=headers, stream=relay, extensions=inner.extensions
             )
-        return httpx.Response(
+        return Response(
             inner.status_code, headers=headers, content=content, extensions=inner.extensions
         )
 
@@ -339,10 +395,6 @@ def _base_path(value: object) -> str:
             f"HTTPTransport base_path must be '' or a path starting with '/', got {value!r}"
         )
     return value.rstrip("/")
-
-
-def _default_transport(endpoint: Endpoint) -> httpx.AsyncBaseTransport:
-    return httpx.AsyncHTTPTransport()
 
 
 class HTTPTransport(httpx.AsyncBaseTransport):
@@ -422,9 +474,11 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         self._eligible = _callable(eligible, "eligible")
         self._fallback = fallback
         self._headers = _callable(headers, "headers")
-        self._factory = _callable(transport, "transport") or _default_transport
+        self._factory: Callable[[Endpoint], httpx.AsyncBaseTransport] | None = _callable(
+            transport, "transport"
+        )
         self._buffer_limit = buffer_limit
-        self._conns: dict[str, _Conn] = {}
+        self._conns: dict[tuple[str, _Flavour], _Conn] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retired: list[_Conn] = []  # to close, left when no event loop was running
         self._closed = False
@@ -530,7 +584,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 fallback=fallback,
             )
             return response
-        except (httpx.HTTPStatusError, AttemptsExhausted) as exc:
+        except (UpstreamStatus, AttemptsExhausted) as exc:
             answer = _answer_of(exc)
             if answer is None:
                 raise
@@ -543,7 +597,8 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await agen.aclose()
             raise
-        return head.conn.response(head.response, stream=_Relay(head.first, agen))
+        conn = head.conn
+        return conn.response(head.response, stream=conn.flavour.Relay(head.first, agen))
 
     async def _send_once(self, r: _Request, fallback: bool) -> httpx.Response:
         """A body that cannot be sent twice: one attempt, under ``lb.pick()``, committed
@@ -557,14 +612,15 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             eligible=r.eligible,
             fallback=fallback,
         ) as endpoint:
-            conn = self._conn(endpoint)
+            conn = self._conn(endpoint, r.flavour)
             inner = await self._send(conn, r)
             if inner.status_code >= 400 or not r.stream:
                 response = await self._read(conn, inner)
                 if response.status_code >= 400:
-                    raise _UpstreamStatus(response, request, endpoint.url)
+                    raise UpstreamStatus(response, request, endpoint.url)
                 return response
-        return conn.response(inner, stream=_Tail([], _chunks(inner), self._closer(conn, inner)))
+        tail = conn.flavour.Tail([], _chunks(inner), self._closer(conn, inner))
+        return conn.response(inner, stream=tail)
 
     # -- attempts (one endpoint each; the balancer drives them) ----------------------------
 
@@ -596,10 +652,10 @@ class HTTPTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, endpoint: Endpoint, r: _Request) -> httpx.Response:
         """A plain request: sent, its answer read whole (up to ``buffer_limit``), an
         error status raised -- all before the balancer commits to it."""
-        conn = self._conn(endpoint)
+        conn = self._conn(endpoint, r.flavour)
         response = await self._read(conn, await self._send(conn, r))
         if response.status_code >= 400:
-            raise _UpstreamStatus(response, r.request, endpoint.url)
+            raise UpstreamStatus(response, r.request, endpoint.url)
         if isinstance(response.stream, _Tail):
             return response  # committed early: a long body, still coming
         content = response.content
@@ -622,7 +678,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
-                    return conn.response(inner, stream=_Tail(chunks, stream, close))
+                    return conn.response(inner, stream=conn.flavour.Tail(chunks, stream, close))
         except BaseException:
             await close()
             raise
@@ -632,11 +688,11 @@ class HTTPTransport(httpx.AsyncBaseTransport):
     async def _stream_attempt(self, endpoint: Endpoint, r: _Request) -> AsyncIterator[Any]:
         """A streamed request: its first "chunk" is the answer's head (status, headers,
         first body bytes) -- the balancer commits there -- then the body's chunks."""
-        conn = self._conn(endpoint)
+        conn = self._conn(endpoint, r.flavour)
         inner = await self._send(conn, r)
         if inner.status_code >= 400:
             answer = await self._read(conn, inner)
-            raise _UpstreamStatus(answer, r.request, endpoint.url)
+            raise UpstreamStatus(answer, r.request, endpoint.url)
         try:
             chunks = _chunks(inner)
             first = b""
@@ -661,8 +717,9 @@ class HTTPTransport(httpx.AsyncBaseTransport):
 
     # -- connection pools ----------------------------------------------------------------
 
-    def _conn(self, endpoint: Endpoint) -> _Conn:
-        conn = self._conns.get(endpoint.url)
+    def _conn(self, endpoint: Endpoint, flavour: _Flavour) -> _Conn:
+        """``endpoint``'s connection pool (for clients of ``flavour``), made on first use."""
+        conn = self._conns.get((endpoint.url, flavour))
         if conn is not None:
             return conn
         if self._closed:
@@ -672,8 +729,9 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         if self._headers is not None:
             given = self._headers(endpoint) or {}
             extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in given.items()]
-        conn = _Conn(endpoint, self._factory(endpoint), owner, extra)
-        self._conns[endpoint.url] = conn
+        pool = self._factory(endpoint) if self._factory is not None else flavour.transport()
+        conn = _Conn(endpoint, pool, owner, extra, flavour)
+        self._conns[endpoint.url, flavour] = conn
         return conn
 
     def _release(self, conn: _Conn) -> None:
@@ -683,12 +741,11 @@ class HTTPTransport(httpx.AsyncBaseTransport):
 
     def _removed(self, endpoint: Endpoint) -> None:
         """An endpoint left its pool: close its connection pool once nothing uses it."""
-        conn = self._conns.pop(endpoint.url, None)
-        if conn is None:
-            return
-        conn.retired = True
-        if conn.users <= 0:
-            self._close(conn)
+        for key in [k for k in self._conns if k[0] == endpoint.url]:
+            conn = self._conns.pop(key)
+            conn.retired = True
+            if conn.users <= 0:
+                self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
         try:
@@ -730,13 +787,12 @@ def _eligible_of(endpoint: Endpoint, r: _Request) -> bool:
 def _replayable(stream: object) -> bool:
     """Can this request body be sent again?  Bytes, JSON and forms can (httpx re-reads a
     multipart form's files from the start); an async iterator cannot."""
-    return isinstance(stream, httpx.ByteStream) or type(stream).__name__ == "MultipartStream"
+    return type(stream).__name__ in ("ByteStream", "MultipartStream")
 
 
 async def _chunks(inner: httpx.Response) -> AsyncIterator[bytes]:
     """The raw body of a transport's answer, chunk by chunk (empty chunks skipped)."""
-    stream = inner.stream
-    assert isinstance(stream, httpx.AsyncByteStream)
+    stream: Any = inner.stream
     async for chunk in stream:
         if chunk:
             yield chunk
@@ -745,11 +801,11 @@ async def _chunks(inner: httpx.Response) -> AsyncIterator[bytes]:
 def _answer_of(exc: BaseException) -> httpx.Response | None:
     """The answer to give the client for a call that ended with ``exc``: an endpoint's
     own error answer (the last one, when attempts ran out), or None (raise ``exc``)."""
-    if isinstance(exc, _UpstreamStatus):
+    if isinstance(exc, UpstreamStatus):
         return exc.response
     if isinstance(exc, AttemptsExhausted):
         last = exc.last_error
-        if isinstance(last, _UpstreamStatus):
+        if isinstance(last, UpstreamStatus):
             response = last.response
             response.headers[_ATTEMPTS_HEADER] = str(len(exc.attempts))
             response.extensions["lbclient.error"] = exc

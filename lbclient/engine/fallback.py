@@ -89,7 +89,14 @@ async def next_pool(engine: Engine, first: Exception, attempt: Callable[[Any], A
         merged = _merged(engine, first, fallback._engine, exc)
         if merged is exc:
             raise
-        raise merged from exc
+        raise merged from _last(exc)
+
+
+def _last(exc: BaseException) -> BaseException:
+    """The last pool's own error (what :class:`PoolsExhausted` is chained to)."""
+    if isinstance(exc, PoolsExhausted) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
 
 
 def _merged(engine: Engine, first: Exception, next_engine: Engine, exc: Exception) -> Exception:
@@ -179,7 +186,7 @@ def with_fallback(
                 merged = _merged(engine, first, fallback._engine, exc)
                 if merged is exc:
                     raise
-                raise merged from exc
+                raise merged from _last(exc)
             yield item
             async for item in other:
                 yield item
