@@ -23,11 +23,37 @@ from .engine.route import (
     run_call,
 )
 
-__all__ = ["Calls"]
+__all__ = ["Calls", "call_context"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+def call_context(
+    key: object,
+    tenant: object,
+    tokens: float | None,
+    priority: int,
+    eligible: Callable[[Endpoint], bool] | None,
+) -> Callable[[Engine], CallContext]:
+    """How one call's context is made in a pool -- and made again in its fallback pool:
+    the values given (checked), the pool's ``Retry.timeout`` as its deadline."""
+
+    def context(engine: Engine) -> CallContext:
+        retry = engine.retry
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=tokens,
+            timeout=retry.timeout if retry is not None else None,
+            priority=priority,
+        )
+        if eligible is not None:
+            call.eligible = eligible
+        return call
+
+    return context
 
 
 class Calls:
@@ -146,33 +172,33 @@ class Calls:
         ``eligible`` is a predicate on the candidate :class:`Endpoint`.  To pass
         arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
-        engine = self._engine
-        retry = engine.retry
-        call = CallContext(
-            key=key,
-            tenant=tenant,
-            tokens=check_tokens(tokens),
-            timeout=retry.timeout if retry is not None else None,
-            priority=check_priority(priority),
+        context = call_context(
+            key,
+            tenant,
+            check_tokens(tokens),
+            check_priority(priority),
+            check_eligible(eligible) if eligible is not None else None,
         )
-        if eligible is not None:
-            call.eligible = check_eligible(eligible)
-        result: Coroutine[Any, Any, R] = run_call(engine, fn, args, kwargs, call)
+        return await self._call(fn, args, kwargs, context, fallback)
+
+    async def _call(
+        self,
+        fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: Callable[[Engine], CallContext],
+        fallback: bool = True,
+    ) -> R:
+        """:meth:`call` with checked arguments (lbclient's own clients call this): the
+        call's context is ``context(engine)``, made again for a fallback pool."""
+        engine = self._engine
+        result: Coroutine[Any, Any, R] = run_call(engine, fn, args, kwargs, context(engine))
         if engine.fallback is None or fallback is False:
             return await result
         from .engine.fallback import with_fallback_call
 
         def again(other: Calls) -> Awaitable[R]:
-            return other.call(
-                fn,
-                *args,
-                key=key,
-                tenant=tenant,
-                tokens=tokens,
-                priority=priority,
-                eligible=eligible,
-                **kwargs,
-            )
+            return other._call(fn, args, kwargs, context)
 
         return await with_fallback_call(engine, result, again)
 

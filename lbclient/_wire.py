@@ -270,28 +270,19 @@ def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, 
     return float(chars // 4 + 4 * len(messages) + out)
 
 
-def estimate_body_tokens(body: Mapping[str, Any], size: int) -> float:
-    """The token estimate of a JSON request body of ``size`` bytes: chat ``messages``
-    (plus Anthropic's ``system``) as :func:`estimate_tokens` counts them; any other
-    request (completions, embeddings, responses) about a token per 4 bytes of body,
-    plus the output allowance it names (``max_tokens`` ...), if any."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        estimate = estimate_tokens(messages, body)
-        system = body.get("system")
-        if isinstance(system, str):
-            estimate += len(system) // 4
-        elif isinstance(system, list):
-            estimate += sum(
-                len(p["text"]) // 4
-                for p in system
-                if isinstance(p, Mapping) and isinstance(p.get("text"), str)
-            )
-        return estimate
-    out = 0.0
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = _count(body.get(name))
-        if value is not None:
-            out = value
-            break
-    return float(size // 4) + out
+_OUTPUT = re.compile(rb'"max(?:_completion|_output)?_tokens"\s*:\s*(\d+)')
+_MESSAGES = b'"messages"'
+
+
+def estimate_body_tokens(body: bytes) -> float:
+    """The token estimate of a JSON request body, read without parsing it (a 100 KB
+    prompt costs a scan, not a parse): about a token per 4 bytes -- the prompt and its
+    JSON framing -- plus the output the request allows (``max_tokens``,
+    ``max_completion_tokens`` or ``max_output_tokens``; else 256 for a chat request,
+    nothing for others, e.g. embeddings)."""
+    m = _OUTPUT.search(body)
+    if m is not None:
+        out = float(m.group(1))
+    else:
+        out = float(DEFAULT_MAX_TOKENS) if _MESSAGES in body else 0.0
+    return len(body) // 4 + out

@@ -72,6 +72,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -82,13 +83,15 @@ try:
 except ImportError:  # pragma: no cover - only the SDKs' fork is installed
     import httpx2 as httpx  # type: ignore[no-redef]
 
-from ._context import report_usage
+from ._calls import call_context
+from ._context import CallContext, report_usage
 from ._endpoint import Endpoint
 from ._errors import AttemptsExhausted, BalancerClosed, ConfigError
 from ._wire import StreamUsage, body_message, estimate_body_tokens, usage_in_body
 
 if TYPE_CHECKING:
     from ._balancer import Balancer
+    from .engine.engine import Engine
 
 __all__ = ["ESTIMATE", "HTTPTransport", "request_json"]
 
@@ -116,6 +119,7 @@ _NO_JSON = object()
 _ENDPOINT_HEADER = "x-lbclient-endpoint"
 _ATTEMPTS_HEADER = "x-lbclient-attempts"
 _SDK_RETRY_HEADER = "x-stainless-retry-count"  # OpenAI's and Anthropic's SDKs send it
+_STREAM = re.compile(rb'(?<!\\)"stream"\s*:\s*true')  # "stream": true (not inside a string)
 
 
 def request_json(request: httpx.Request) -> Any:
@@ -149,10 +153,11 @@ class _Request:
     """One request as the attempts send it: the original, the path below the base path,
     and the headers without ``Host`` (each endpoint gets its own)."""
 
-    __slots__ = ("bodies", "eligible", "flavour", "headers", "path", "request", "stream")
+    __slots__ = ("bodies", "body", "eligible", "flavour", "headers", "path", "request", "stream")
 
-    def __init__(self, request: httpx.Request, path: str, stream: bool) -> None:
+    def __init__(self, request: httpx.Request, path: str, stream: bool, body: bytes | None) -> None:
         self.request = request
+        self.body = body  # a JSON body, when there is one
         self.flavour = _flavour(request)
         self.path = path
         self.stream = stream
@@ -255,9 +260,19 @@ class _Flavour:
     """The classes of one httpx (``httpx``, or its fork ``httpx2``): a client only takes
     responses, streams and transports of its own kind."""
 
-    __slots__ = ("Relay", "Request", "Response", "Tail", "URL", "bytestream", "transport")
+    __slots__ = (
+        "Headers",
+        "Relay",
+        "Request",
+        "Response",
+        "Tail",
+        "URL",
+        "bytestream",
+        "transport",
+    )
 
     def __init__(self, module: Any) -> None:
+        self.Headers: type[httpx.Headers] = module.Headers
         self.Request: type[httpx.Request] = module.Request
         self.Response: type[httpx.Response] = module.Response
         self.URL: type[httpx.URL] = module.URL
@@ -301,7 +316,6 @@ class _Conn:
         "owner",
         "prefix",
         "retired",
-        "tag",
         "transport",
         "urls",
         "users",
@@ -324,7 +338,6 @@ class _Conn:
         self.extra = extra
         model = endpoint.metadata.get("model")
         self.model = model if isinstance(model, str) and model else None
-        self.tag = (_ENDPOINT_HEADER.encode(), endpoint.url.encode("ascii", "replace"))
         self.urls: dict[str, httpx.URL] = {}
         self.users = 0
         self.retired = False
@@ -367,7 +380,8 @@ class _Conn:
         stream: _Relay | _Tail | None = None,
     ) -> httpx.Response:
         """The answer the client gets: ``inner``'s, tagged with the endpoint."""
-        headers = [*inner.headers.raw, self.tag]
+        headers = self.flavour.Headers(inner.headers)
+        headers[_ENDPOINT_HEADER] = self.endpoint.url
         Response = self.flavour.Response
         if stream is not None:
             # ``stream`` is an AsyncByteStream of the client's httpx (see _Flavour).
@@ -375,8 +389,9 @@ class _Conn:
             return Response(
                 inner.status_code, headers=headers, stream=relay, extensions=inner.extensions
             )
+        body: Any = self.flavour.bytestream(content or b"")
         return Response(
-            inner.status_code, headers=headers, content=content, extensions=inner.extensions
+            inner.status_code, headers=headers, stream=body, extensions=inner.extensions
         )
 
 
@@ -524,23 +539,23 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         if tokens is not ESTIMATE:
             value = tokens(request)  # type: ignore[operator]
             return None if value is None else float(value)
-        body = request_json(request)
-        if not isinstance(body, dict):
+        if r.body is None:
             return None
-        return estimate_body_tokens(body, len(request.content))
+        return estimate_body_tokens(r.body)
 
     def _prepare(self, request: httpx.Request) -> _Request:
         path = request.url.raw_path.decode("ascii")
         base = self._base
         if base and path.startswith(base) and path[len(base) : len(base) + 1] in ("", "/", "?"):
             path = path[len(base) :]
-        stream = False
-        body = request_json(request)
-        if (isinstance(body, dict) and body.get("stream") is True) or (
-            "text/event-stream" in request.headers.get("accept", "")
-        ):
-            stream = True
-        r = _Request(request, path, stream)
+        headers = request.headers
+        body = None
+        if _is_bytes(request.stream) and "json" in headers.get("content-type", ""):
+            body = request.content
+        stream = (body is not None and _STREAM.search(body) is not None) or (
+            "text/event-stream" in headers.get("accept", "")
+        )
+        r = _Request(request, path, stream, body)
         if self._eligible is not None:
             eligible = self._eligible
 
@@ -573,15 +588,8 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 return await self._send_once(r, fallback)
             if r.stream:
                 return await self._stream(r, fallback)
-            response: httpx.Response = await self._lb.call(
-                self._attempt,
-                r,
-                key=self._key(request) if self._key is not None else None,
-                tenant=self._tenant(request) if self._tenant is not None else None,
-                tokens=self._estimate_of(r),
-                priority=self._priority(request) if self._priority is not None else 0,
-                eligible=r.eligible,
-                fallback=fallback,
+            response: httpx.Response = await self._lb._call(
+                self._attempt, (r,), {}, self._context(r), fallback
             )
             return response
         except (UpstreamStatus, AttemptsExhausted) as exc:
@@ -589,6 +597,20 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             if answer is None:
                 raise
             return answer
+
+    def _context(self, r: _Request) -> Callable[[Engine], CallContext]:
+        """How a plain request's call context is made (in each pool it goes to)."""
+        request = r.request
+        priority = self._priority(request) if self._priority is not None else 0
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"HTTPTransport priority= must give an int, got {priority!r}")
+        return call_context(
+            self._key(request) if self._key is not None else None,
+            self._tenant(request) if self._tenant is not None else None,
+            self._estimate_of(r),
+            priority,
+            r.eligible,
+        )
 
     async def _stream(self, r: _Request, fallback: bool) -> httpx.Response:
         agen = self._stream_routes[fallback](r)
@@ -615,9 +637,9 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             conn = self._conn(endpoint, r.flavour)
             inner = await self._send(conn, r)
             if inner.status_code >= 400 or not r.stream:
-                response = await self._read(conn, inner)
+                response, _ = await self._read(conn, inner)
                 if response.status_code >= 400:
-                    raise UpstreamStatus(response, request, endpoint.url)
+                    raise await _failed(response, request, endpoint)
                 return response
         tail = conn.flavour.Tail([], _chunks(inner), self._closer(conn, inner))
         return conn.response(inner, stream=tail)
@@ -653,21 +675,23 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         """A plain request: sent, its answer read whole (up to ``buffer_limit``), an
         error status raised -- all before the balancer commits to it."""
         conn = self._conn(endpoint, r.flavour)
-        response = await self._read(conn, await self._send(conn, r))
+        response, raw = await self._read(conn, await self._send(conn, r))
         if response.status_code >= 400:
-            raise UpstreamStatus(response, r.request, endpoint.url)
-        if isinstance(response.stream, _Tail):
-            return response  # committed early: a long body, still coming
-        content = response.content
-        if content:
-            usage = usage_in_body(content)
+            raise await _failed(response, r.request, endpoint)
+        if raw:  # None: committed early (a long body, still coming)
+            if "content-encoding" in response.headers:
+                raw = await response.aread()  # decoded once, kept for the client
+            usage = usage_in_body(raw)
             if usage is not None:
                 report_usage(*usage)
         return response
 
-    async def _read(self, conn: _Conn, inner: httpx.Response) -> httpx.Response:
+    async def _read(
+        self, conn: _Conn, inner: httpx.Response
+    ) -> tuple[httpx.Response, bytes | None]:
         """Read ``inner``'s body -- whole, or up to the buffer limit, the rest then
-        relayed as it comes -- into the response the client gets."""
+        relayed as it comes -- into the response the client gets; the raw body read
+        whole, or None."""
         chunks: list[bytes] = []
         size = 0
         limit = self._buffer_limit
@@ -678,12 +702,14 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > limit:
-                    return conn.response(inner, stream=conn.flavour.Tail(chunks, stream, close))
+                    tail = conn.flavour.Tail(chunks, stream, close)
+                    return conn.response(inner, stream=tail), None
         except BaseException:
             await close()
             raise
         await close()
-        return conn.response(inner, content=b"".join(chunks))
+        raw = b"".join(chunks)
+        return conn.response(inner, content=raw), raw
 
     async def _stream_attempt(self, endpoint: Endpoint, r: _Request) -> AsyncIterator[Any]:
         """A streamed request: its first "chunk" is the answer's head (status, headers,
@@ -691,8 +717,8 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         conn = self._conn(endpoint, r.flavour)
         inner = await self._send(conn, r)
         if inner.status_code >= 400:
-            answer = await self._read(conn, inner)
-            raise UpstreamStatus(answer, r.request, endpoint.url)
+            answer, _ = await self._read(conn, inner)
+            raise await _failed(answer, r.request, endpoint)
         try:
             chunks = _chunks(inner)
             first = b""
@@ -796,6 +822,15 @@ async def _chunks(inner: httpx.Response) -> AsyncIterator[bytes]:
     async for chunk in stream:
         if chunk:
             yield chunk
+
+
+async def _failed(
+    response: httpx.Response, request: httpx.Request, endpoint: Endpoint
+) -> UpstreamStatus:
+    """The error of an attempt answered with an error status (its body read, for the
+    message and for the client, should it get this answer)."""
+    await response.aread()
+    return UpstreamStatus(response, request, endpoint.url)
 
 
 def _answer_of(exc: BaseException) -> httpx.Response | None:

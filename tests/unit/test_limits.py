@@ -11,40 +11,18 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Collection, Sequence
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import InOrder
 
 import lbclient
 from lbclient.pool.limits import LimitState, Window
-from lbclient.pool.state import EndpointState
-from lbclient.strategies import PickContext
 from lbclient.testing import FakeClock
 
 A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
-
-
-class _FirstPicker:
-    def __init__(self, states: Sequence[EndpointState]) -> None:
-        self._states = tuple(states)
-
-    def pick(self, call: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
-        for s in self._states:
-            if not exclude or s not in exclude:
-                return s
-        return None
-
-
-class First:
-    """Always the first endpoint not excluded (A, then B, then C)."""
-
-    name = "first"
-
-    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _FirstPicker:
-        return _FirstPicker(states)
 
 
 def limited(url: str, **limits: Any) -> lbclient.Endpoint:
@@ -157,7 +135,7 @@ def test_limit_state_full_and_free_at() -> None:
 async def test_an_endpoint_at_max_in_flight_is_not_picked_while_another_can_take_the_call(
     clock: FakeClock,
 ) -> None:
-    lb = lbclient.Balancer([limited(A, max_in_flight=1), B], strategy=First(), clock=clock)
+    lb = lbclient.Balancer([limited(A, max_in_flight=1), B], strategy=InOrder(), clock=clock)
     async with lb.pick() as first, lb.pick() as second:
         assert (first.url, second.url) == (A, B)
     async with lb.pick() as third:
@@ -169,7 +147,7 @@ async def test_all_at_their_limits_without_admission_fails_fast_saying_when(
 ) -> None:
     lb = lbclient.Balancer(
         [limited(A, requests_per_minute=2), limited(B, requests_per_minute=1)],
-        strategy=First(),
+        strategy=InOrder(),
         clock=clock,
     )
     for _ in range(2):
@@ -192,7 +170,7 @@ async def test_all_at_their_limits_without_admission_fails_fast_saying_when(
 
 
 async def test_the_fast_path_respects_max_in_flight(clock: FakeClock) -> None:
-    lb = lbclient.Balancer([limited(A, max_in_flight=2), B], strategy=First(), clock=clock)
+    lb = lbclient.Balancer([limited(A, max_in_flight=2), B], strategy=InOrder(), clock=clock)
     release = asyncio.Event()
     served: list[str] = []
 
@@ -309,7 +287,7 @@ async def _url(endpoint: lbclient.Endpoint) -> str:
 async def test_tokens_per_minute_counts_estimates_and_settles_them_with_usage(
     clock: FakeClock,
 ) -> None:
-    lb = lbclient.Balancer([limited(A, tokens_per_minute=1000), B], strategy=First(), clock=clock)
+    lb = lbclient.Balancer([limited(A, tokens_per_minute=1000), B], strategy=InOrder(), clock=clock)
 
     async def answer(endpoint: lbclient.Endpoint, used: tuple[int, int] | None) -> str:
         if used is not None:
@@ -391,7 +369,7 @@ async def test_eligible_is_asked_only_about_the_candidates_a_pick_looks_at() -> 
 
 
 async def test_a_refused_endpoint_is_never_reused_as_a_last_resort() -> None:
-    lb = lbclient.Balancer(MODELS, retry=lbclient.Retry(attempts=3), strategy=First())
+    lb = lbclient.Balancer(MODELS, retry=lbclient.Retry(attempts=3), strategy=InOrder())
     seen: list[str] = []
 
     async def flaky(endpoint: lbclient.Endpoint) -> str:
@@ -412,7 +390,7 @@ async def test_calls_skip_endpoints_whose_context_window_is_too_small() -> None:
             lbclient.Endpoint(B, metadata={"max_context": 128_000}),
             C,  # no known window: any size goes
         ],
-        strategy=First(),
+        strategy=InOrder(),
     )
 
     async def where(endpoint: lbclient.Endpoint) -> str:
@@ -429,7 +407,7 @@ async def test_calls_skip_endpoints_whose_context_window_is_too_small() -> None:
 
 
 async def test_route_tokens_and_eligibility_work_on_streams() -> None:
-    lb = lbclient.Balancer(MODELS, strategy=First())
+    lb = lbclient.Balancer(MODELS, strategy=InOrder())
 
     @lb.route(eligible=lambda ep, tier: ep.metadata["tier"] >= tier)
     async def stream(endpoint: lbclient.Endpoint, tier: int) -> Any:
