@@ -153,17 +153,46 @@ class _Request:
     """One request as the attempts send it: the original, the path below the base path,
     and the headers without ``Host`` (each endpoint gets its own)."""
 
-    __slots__ = ("bodies", "body", "eligible", "flavour", "headers", "path", "request", "stream")
+    __slots__ = (
+        "bodies",
+        "body",
+        "eligible",
+        "flavour",
+        "headers",
+        "path",
+        "request",
+        "retried",
+        "stream",
+    )
 
-    def __init__(self, request: httpx.Request, path: str, stream: bool, body: bytes | None) -> None:
+    def __init__(self, request: httpx.Request, path: str) -> None:
         self.request = request
-        self.body = body  # a JSON body, when there is one
         self.flavour = _flavour(request)
         self.path = path
-        self.stream = stream
-        self.headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
         self.eligible: Callable[[Endpoint], bool] | None = None
         self.bodies: dict[str, bytes | None] | None = None  # the body, per model name
+        # One pass over the headers: all but Host (each endpoint gets its own), and the
+        # few the transport reads.
+        headers = []
+        json_body = accepts_sse = False
+        retried = b""
+        for k, v in request.headers.raw:
+            name = k.lower()
+            if name == b"host":
+                continue
+            headers.append((k, v))
+            if name == b"content-type":
+                json_body = b"json" in v
+            elif name == b"accept":
+                accepts_sse = b"text/event-stream" in v
+            elif name == b"x-stainless-retry-count":
+                retried = v
+        self.headers = headers
+        self.retried = retried  # the SDK's own retry count, when it says (b"0": none)
+        # A JSON body, when there is one (bytes: replayable); streamed answers expected?
+        body = request.content if json_body and _is_bytes(request.stream) else None
+        self.body = body
+        self.stream = accepts_sse or (body is not None and _STREAM.search(body) is not None)
 
     def body_for(self, model: str) -> bytes | None:
         """The JSON body with ``"model": model`` (None: the body needs no change)."""
@@ -548,14 +577,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         base = self._base
         if base and path.startswith(base) and path[len(base) : len(base) + 1] in ("", "/", "?"):
             path = path[len(base) :]
-        headers = request.headers
-        body = None
-        if _is_bytes(request.stream) and "json" in headers.get("content-type", ""):
-            body = request.content
-        stream = (body is not None and _STREAM.search(body) is not None) or (
-            "text/event-stream" in headers.get("accept", "")
-        )
-        r = _Request(request, path, stream, body)
+        r = _Request(request, path)
         if self._eligible is not None:
             eligible = self._eligible
 
@@ -563,14 +585,14 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 return bool(eligible(endpoint, request))
 
             r.eligible = may_use
-        if not self._warned and request.headers.get(_SDK_RETRY_HEADER, "0") not in ("0", ""):
+        if r.retried not in (b"", b"0") and not self._warned:
             self._warned = True
             log.warning(
                 "lbclient.HTTPTransport: the SDK is retrying a request itself (%s: %s); "
                 "lbclient already retries on another endpoint -- create the SDK client "
                 "with max_retries=0",
                 _SDK_RETRY_HEADER,
-                request.headers.get(_SDK_RETRY_HEADER),
+                r.retried.decode("latin-1"),
             )
         return r
 
