@@ -107,7 +107,13 @@ def targets_table(outcomes: Sequence[Mapping[str, Any]]) -> Table:
         if met == FULL_RUN:
             mark = "[dim]full run[/dim]"
         else:
-            mark = "[green]yes[/green]" if met else "[dim]n/a[/dim]" if met is None else "[red]NO[/red]"
+            mark = (
+                "[green]yes[/green]"
+                if met
+                else "[dim]n/a[/dim]"
+                if met is None
+                else "[red]NO[/red]"
+            )
         table.add_row(o["target"], o["measured"], mark)
     if any(o["met"] == FULL_RUN for o in outcomes):
         table.caption = (

@@ -24,7 +24,9 @@ event loop:
     http_client=httpx.AsyncClient(transport=HTTPTransport(lb)))``, ``lb`` =
     ``peak_ewma`` + ``Retry(attempts=3)`` + ``Breaker()`` + ``Hedge()``.
 
-  Target: ``lbclient`` 100% success and p99.9 <= 1/5 of ``sdk_retries``'.  Then the
+  The two run in alternating rounds (``--rounds``), each policy on its own fleet, so a
+  shared machine's load drift hits both alike.  Target: ``lbclient`` 100% success and
+  p99.9 <= 1/5 of ``sdk_retries``'.  Then the
   same with ``stream=True`` (latency to the last token, and time to the first), at half
   the rate -- a stream holds its slot twice as long (40 ms to the first token, 8 tokens
   5 ms apart), so the fleet carries the same load -- each stream's text checked whole:
@@ -164,14 +166,36 @@ def balancer(urls: Sequence[str]) -> lbclient.Balancer:
 # ------------------------------------------------------------------------ open loop
 
 
+class Tally:
+    """What the calls of one policy gave, over every round."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.errors: dict[str, int] = {}
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "success_pct": 100.0 * len(self.latencies) / max(self.calls, 1),
+            "errors": self.errors,
+            "latency_ms": summarize(self.latencies),
+            "ttft_ms": summarize(self.ttfts) if self.ttfts else None,
+        }
+
+
 async def open_loop(
     call: Callable[[], Awaitable[tuple[float | None, str | None]]],
     n: int,
     rate: float,
     seed: int,
-) -> dict[str, Any]:
+    tally: Tally | None = None,
+) -> Tally:
     """``n`` calls at Poisson arrivals of ``rate``/s, each its own task, latency from its
-    scheduled arrival.  ``call`` returns (time to first token or None, error or None)."""
+    scheduled arrival, added to ``tally``.  ``call`` returns (the time its first token
+    came, or None; an error, or None)."""
+    tally = Tally() if tally is None else tally
     rng = random.Random(seed)
     t = 0.0
     schedule = []
@@ -180,9 +204,6 @@ async def open_loop(
         schedule.append(t)
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    errors: dict[str, int] = {}
 
     async def one(at: float) -> None:
         delay = start + at - loop.time()
@@ -193,22 +214,16 @@ async def open_loop(
         except Exception as exc:  # a failed call: counted, not timed
             first, problem = None, type(exc).__name__
         if problem is not None:
-            errors[problem] = errors.get(problem, 0) + 1
+            tally.errors[problem] = tally.errors.get(problem, 0) + 1
             return
         done = loop.time()
-        latencies.append(done - (start + at))
+        tally.latencies.append(done - (start + at))
         if first is not None:
-            ttfts.append(first - (start + at))
+            tally.ttfts.append(first - (start + at))
 
+    tally.calls += n
     await asyncio.gather(*(one(at) for at in schedule))
-    ok = len(latencies)
-    return {
-        "calls": n,
-        "success_pct": 100.0 * ok / n,
-        "errors": errors,
-        "latency_ms": summarize(latencies),
-        "ttft_ms": summarize(ttfts) if ttfts else None,
-    }
+    return tally
 
 
 def make_call(
@@ -240,52 +255,65 @@ def make_call(
 
 
 async def part_faults(args: argparse.Namespace, stream: bool) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+    """Both policies, each on its own fleet, in alternating rounds: on a shared machine
+    whose load drifts, both see the same drift."""
     rate = args.rate / 2 if stream else args.rate  # the same load: a stream lasts twice as long
-    for policy in ("sdk_retries", "lbclient"):
-        async with Fleet(FAULTS, args.seed) as fleet:
-            lb = None
+    policies = ("sdk_retries", "lbclient")
+    async with contextlib.AsyncExitStack() as stack:
+        # A fresh fleet per policy (the same seed: the same draws for the same arrivals),
+        # started together.
+        fleets = [Fleet(FAULTS, args.seed) for _ in policies]
+        await asyncio.gather(*(stack.enter_async_context(f) for f in fleets))
+        calls: dict[str, Callable[[], Awaitable[tuple[float | None, str | None]]]] = {}
+        lb = balancer(fleets[1].urls)
+        for policy, fleet in zip(policies, fleets, strict=True):
             if policy == "sdk_retries":
                 http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000))
                 clients = [sdk_client(http, url + "/v1", 2) for url in fleet.urls]
             else:
-                lb = balancer(fleet.urls)
                 http = httpx.AsyncClient(transport=lbclient.HTTPTransport(lb))
                 clients = [sdk_client(http, "http://lbclient/v1", 0)]
-            call = make_call(clients, stream)
-            # Warm up, unmeasured: the SDK's first calls in a process are slow (its models
-            # are built), connections open, the hedge delay and latency estimates learn.
-            warm = max(100, args.calls // 10)
-            await open_loop(call, warm, rate, args.seed + 1)
-            before = await fleet.counters()
-            result = await open_loop(call, args.calls, rate, args.seed)
-            result["rate"] = rate
-            after = await fleet.counters()
-            received = sum(
-                a["received"] - b["received"] for a, b in zip(after, before, strict=True)
-            )
-            result["attempts_per_call"] = received / args.calls
-            result["share_pct"] = [
-                round(100.0 * (a["received"] - b["received"]) / max(received, 1), 1)
-                for a, b in zip(after, before, strict=True)
-            ]
-            if lb is not None:
-                stats = lb.stats()
-                result["lbclient"] = {
-                    "retries": stats.retries,
-                    "hedges_sent": stats.hedges_sent,
-                    "hedges_won": stats.hedges_won,
-                    "hedge_delay_ms": stats.hedge_delay_ms,
-                    "failed_by": dict(stats.failed_by),
-                }
-                await lb.aclose()
-            await http.aclose()
-            results[policy] = result
-            console.print(f"  {'stream' if stream else 'plain'} {policy}: {_line(result)}")
+            stack.push_async_callback(http.aclose)
+            calls[policy] = make_call(clients, stream)
+        # Warm up, unmeasured: the SDK's first calls in a process are slow (its models
+        # are built), connections open, the hedge delay and latency estimates learn.
+        warm = args.warmup if args.warmup is not None else max(100, args.calls // 10)
+        for policy in policies:
+            await open_loop(calls[policy], warm, rate, args.seed + 1)
+        before = [await f.counters() for f in fleets]
+        stats_before = lb.stats()
+        tallies = {policy: Tally() for policy in policies}
+        rounds = max(1, args.rounds)
+        per_round = max(1, args.calls // rounds)
+        for i in range(rounds):
+            order = policies if i % 2 == 0 else policies[::-1]
+            for policy in order:
+                await open_loop(calls[policy], per_round, rate, args.seed + 10 + i, tallies[policy])
+        after = [await f.counters() for f in fleets]
+        stats = lb.stats()
+        await lb.aclose()
+    results: dict[str, Any] = {}
+    for k, policy in enumerate(policies):
+        result = tallies[policy].result()
+        result["rate"] = rate
+        got = [a["received"] - b["received"] for a, b in zip(after[k], before[k], strict=True)]
+        result["attempts_per_call"] = sum(got) / tallies[policy].calls
+        result["share_pct"] = [round(100.0 * x / max(sum(got), 1), 1) for x in got]
+        results[policy] = result
+        console.print(f"  {'stream' if stream else 'plain'} {policy}: {_line(result)}")
+    hedger = lb._engine.hedger
+    results["lbclient"]["lbclient"] = {
+        "retries": stats.retries - stats_before.retries,
+        "hedges_sent": stats.hedges_sent - stats_before.hedges_sent,
+        "hedges_won": stats.hedges_won - stats_before.hedges_won,
+        "hedges_denied": stats.hedges_denied - stats_before.hedges_denied,
+        "hedge_delay_ms": None if hedger is None else hedger.current_delay(stream) * 1000,
+        "failed_by": dict(stats.failed_by),
+    }
     base = results["sdk_retries"]["latency_ms"].get("p99.9")
     ours = results["lbclient"]["latency_ms"].get("p99.9")
     ratio = base / ours if base and ours else None
-    return {"policies": results, "p999_ratio": ratio, "rate": rate}
+    return {"policies": results, "p999_ratio": ratio, "rate": rate, "rounds": rounds}
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -545,17 +573,25 @@ async def main(args: argparse.Namespace) -> int:
         "versions": {"openai": openai.__version__, "httpx": httpx.__version__},
     }
     started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    async def timed(name: str, part: Awaitable[dict[str, Any]]) -> None:
+        t0 = time.monotonic()
+        data[name] = await part
+        timings[name] = round(time.monotonic() - t0, 1)
+
     if "faults" in parts:
         console.print("[b]faults[/b]")
-        data["faults"] = await part_faults(args, stream=False)
+        await timed("faults", part_faults(args, stream=False))
         if not args.no_stream:
-            data["faults_stream"] = await part_faults(args, stream=True)
+            await timed("faults_stream", part_faults(args, stream=True))
     if "overhead" in parts:
         console.print("[b]overhead[/b]")
-        data["overhead"] = await part_overhead(args)
+        await timed("overhead", part_overhead(args))
     if "fallback" in parts:
         console.print("[b]fallback[/b]")
-        data["fallback"] = await part_fallback(args)
+        await timed("fallback", part_fallback(args))
+    data["part_seconds"] = timings
     data["targets"] = targets(data)
     data["seconds"] = time.monotonic() - started
     if hasattr(os, "getloadavg"):
@@ -577,6 +613,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="calls per second (100)")
     p.add_argument("--overhead-requests", type=int, default=None, help="per round (1000; 300)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="rounds (6; quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured calls first (calls/10)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (6; quick 2)")
     p.add_argument("--fallback-calls", type=int, default=200)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -587,6 +625,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.overhead_requests = 300 if args.quick else 1000
     if args.overhead_rounds is None:
         args.overhead_rounds = 3 if args.quick else 6
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 6
     if args.quick:
         args.fallback_calls = min(args.fallback_calls, 100)
     return args

@@ -113,7 +113,7 @@ class Replica:
         return self._busy + len(self._waiters)
 
     def draw(self) -> float:
-        x = self.base / self.speed * self._rng.lognormvariate(-self.sigma**2 / 2, self.sigma)
+        x = self.base / self.speed * self._rng.lognormvariate(-(self.sigma**2) / 2, self.sigma)
         if self._rng.random() < self.straggler_rate:
             x *= self.straggler_factor
         return x
@@ -168,5 +168,7 @@ def fleet(
     out = {}
     for i in range(n):
         url = f"http://10.9.0.{i + 1}:8000"
-        out[url] = Replica(url, slots=slots, base=base, speed=speeds[i % len(speeds)], rng=rng, **kw)
+        out[url] = Replica(
+            url, slots=slots, base=base, speed=speeds[i % len(speeds)], rng=rng, **kw
+        )
     return out
