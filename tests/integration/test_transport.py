@@ -695,3 +695,19 @@ async def test_the_anthropic_sdk_through_the_transport() -> None:
     # may have cost something).
     low, high = sorted(totals)
     assert (low == 32 and high > 64) or (low == 15 and high > 64 + 17)
+
+
+async def test_usage_settles_admission_fairness_and_quotas(fleet_factory: Any) -> None:
+    fleet = await fleet_of(fleet_factory, {})
+    quota = lbclient.Quota(tokens_per_minute=100_000)
+    lb = lbclient.Balancer(fleet.urls, admission=lbclient.Admission(limit=8, quotas={"*": quota}))
+    async with sdk(lb, tenant=lambda request: request.headers.get("x-user")) as client:
+        await client.chat.completions.create(
+            model="m", messages=MESSAGES, extra_headers={"x-user": "ann"}
+        )
+        admission = lb.stats().admission
+        assert admission is not None
+        # Fair queueing charged the estimate at admission, then the real cost:
+        # 1 prompt token + 2 x 8 completion tokens.
+        assert admission.tenant("ann").service == 17
+        assert admission.tenant("ann").tokens_in_flight == 0
