@@ -86,7 +86,7 @@ except ImportError:  # pragma: no cover - only the SDKs' fork is installed
 from ._calls import call_context
 from ._context import CallContext, report_usage
 from ._endpoint import Endpoint
-from ._errors import AttemptsExhausted, BalancerClosed, ConfigError
+from ._errors import AttemptsExhausted, BalancerClosed, ConfigError, PoolsExhausted
 from ._wire import StreamUsage, body_message, estimate_body_tokens, usage_in_body
 
 if TYPE_CHECKING:
@@ -862,6 +862,10 @@ def _answer_of(exc: BaseException) -> httpx.Response | None:
         return exc.response
     if isinstance(exc, AttemptsExhausted):
         last = exc.last_error
+        if isinstance(exc, PoolsExhausted):  # the last pool's last word
+            last = exc.pools[-1].error
+            if isinstance(last, AttemptsExhausted):
+                last = last.last_error
         if isinstance(last, UpstreamStatus):
             response = last.response
             response.headers[_ATTEMPTS_HEADER] = str(len(exc.attempts))

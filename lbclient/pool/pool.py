@@ -547,13 +547,13 @@ class Pool:
         s = self.pick_now(now)
         if s is None:
             raise self.empty(now)
+        lim = s.limit
+        if lim is not None and lim.full(s, now, None):  # pick again, under the limits
+            raise Handoff(self._acquire_filtered(None, None, now, None))
         b = s.breaker
         if b is not None and b.state != "closed":
             raise Handoff(self._take(s, now))
-        lim = s.limit
         if lim is not None:
-            if lim.full(s, now, None):  # pick again among those under their limits
-                raise Handoff(self._acquire_filtered(None, None, now, None))
             lim.charge(now, None)
         n = s.inflight + 1
         s.inflight = n

@@ -711,3 +711,22 @@ async def test_usage_settles_admission_fairness_and_quotas(fleet_factory: Any) -
         # 1 prompt token + 2 x 8 completion tokens.
         assert admission.tenant("ann").service == 17
         assert admission.tenant("ann").tokens_in_flight == 0
+
+
+async def test_every_pool_failing_passes_the_last_pools_answer_through(
+    fleet_factory: Any,
+) -> None:
+    primary = await fleet_of(fleet_factory, {"error_rate": 1.0})
+    vendor = await fleet_of(fleet_factory, {"rate_limit_rate": 1.0, "retry_after": 30.0})
+    fallback = lbclient.Balancer(vendor.urls, name="vendor")  # no retry: its one answer
+    lb = lbclient.Balancer(
+        primary.urls, name="self-hosted", fallback=fallback, retry=lbclient.Retry(attempts=2)
+    )
+    async with sdk(lb) as client:
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+    error = info.value.response.extensions["lbclient.error"]
+    assert isinstance(error, lbclient.PoolsExhausted)
+    assert [p.pool for p in error.pools] == ["self-hosted", "vendor"]
+    assert "pool 'vendor': 429 Too Many Requests from http://127.0.0.1:" in str(error)
+    await fallback.aclose()
