@@ -11,6 +11,7 @@ Protocol (one JSON object per line on stdout):
 * at start: ``{"urls": [...], "pid": N}`` once every replica listens;
 * ``stats`` on stdin -> ``{"counters": [{received, served, ...} per replica],
   "cpu_s": process CPU seconds so far}``;
+* ``clear N`` on stdin -> replica N's prefix cache is emptied (a restart) -> ``{"ok": true}``;
 * ``quit`` or end of stdin (the parent went away) -> the fleet closes and the process
   exits.
 
@@ -66,6 +67,9 @@ async def serve(spec: dict[str, Any]) -> None:
                         "cpu_s": time.process_time(),
                     }
                 )
+            elif cmd.startswith("clear "):
+                fleet[int(cmd.split()[1])].cache.clear()
+                _emit({"ok": True})
             else:
                 _emit({"error": f"unknown command {cmd!r}"})
 

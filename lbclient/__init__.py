@@ -35,6 +35,7 @@ from ._errors import (
     StreamIdleTimeout,
     UnknownEndpoint,
 )
+from ._prompt import prompt_text
 from .admission.policy import Admission, Quota
 from .observe.events import (
     AdmissionEvent,
@@ -65,6 +66,7 @@ from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+from .serverload import MetricsPoller, ServerMetrics
 
 if TYPE_CHECKING:
     from .transport import HTTPTransport
@@ -107,6 +109,7 @@ __all__ = [
     "Listener",
     "Locality",
     "MembershipEvent",
+    "MetricsPoller",
     "MonotonicClock",
     "NoEndpointAvailable",
     "Overloaded",
@@ -117,10 +120,12 @@ __all__ = [
     "QuotaExceeded",
     "Retry",
     "RetryEvent",
+    "ServerMetrics",
     "StaticDiscovery",
     "StreamIdleTimeout",
     "UnknownEndpoint",
     "__version__",
+    "prompt_text",
     "report_usage",
     "retry_if",
     "retry_if_exception",

@@ -16,6 +16,7 @@ from .engine.route import (
     RouteDecorator,
     check_async,
     check_eligible,
+    check_prefix,
     check_priority,
     check_timeout,
     check_tokens,
@@ -36,6 +37,7 @@ def call_context(
     tokens: float | None,
     priority: int,
     eligible: Callable[[Endpoint], bool] | None,
+    prefix: str | None = None,
 ) -> Callable[[Engine], CallContext]:
     """How one call's context is made in a pool -- and made again in its fallback pool:
     the values given (checked), the pool's ``Retry.timeout`` as its deadline."""
@@ -48,6 +50,7 @@ def call_context(
             tokens=tokens,
             timeout=retry.timeout if retry is not None else None,
             priority=priority,
+            prefix=prefix,
         )
         if eligible is not None:
             call.eligible = eligible
@@ -88,6 +91,7 @@ class Calls:
         priority: int | Callable[..., object] | None = None,
         eligible: Callable[..., object] | None = None,
         fallback: bool = True,
+        prefix: Callable[..., object] | None = None,
     ) -> RouteDecorator: ...
     def route(
         self,
@@ -102,6 +106,7 @@ class Calls:
         priority: int | Callable[..., object] | None = None,
         eligible: Callable[..., object] | None = None,
         fallback: bool = True,
+        prefix: Callable[..., object] | None = None,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
 
@@ -137,6 +142,9 @@ class Calls:
           also skip endpoints whose ``metadata["max_context"]`` is smaller.
         * ``fallback`` -- ``False``: never send this route's calls to the balancer's
           ``fallback=`` pool.
+        * ``prefix`` -- a callable giving the call's prompt text (a str, or None) for the
+          ``prefix`` strategy's KV-cache affinity (e.g. ``prefix=lambda payload:
+          lbclient.prompt_text(payload["messages"])``).  Calls then take the full path.
         """
         self._check_open()
         options = functools.partial(
@@ -150,6 +158,7 @@ class Calls:
             priority=priority,
             eligible=eligible,
             fallback=fallback,
+            prefix=prefix,
         )
         return options if fn is None else options(fn)
 
@@ -164,13 +173,14 @@ class Calls:
         priority: int = 0,
         eligible: Callable[[Endpoint], bool] | None = None,
         fallback: bool = True,
+        prefix: str | None = None,
         **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority``
-        and ``fallback`` are this call's values themselves (see :meth:`route`);
-        ``eligible`` is a predicate on the candidate :class:`Endpoint`.  To pass
-        arguments of those names to ``fn``, bind them with ``functools.partial``."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority``,
+        ``prefix`` and ``fallback`` are this call's values themselves (see
+        :meth:`route`); ``eligible`` is a predicate on the candidate :class:`Endpoint`.
+        To pass arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
         context = call_context(
             key,
@@ -178,6 +188,7 @@ class Calls:
             check_tokens(tokens),
             check_priority(priority),
             check_eligible(eligible) if eligible is not None else None,
+            check_prefix(prefix),
         )
         return await self._call(fn, args, kwargs, context, fallback)
 
@@ -212,16 +223,18 @@ class Calls:
         priority: int = 0,
         eligible: Callable[[Endpoint], bool] | None = None,
         fallback: bool = True,
+        prefix: str | None = None,
     ) -> PickedEndpoint:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
         :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
-        :meth:`route`, under :class:`Admission`; ``eligible``: a predicate on the
-        candidate :class:`Endpoint`.  When nothing can be picked (or admission sheds
-        the call), the pick comes from the ``fallback=`` pool unless ``fallback=False``;
-        a block already entered is not re-run anywhere."""
+        :meth:`route`, under :class:`Admission`; ``prefix``: the prompt text (the ``prefix``
+        strategy); ``eligible``: a predicate on the candidate :class:`Endpoint`.  When
+        nothing can be picked (or admission sheds the call), the pick comes from the
+        ``fallback=`` pool unless ``fallback=False``; a block already entered is not re-run
+        anywhere."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
@@ -232,6 +245,7 @@ class Calls:
             tokens=check_tokens(tokens),
             timeout=seconds,
             priority=check_priority(priority),
+            prefix=check_prefix(prefix),
         )
         if eligible is not None:
             call.eligible = check_eligible(eligible)

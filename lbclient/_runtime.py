@@ -3,6 +3,7 @@ observer, the pool, the call engine and the background work -- and how they stop
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from .engine.engine import Engine
@@ -69,14 +70,31 @@ async def shutdown(
         return
     pool.close()
     if seconds is not None:
-        start = pool.now()
-        await pool.wait_idle(seconds)
-        seconds = max(0.0, seconds - (pool.now() - start))
+        seconds = await _wait_idle(pool, engine, seconds)
     hedger = engine.hedger
     if hedger is not None:
         hedger.close()
         await hedger.wait_backups(LOSER_GRACE if seconds is None else seconds)
     await background.stop()
+
+
+async def _wait_idle(pool: Pool, engine: Engine, seconds: float) -> float:
+    """Wait up to ``seconds`` (event-loop time, whatever the balancer's clock) until no
+    call is under way: no attempt in flight, none between retries, none queued for
+    admission.  Returns the seconds left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    gate = engine.gate
+
+    def busy() -> bool:
+        return bool(pool.totals.inflight or engine.active or (gate is not None and gate.queue.size))
+
+    while busy():
+        left = deadline - loop.time()
+        if left <= 0:
+            return 0.0
+        await asyncio.sleep(min(0.01, left))
+    return max(0.0, deadline - loop.time())
 
 
 def _cooldown_cap(retry: Retry | None) -> float | None:

@@ -31,6 +31,7 @@ from ._balancer import Balancer
 from ._context import report_usage
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
+from ._prompt import prompt_text
 from ._wire import SSEDecoder, body_message, estimate_tokens, message_of
 from ._wire import usage_of as _usage_of
 
@@ -124,17 +125,29 @@ def _encode_body(messages: object, model: object, params: dict[str, Any], *, str
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _affinity(body: bytes, key: object, tenant: object, tokens: float) -> object:
+def _affinity(
+    body: bytes, key: object, tenant: object, tokens: float, prefix: str | None = None
+) -> object:
     """The stream route's ``key=``: the affinity key passed along with the body."""
     return key
 
 
-def _tenant_of(body: bytes, key: object, tenant: object, tokens: float) -> object:
+def _tenant_of(
+    body: bytes, key: object, tenant: object, tokens: float, prefix: str | None = None
+) -> object:
     return tenant
 
 
-def _tokens_of(body: bytes, key: object, tenant: object, tokens: float) -> float:
+def _tokens_of(
+    body: bytes, key: object, tenant: object, tokens: float, prefix: str | None = None
+) -> float:
     return tokens
+
+
+def _prefix_of(
+    body: bytes, key: object, tenant: object, tokens: float, prefix: str | None = None
+) -> str | None:
+    return prefix
 
 
 def _report_usage(usage: object) -> None:
@@ -241,6 +254,7 @@ class ChatClient:
         "_load_header",
         "_owns_session",
         "_path",
+        "_prefix",
         "_session",
         "_stream_headers",
         "_stream_route",
@@ -292,9 +306,13 @@ class ChatClient:
         )
         # Built once: an async-generator route gets first-token hedging, retries before
         # the first chunk and TTFT statistics from the balancer.
-        self._stream_route: Callable[[bytes, object, object, float], AsyncIterator[str]] = lb.route(
-            key=_affinity, tenant=_tenant_of, tokens=_tokens_of
-        )(self._stream_attempt)
+        self._stream_route: Callable[
+            [bytes, object, object, float, str | None], AsyncIterator[str]
+        ] = lb.route(key=_affinity, tenant=_tenant_of, tokens=_tokens_of, prefix=_prefix_of)(
+            self._stream_attempt
+        )
+        # The prompt text is derived only for a strategy that reads it (``prefix``).
+        self._prefix = bool(getattr(lb._pool.strategy, "uses_prefix", False))
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -315,6 +333,7 @@ class ChatClient:
         key: object = None,
         tenant: object = None,
         tokens: float | None = None,
+        prefix: str | None = None,
         **params: Any,
     ) -> dict[str, Any]:
         """One chat completion; returns the parsed JSON answer.
@@ -330,7 +349,9 @@ class ChatClient:
         the affinity key for ``consistent_hash`` (e.g. a conversation id, so its KV cache
         is reused), not sent.  ``tenant`` is who the call is for (admission fairness and
         quotas); ``tokens`` its estimated token cost (default: the prompt's length / 4 plus
-        ``max_tokens``), settled by the answer's ``usage``.  The body is serialised once,
+        ``max_tokens``), settled by the answer's ``usage``.  ``prefix`` is the prompt text
+        for the ``prefix`` strategy (default, under that strategy: the messages'
+        :func:`lbclient.prompt_text`; ignored by other strategies).  The body is serialised once,
         before any endpoint is picked: a value JSON cannot encode raises ``TypeError``
         here and never counts against a replica.  Raises ``aiohttp.ClientResponseError``
         on an HTTP error (or what the balancer raises: :class:`lbclient.AttemptsExhausted`,
@@ -339,8 +360,10 @@ class ChatClient:
         self._check_open()
         body = _encode_body(messages, model, params, stream=False)
         estimate = estimate_tokens(messages, params) if tokens is None else tokens
+        if prefix is None and self._prefix:
+            prefix = prompt_text(messages)
         return await self._lb.call(
-            self._create_attempt, body, key=key, tenant=tenant, tokens=estimate
+            self._create_attempt, body, key=key, tenant=tenant, tokens=estimate, prefix=prefix
         )
 
     def stream(
@@ -351,6 +374,7 @@ class ChatClient:
         key: object = None,
         tenant: object = None,
         tokens: float | None = None,
+        prefix: str | None = None,
         **params: Any,
     ) -> AsyncGenerator[str, None]:
         """Stream a chat completion: yields the text of each token chunk as it arrives.
@@ -374,7 +398,9 @@ class ChatClient:
         self._check_open()
         body = _encode_body(messages, model, params, stream=True)
         estimate = estimate_tokens(messages, params) if tokens is None else tokens
-        return self._relay(body, key, tenant, estimate)
+        if prefix is None and self._prefix:
+            prefix = prompt_text(messages)
+        return self._relay(body, key, tenant, estimate, prefix)
 
     async def text(
         self,
@@ -384,6 +410,7 @@ class ChatClient:
         key: object = None,
         tenant: object = None,
         tokens: float | None = None,
+        prefix: str | None = None,
         **params: Any,
     ) -> str:
         """:meth:`create`, returning only ``choices[0].message.content``.
@@ -396,7 +423,13 @@ class ChatClient:
         ``choices[0].message`` at all raises ``ValueError``.
         """
         reply = await self.create(
-            messages=messages, model=model, key=key, tenant=tenant, tokens=tokens, **params
+            messages=messages,
+            model=model,
+            key=key,
+            tenant=tenant,
+            tokens=tokens,
+            prefix=prefix,
+            **params,
         )
         try:
             content = reply["choices"][0]["message"]["content"]
@@ -474,7 +507,13 @@ class ChatClient:
             return reply
 
     async def _stream_attempt(
-        self, endpoint: Endpoint, body: bytes, key: object, tenant: object, tokens: float
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        key: object,
+        tenant: object,
+        tokens: float,
+        prefix: str | None = None,
     ) -> AsyncIterator[str]:
         url = endpoint.url + self._path
         http = self._http()
@@ -520,9 +559,9 @@ class ChatClient:
                     yield token
 
     async def _relay(
-        self, body: bytes, key: object, tenant: object, tokens: float
+        self, body: bytes, key: object, tenant: object, tokens: float, prefix: str | None
     ) -> AsyncGenerator[str, None]:
-        inner = self._stream_route(body, key, tenant, tokens)
+        inner = self._stream_route(body, key, tenant, tokens, prefix)
         try:
             async for token in inner:
                 yield token

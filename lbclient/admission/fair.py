@@ -61,6 +61,7 @@ class FairQueue:
         self._seq = itertools.count()
         self.counters: dict[object, float] = {}  # VTC: weighted service received
         self.size = 0  # live waiters
+        self.tokens = 0.0  # their estimated tokens
         self.last: object = _NOBODY  # the tenant served last (the gate sets it)
 
     def __len__(self) -> int:
@@ -68,6 +69,11 @@ class FairQueue:
 
     def weight(self, tenant: object) -> float:
         return self._weights.get(tenant, 1.0)
+
+    def unit(self, tenant: object) -> float:
+        """One unweighted unit of service, in ``tenant``'s weighted counter."""
+        weights = self._weights
+        return 1.0 / weights.get(tenant, 1.0) if weights else 1.0
 
     def backlogged(self, tenant: object) -> bool:
         for band in self._bands.values():
@@ -108,6 +114,7 @@ class FairQueue:
         q.append(w)
         band.size += 1
         self.size += 1
+        self.tokens += w.tokens
 
     def pop(self) -> Waiter | None:
         """The next waiter to serve (None if nobody waits).  The gate charges its tenant
@@ -116,6 +123,7 @@ class FairQueue:
             live = [p for p, b in self._bands.items() if b.size > 0]
             if not live:  # only dead waiters were counted: nothing to serve
                 self.size = 0
+                self.tokens = 0.0
                 return None
             band = self._bands[max(live)]
             best_key: object = None
@@ -137,6 +145,7 @@ class FairQueue:
             w.gone = True  # out of the queue: a later discard() must not count it again
             band.size -= 1
             self.size -= 1
+            self.tokens -= w.tokens
             if not best:
                 del band.queues[best_key]
             return w
@@ -150,6 +159,7 @@ class FairQueue:
             if band is not None:
                 band.size -= 1
             self.size -= 1
+            self.tokens -= w.tokens
 
     def charge(self, tenant: object, cost: float) -> None:
         """Add ``cost`` weighted tokens of service to ``tenant``'s counter (a call

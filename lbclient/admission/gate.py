@@ -44,6 +44,7 @@ log = logging.getLogger("lbclient")
 
 _RATE_SAMPLES = 64  # completions remembered to estimate how fast slots free up
 OUTPUT_WEIGHT = 2.0  # VTC: an output token costs twice an input token (the paper's default)
+_LATENCY_ALPHA = 0.05  # weight of a call's duration in the gate's latency EWMA
 WAIT_MARGIN = 0.5  # queue a caller only if its expected wait is within this share of its budget
 
 
@@ -97,9 +98,6 @@ class Permit:
         replica answered 429/503 during it; ``accepted``: the fleet took it (for client
         throttling; ``None``: unknown, e.g. cancelled before an answer); ``usage``: real
         ``(input, output)`` tokens, to settle the estimate.  Exactly once."""
-        if self.done:
-            return
-        self.done = True
         self._gate.release(self, kind, sample, overloaded, accepted, usage)
 
 
@@ -131,6 +129,8 @@ class Gate:
         self._quotas: dict[object, TenantQuota] = {}
         self.tenants: dict[object, TenantCounters] = {}
         self._done_at: collections.deque[float] = collections.deque(maxlen=_RATE_SAMPLES)
+        self._latency = 0.0  # EWMA of admitted calls' durations (seconds; 0: none yet)
+        self._waiting: dict[object, int] = {}  # tenants with callers queued: how many
         self.shed_total: dict[str, int] = {}
 
     # -- admission ----------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Gate:
                     )
                 q.charge(tokens)
         throttle = self.throttle
-        if throttle is not None and not throttle.admit(now):
+        if throttle is not None and throttle.active and not throttle.admit(now):
             self._refund_quota(tenant, tokens)
             raise self._shed(
                 "throttled",
@@ -178,15 +178,62 @@ class Gate:
                 "locally: Google SRE client-side throttling)",
             )
         if self.in_flight < self.limit and not self.queue.size:
-            return self._grant(tenant, tokens, priority, now, waited=False)
+            return self._grant(tenant, tokens, False, now)
         return None
+
+    # -- the hot path: a call with no tokens, when there is room -------------------------
+
+    def enter(self, tenant: object) -> bool:
+        """Admit a call of ``tenant`` with no token estimate at once, without a
+        :class:`Permit`, if nothing stands in the way (no quotas, throttling dormant,
+        room under the limit, nobody queued); False: use :meth:`try_admit`.  The call
+        ends with :meth:`leave` (or :meth:`permit_for`, to continue on the full path)."""
+        if self._quotas_on:
+            return False
+        throttle = self.throttle
+        if throttle is not None and throttle.active:
+            return False
+        in_flight = self.in_flight
+        if in_flight >= self.limit or self.queue.size:
+            return False
+        self.in_flight = in_flight + 1
+        c = self.tenants.get(tenant)
+        if c is None:
+            c = self.tenants[tenant] = TenantCounters()
+        c.admitted += 1
+        c.in_flight += 1
+        if self._fair:
+            queue = self.queue
+            counters = queue.counters
+            counters[tenant] = counters.get(tenant, 0.0) + queue.unit(tenant)
+            queue.last = tenant
+        return True
+
+    def permit_for(self, tenant: object, t0: float) -> Permit:
+        """The permit of a call admitted by :meth:`enter` at ``t0``, for the full path."""
+        return Permit(self, tenant, 0.0, 1.0, t0)
+
+    def leave(self, tenant: object, latency: float, now: float) -> None:
+        """A call admitted by :meth:`enter` succeeded in ``latency`` seconds."""
+        inflight = self.in_flight
+        self.in_flight = inflight - 1
+        self.tenants[tenant].in_flight -= 1
+        self._done_at.append(now)
+        lat = self._latency
+        self._latency = lat + _LATENCY_ALPHA * (latency - lat) if lat else latency
+        throttle = self.throttle
+        if throttle is not None and throttle.active:
+            throttle.answered(True, now)
+        limiter = self.limiter
+        if limiter is not None and limiter.sample("latency", latency, inflight, now):
+            self._limit_changed(now)
+        if self.queue.size:
+            self._wake(now)
 
     def _cost(self, tokens: float) -> float:
         return tokens if tokens > 0 else 1.0
 
-    def _grant(
-        self, tenant: object, tokens: float, priority: int, now: float, *, waited: bool
-    ) -> Permit:
+    def _grant(self, tenant: object, tokens: float, waited: bool, now: float) -> Permit:
         self.in_flight += 1
         c = self.tenants.get(tenant)
         if c is None:
@@ -261,6 +308,8 @@ class Gate:
         queue.push(w)
         c = self.tenant(tenant)
         c.queued += 1
+        waiting = self._waiting
+        waiting[tenant] = waiting.get(tenant, 0) + 1
         try:
             async with asyncio.timeout(budget):
                 permit: Permit = await w.future
@@ -286,6 +335,11 @@ class Gate:
             raise
         finally:
             c.queued -= 1
+            n = waiting[tenant] - 1
+            if n:
+                waiting[tenant] = n
+            else:
+                del waiting[tenant]
         return permit
 
     def _left_queue(self, w: Waiter) -> None:
@@ -295,14 +349,20 @@ class Gate:
 
     def _ahead(self, tenant: object) -> int:
         """About how many waiters will be served before a newcomer of ``tenant``: all of
-        them first come first served; with fairness, about one per backlogged tenant
-        for each of its own already queued (round robin by counter), at most all."""
+        them, first come first served; with fairness, its own tenant's (first come first
+        served within a tenant) and, of each other waiting tenant's, as many as turns
+        it gets meanwhile -- at most one more than the newcomer's own queue.  O(tenants
+        waiting), not O(waiters)."""
         q = self.queue
         if not q.fair or not q.size:
             return q.size
-        own = sum(1 for _ in self._own(tenant))
-        tenants = sum(1 for b in q._bands.values() for t, d in b.queues.items() if d)
-        return min(q.size, (own + 1) * max(1, tenants))
+        own = self._waiting.get(tenant, 0)
+        turns = own + 1
+        ahead = own
+        for t, n in self._waiting.items():
+            if t != tenant:
+                ahead += n if n < turns else turns
+        return min(q.size, ahead)
 
     def _own(self, tenant: object) -> list[Waiter]:
         out: list[Waiter] = []
@@ -369,6 +429,10 @@ class Gate:
         if span <= 0:
             return 0.0
         rate = len(done) / span
+        # Under light load completions come as fast as calls arrive, not as fast as slots
+        # can free: the calls in flight, each about one call time long, bound it below.
+        if self._latency > 0 and self.in_flight:
+            rate = max(rate, self.in_flight / self._latency)
         return (ahead + 1) / rate
 
     # -- release ------------------------------------------------------------------------
@@ -381,10 +445,21 @@ class Gate:
         overloaded: bool,
         accepted: bool | None,
         usage: tuple[float, float] | None,
+        now: float | None = None,
     ) -> None:
-        now = self.now()
+        """``permit``'s call ended (see :meth:`Permit.release`); exactly once.  ``now``:
+        the time, if the caller has just read it."""
+        if permit.done:
+            return
+        permit.done = True
+        if now is None:
+            now = self.now()
         inflight = self.in_flight
         self.in_flight = inflight - 1
+        if accepted:  # it ran and was answered: its duration tells how fast slots free
+            lat = self._latency
+            took = now - permit.t0
+            self._latency = lat + _LATENCY_ALPHA * (took - lat) if lat else took
         c = self.tenants[permit.tenant]
         c.in_flight -= 1
         if permit.tokens:
@@ -411,22 +486,27 @@ class Gate:
             if kind is not None and sample is not None and sample >= 0:
                 changed = limiter.sample(kind, sample, inflight, now)
             if changed:
-                old = self.limit
-                self.limit = limiter.limit
-                if self.observer.wants(logging.DEBUG):
-                    self.observer.emit(
-                        AdmissionEvent(
-                            action="limit",
-                            reason="increase" if self.limit > old else "decrease",
-                            tenant=None,
-                            limit=self.limit,
-                            in_flight=self.in_flight,
-                            queued=self.queue.size,
-                            at=now,
-                        )
-                    )
+                self._limit_changed(now)
         if self.queue.size:
             self._wake(now)
+
+    def _limit_changed(self, now: float) -> None:
+        limiter = self.limiter
+        assert limiter is not None
+        old = self.limit
+        self.limit = limiter.limit
+        if self.observer.wants(logging.DEBUG):
+            self.observer.emit(
+                AdmissionEvent(
+                    action="limit",
+                    reason="increase" if self.limit > old else "decrease",
+                    tenant=None,
+                    limit=self.limit,
+                    in_flight=self.in_flight,
+                    queued=self.queue.size,
+                    at=now,
+                )
+            )
 
     def _wake(self, now: float) -> None:
         queue = self.queue
@@ -440,7 +520,7 @@ class Gate:
                 # it gone, so its own exit will not refund it: do it here.
                 self._refund_quota(w.tenant, w.tokens)
                 continue
-            fut.set_result(self._grant(w.tenant, w.tokens, w.priority, now, waited=True))
+            fut.set_result(self._grant(w.tenant, w.tokens, True, now))
 
     # -- shedding ------------------------------------------------------------------------
 

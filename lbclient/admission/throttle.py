@@ -12,7 +12,9 @@ more than half of what it answers before anything is rejected locally; then loca
 rejects keep what is sent at about twice what is accepted.  Calls rejected locally are
 not counted (they tell nothing about the fleet), so the throttle lets probes through and
 eases off as soon as the fleet accepts again.  Counting starts at the first rejection and
-stops after a window without one: a healthy fleet costs a flag check per call.
+stops after a window without one: a healthy fleet costs a flag check per call.  Nothing
+is rejected locally before the window holds :data:`MIN_REQUESTS` answers: at tiny volume
+the formula would reject half the calls after a single 429.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = ["Throttle"]
 
 _SLOTS = 24
 WINDOW = 120.0  # seconds
+MIN_REQUESTS = 10  # answers in the window before anything is rejected locally
 
 
 class Throttle:
@@ -68,6 +71,8 @@ class Throttle:
 
     def probability(self, now: float) -> float:
         self._rotate(now)
+        if self.requests < MIN_REQUESTS:
+            return 0.0
         reject = (self.requests - self._k * self.accepts) / (self.requests + 1)
         return reject if reject > 0 else 0.0
 
@@ -76,6 +81,8 @@ class Throttle:
         if not self.active:
             return True
         self._rotate(now)
+        if self.requests < MIN_REQUESTS:
+            return True
         reject = (self.requests - self._k * self.accepts) / (self.requests + 1)
         return not (reject > 0 and self._rng.random() < reject)
 

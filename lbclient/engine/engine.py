@@ -36,6 +36,7 @@ class Engine:
     __slots__ = (
         "_loop",
         "_rebind",
+        "active",
         "budget",
         "clock",
         "counters",
@@ -81,6 +82,9 @@ class Engine:
         self._rebind: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self.recorder: Recorder | None = None  # set when a metrics exporter attaches
         self.tracer: Any = None  # set by lbclient.metrics.OpenTelemetry(spans=True)
+        # Calls on the full path (or streaming) right now -- waiting in a queue, between
+        # retries, or with attempts in flight; a fast-path call is its one attempt.
+        self.active = 0
         self.gate: Gate | None = None
         if admission is not None:
             from ..admission.gate import Gate

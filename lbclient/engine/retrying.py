@@ -304,6 +304,12 @@ def converted_cancel(call: CallContext | None, lease: Lease, err: Exception, t: 
     raise asyncio.CancelledError(f"cancelled (the attempt then raised {err!r})") from err
 
 
+# The fast paths check ``current_task().cancelling()`` only when an attempt failed (free
+# on success): a task whose earlier cancel was swallowed without ``uncancel()`` -- which
+# asyncio.timeout and TaskGroup do not support either -- then gets no retry.  The other
+# paths compare with the count when the call started.
+
+
 async def rounds(
     engine: Engine,
     call: CallContext,

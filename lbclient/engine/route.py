@@ -59,6 +59,7 @@ __all__ = [
     "admit",
     "check_async",
     "check_eligible",
+    "check_prefix",
     "check_priority",
     "check_timeout",
     "check_tokens",
@@ -117,10 +118,10 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 class Extract:
     """What a route computes from each call's arguments: its affinity key, tenant,
-    estimated tokens and priority, and which endpoints it may go to (each a callable,
-    or absent)."""
+    estimated tokens, priority and prompt prefix, and which endpoints it may go to (each
+    a callable, or absent)."""
 
-    __slots__ = ("eligible", "key", "priority", "tenant", "tokens")
+    __slots__ = ("eligible", "key", "prefix", "priority", "tenant", "tokens")
 
     def __init__(
         self,
@@ -128,9 +129,11 @@ class Extract:
         tenant: Callable[..., object] | None,
         tokens: Callable[..., object] | None,
         priority: int | Callable[..., object] | None,
+        prefix: Callable[..., object] | None = None,
         eligible: Callable[..., object] | None = None,
     ) -> None:
         self.key = _callable_or_none(key, "key")
+        self.prefix = _callable_or_none(prefix, "prefix")
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
         self.eligible = _callable_or_none(eligible, "eligible")
@@ -146,7 +149,14 @@ class Extract:
     def any(self) -> bool:
         return any(
             x is not None
-            for x in (self.key, self.tenant, self.tokens, self.priority, self.eligible)
+            for x in (
+                self.key,
+                self.tenant,
+                self.tokens,
+                self.priority,
+                self.prefix,
+                self.eligible,
+            )
         )
 
     def context(
@@ -161,6 +171,8 @@ class Extract:
         )
         if self.priority is not None:
             call.priority = _priority_of(self.priority, args, kwargs)
+        if self.prefix is not None:
+            call.prefix = check_prefix(self.prefix(*args, **kwargs))
         eligible = self.eligible
         if eligible is not None:
 
@@ -195,6 +207,16 @@ def _priority_of(
     return value
 
 
+def check_prefix(value: object) -> str | None:
+    """A call's prompt text for prefix affinity: a str (None or "": none).  Anything
+    else is the caller's bug: TypeError naming it, before anything is sent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"prefix= must give the prompt text (a str), got {type(value).__name__}")
+    return value
+
+
 def check_tokens(value: object) -> float | None:
     """A call's token estimate: a number >= 0 (None: no estimate).  A bad one is the
     caller's bug: TypeError/ValueError naming it, before anything is sent."""
@@ -217,12 +239,13 @@ def make_route(
     tenant: Callable[..., object] | None = None,
     tokens: Callable[..., object] | None = None,
     priority: int | Callable[..., object] | None = None,
+    prefix: Callable[..., object] | None = None,
     eligible: Callable[..., object] | None = None,
     fallback: bool = True,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    extract = Extract(key, tenant, tokens, priority, eligible)
+    extract = Extract(key, tenant, tokens, priority, prefix, eligible)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
     if not isinstance(fallback, bool):
@@ -257,6 +280,7 @@ def make_route(
             tenant=tenant,
             tokens=tokens,
             priority=priority,
+            prefix=prefix,
             eligible=eligible,
         )
         routed: Callable[..., Any] = route(fn)
@@ -269,8 +293,13 @@ def _variant(
     engine: Engine, fn: Callable[..., Any], extract: Extract, deadline: float | None
 ) -> Callable[..., Any]:
     """The wrapper a plain (not streaming) route runs: the least machinery its options
-    need."""
-    if deadline is None and extract.key is None and extract.tokens is None:
+    need.  A prefix or an eligibility test needs the call's context: the full path."""
+    if (
+        deadline is None
+        and extract.key is None
+        and extract.tokens is None
+        and extract.prefix is None
+    ):
         if extract.eligible is not None:
             return _full(engine, fn, extract, deadline)
         if engine.gate is None:
@@ -289,6 +318,7 @@ def _variant(
         and extract.tenant is None
         and extract.tokens is None
         and extract.priority is None
+        and extract.prefix is None
         and extract.eligible is None
     ):
         return _hedged(engine, fn, extract.key)
@@ -367,12 +397,11 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             return await run_call(engine, fn, args, kwargs, CallContext(), h.lease)
         counters.calls += 1
         deposit(t0)
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 converted_cancel(None, Lease(pool, s, t0, 0), exc, t1)
             ctx = CallContext(started=t0)
             ctx.sent = 1
@@ -418,15 +447,19 @@ def _fast_admitted(
         if engine.tracer is not None:  # spans need a call context: the full path
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx)
-        try:
-            permit = gate.try_admit(tenant, 0.0, priority, t0)
-        except Overloaded as exc:
-            counters.calls += 1
-            counters.failed(f"shed: {exc.reason}")
-            raise
-        if permit is None:  # no room now: wait in the queue (or be shed) on the full path
+        if not gate.enter(tenant):  # quotas, throttling or no room: the general way
+            try:
+                permit = gate.try_admit(tenant, 0.0, priority, t0)
+            except Overloaded as exc:
+                counters.calls += 1
+                counters.failed(f"shed: {exc.reason}")
+                raise
+            if permit is None:  # no room now: wait in the queue (or be shed), full path
+                ctx = CallContext(tenant=tenant, priority=priority)
+                return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            # admitted with a permit (a quota charged): the full path gives it back
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
+            return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         counters.calls += 1
         if budget is not None:
             budget.deposit(t0)
@@ -434,8 +467,11 @@ def _fast_admitted(
             s = acquire(t0)
         except Handoff as h:
             ctx = CallContext(tenant=tenant, priority=priority)
-            return await run_call(engine, fn, args, kwargs, ctx, h.lease, permit)
+            return await run_call(
+                engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant, t0)
+            )
         except NoEndpointAvailable as exc:
+            permit = gate.permit_for(tenant, t0)
             if exc.reason not in ("limits", "cooling"):
                 permit.release()
                 counters.failed("no endpoint")
@@ -445,16 +481,16 @@ def _fast_admitted(
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         except BaseException:
-            permit.release()
+            gate.permit_for(tenant, t0).release()
             counters.failed("no endpoint")
             raise
-        cancelling = current_task().cancelling()  # type: ignore[union-attr]
         try:
             result = await fn(s.endpoint, *args, **kwargs)
         except Exception as exc:
             t1 = now()
             lease = Lease(pool, s, t0, 0)
-            if current_task().cancelling() > cancelling:  # type: ignore[union-attr]
+            permit = gate.permit_for(tenant, t0)
+            if current_task().cancelling():  # type: ignore[union-attr]  # see converted_cancel
                 permit.release()
                 converted_cancel(None, lease, exc, t1)
             ctx = CallContext(tenant=tenant, priority=priority, started=t0)
@@ -478,12 +514,12 @@ def _fast_admitted(
             return result
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
-            permit.release()
+            gate.permit_for(tenant, t0).release()
             raise
         t = now()
         succeeded(s, t0, t)
         counters.ok += 1
-        permit.release("latency", t - t0, accepted=True)
+        gate.leave(tenant, t - t0, t)
         if engine.recorder is not None:
             engine.recorder.call(t - t0, True, s.url)
         return result
@@ -565,13 +601,18 @@ async def run_call(
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
     said "no room now" (the caller goes straight to the queue)."""
-    return await _recorded(
-        engine, call, _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
-    )
+    coro = _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
+    tracer = engine.tracer
+    if tracer is None:
+        return await _recorded(engine, call, coro)
+    call.tracer = tracer
+    with tracer.call(call):  # a span for the call; start() opens one per attempt
+        return await _recorded(engine, call, coro)
 
 
 async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any, R]) -> R:
     """Await the rest of a call; count and record how it ended."""
+    engine.active += 1
     try:
         result = await coro
     except Exception as exc:
@@ -579,6 +620,8 @@ async def _recorded(engine: Engine, call: CallContext, coro: Coroutine[Any, Any,
         if rec is not None:
             rec.call(engine.now() - call.started, False, call.served_by, error_type(exc))
         raise
+    finally:
+        engine.active -= 1
     engine.counters.ok += 1
     rec = engine.recorder
     if rec is not None:

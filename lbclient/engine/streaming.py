@@ -157,6 +157,7 @@ def make_stream_route(
                 permit = await admit(engine, call)
         ok = False
         span = None
+        engine.active += 1
         if engine.tracer is not None:
             call.tracer = engine.tracer
             span = engine.tracer.call(call)
@@ -170,12 +171,18 @@ def make_stream_route(
                     yield item
             ok = True
             counters.ok += 1
+            rec = engine.recorder
+            if rec is not None:  # the whole stream (its first chunk was recorded then)
+                rec.call(engine.now() - t, True, call.served_by)
+                if call.usage is not None:
+                    rec.usage(call.usage, call.served_by)
         except Exception as exc:
             rec = engine.recorder
-            if rec is not None and call.served_by is None:  # failed before its first chunk
-                rec.call(engine.now() - t, False, None, error_type(exc), True)
+            if rec is not None:
+                rec.call(engine.now() - t, False, call.served_by, error_type(exc))
             raise
         finally:
+            engine.active -= 1
             if permit is not None:
                 release(permit, call, ok or call.sample is not None)
             if span is not None:

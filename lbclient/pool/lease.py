@@ -163,8 +163,10 @@ class Lease:
         if t is None:
             t = pool.now()
         if self.first_at is None:
-            expected = s.ttft.at(self.t0) if self.stream else s.at(self.t0)
-            if t - self.t0 <= expected:
+            est = s.ttft if self.stream else s
+            # (An estimate is evidence once the endpoint has answered; before, it is the
+            # pool's prior, and a cut counts.)
+            if est.count and t - self.t0 <= est.at(self.t0):
                 return self.cancel()
         self.done = True
         self._stream_ended(t)

@@ -329,10 +329,11 @@ class Pool:
         """Pick an endpoint for ``call`` (avoiding ``exclude`` while others remain) and take
         an in-flight slot on it.  Synchronous.  Raises :class:`NoEndpointAvailable`.
 
-        Once the pool is closed, only a call already in flight (one that has sent an
-        attempt) may still pick -- its retries finish it, as closing promises."""
+        Once the pool is closed, only a call already under way may still pick (a call
+        context exists only for a call that started before the close: its retries, or
+        a call that was queued for admission, finish it, as closing promises)."""
         if now >= self.next_refresh:
-            if self.closed and (call is None or not call.sent):
+            if self.closed and call is None:
                 raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
             self.refresh()
         snap = self.snap
@@ -776,18 +777,6 @@ class Pool:
     def close(self) -> None:
         self.closed = True
         self.next_refresh = -math.inf  # the hot path's one compare now sees "closed"
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until no attempt is in flight; True if none is."""
-        import asyncio
-
-        deadline = self.now() + timeout
-        while self.totals.inflight > 0:
-            left = deadline - self.now()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(0.01, left))
-        return True
 
     def __repr__(self) -> str:
         return f"<Pool members={len(self.members)} pickable={len(self.snap.pickable)}>"

@@ -12,11 +12,14 @@ name                     picks
 ``peak_ewma``            least peak-EWMA latency x (in-flight + 1) of up to 16 (the default)
 ``consistent_hash``      key affinity on an mmh3 ring with bounded load
 ``geo``                  lowest estimated total latency (network + processing + load)
+``prefix``               KV-cache affinity on the prompt prefix, priced against load
 =======================  ==========================================================
 
 A strategy is any object with a ``name`` and a ``picker(states, ctx)`` method returning
 an object with ``pick(key, exclude)`` (see :class:`Strategy`, :class:`Picker`);
-:func:`register` adds it to the names ``Balancer(strategy=...)`` accepts.
+:func:`register` adds it to the names ``Balancer(strategy=...)`` accepts.  A strategy
+whose class sets ``uses_prefix = True`` (as ``prefix`` does) gets the prompt text from the
+built-in :class:`~lbclient.http.ChatClient` in ``call.prefix``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .consistent_hash import ConsistentHash
 from .geo import Geo
 from .least import LeastConnections, LeastResponseTime
 from .p2c import PeakEwma, PowerOfTwo
+from .prefix import Prefix
 from .random import Random
 from .round_robin import RoundRobin
 from .weighted_round_robin import WeightedRoundRobin
@@ -44,6 +48,7 @@ __all__ = [
     "PickContext",
     "Picker",
     "PowerOfTwo",
+    "Prefix",
     "Random",
     "RoundRobin",
     "Strategy",
@@ -97,6 +102,7 @@ for _cls in (
     PeakEwma,
     ConsistentHash,
     Geo,
+    Prefix,
 ):
     register(_cls().name, _cls)  # type: ignore[arg-type]
 del _cls

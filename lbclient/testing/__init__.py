@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from ._clock import FakeClock
 from ._fleet import Replica, ReplicaConfig, ReplicaCounters, ReplicaFleet
+from ._kvcache import PrefixCache
 
 __all__ = [
     "FakeClock",
+    "PrefixCache",
     "Replica",
     "ReplicaConfig",
     "ReplicaCounters",

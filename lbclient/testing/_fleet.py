@@ -58,8 +58,19 @@ carry ``x-service-time``: the time the request held its slot before the headers 
 sent (the sampled service time, or the time to first token of a stream), in seconds --
 handy to check what a replica drew without timing it from the client side.
 
+Prefix cache (``kv_cache_blocks`` > 0 or ``prefill_per_block`` > 0): when a request takes
+its slot, its prompt (the chat messages as :func:`lbclient.prompt_text` writes them, or a
+completion's ``prompt``) is looked up in the replica's :class:`PrefixCache` -- blocks of
+``kv_block_chars`` characters, LRU, ``kv_cache_blocks`` of them -- and every block not
+cached adds ``prefill_per_block`` to the service time (divided by ``speed``); the prompt's
+blocks are cached from then on.  ``counters.prompt_blocks`` / ``cached_blocks`` give the
+replica-side hit ratio.
+
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``
-(``200 {"status": "ok"}``, or ``503`` when ``healthy=False``) and ``GET /v1/models``.
+(``200 {"status": "ok"}``, or ``503`` when ``healthy=False``), ``GET /v1/models`` and
+``GET /metrics`` (Prometheus text in vLLM's names -- ``vllm:num_requests_running``,
+``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, prefix-cache queries and
+hits -- or SGLang's with ``metrics_format="sglang"``).
 Any other path answers ``404`` (another method on a known path ``405``).
 """
 
@@ -80,6 +91,8 @@ import attrs
 from aiohttp import web
 
 from .._errors import ConfigError
+from .._prompt import prompt_text
+from ._kvcache import PrefixCache
 
 __all__ = ["Replica", "ReplicaConfig", "ReplicaCounters", "ReplicaFleet"]
 
@@ -155,6 +168,13 @@ def _text(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 _label = _optional(_text)
 
 
+def _metrics_format(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("vllm", "sglang"):
+        raise ConfigError(
+            f"ReplicaConfig.{attribute.name} must be 'vllm' or 'sglang', got {value!r}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ReplicaConfig:
     """How one fake replica behaves.  Immutable; validated at construction.
@@ -221,6 +241,16 @@ class ReplicaConfig:
             ``[DONE]``): the client sees a payload error.  Counted in ``dropped``.
             Non-streaming requests are not affected.
 
+    Prefix cache (see the module docstring)
+        ``kv_cache_blocks`` (int >= 0, default 0)
+            Blocks the replica's prefix cache holds (LRU); 0: nothing is cached.
+        ``kv_block_chars`` (int >= 1, default 64)
+            Characters per block (~16 tokens).
+        ``prefill_per_block`` (>= 0, default 0)
+            Service time added per prompt block not in the cache, at ``speed=1.0``.
+        ``metrics_format`` (``"vllm"`` or ``"sglang"``, default ``"vllm"``)
+            The metric names ``GET /metrics`` answers with.
+
     Labels
         ``name`` (default ``"replica-<index>"``), ``region``, ``zone`` (default None)
             Sent back in ``x-replica`` / ``x-region`` / ``x-zone`` headers.
@@ -251,6 +281,10 @@ class ReplicaConfig:
     region: str | None = attrs.field(default=None, validator=_label)
     zone: str | None = attrs.field(default=None, validator=_label)
     model: str = attrs.field(default="fake-model", validator=_text)
+    kv_cache_blocks: int = attrs.field(default=0, validator=_integer(minimum=0))
+    kv_block_chars: int = attrs.field(default=64, validator=_integer(minimum=1))
+    prefill_per_block: float = attrs.field(default=0.0, validator=_number())
+    metrics_format: str = attrs.field(default="vllm", validator=_metrics_format)
 
 
 _CONFIG_FIELDS = frozenset(a.name for a in attrs.fields(ReplicaConfig))
@@ -289,6 +323,8 @@ class ReplicaCounters:
                        queued ones included
     ``max_in_flight``  highest ``in_flight`` seen since start / last reset
     ``health_checks``  ``GET /health`` requests received (not part of the above)
+    ``prompt_blocks``  prompt blocks of the requests that took a slot (prefix cache)
+    ``cached_blocks``  of which found in the replica's prefix cache
 
     Once nothing is in flight, ``received == served + errors + rejected_429 + cancelled
     + dropped``.  The counters a :class:`Replica` exposes are live; use
@@ -304,6 +340,13 @@ class ReplicaCounters:
     in_flight: int = 0
     max_in_flight: int = 0
     health_checks: int = 0
+    prompt_blocks: int = 0
+    cached_blocks: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        """``cached_blocks / prompt_blocks`` (0 before any prompt)."""
+        return self.cached_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
 
     def snapshot(self) -> ReplicaCounters:
         """A copy that no longer changes."""
@@ -366,6 +409,7 @@ class Replica:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._headers: dict[str, str] = {}
         self._seq = 0
+        self._cache = PrefixCache(config.kv_cache_blocks, config.kv_block_chars)
         self._update_static()
 
     def __repr__(self) -> str:
@@ -409,6 +453,11 @@ class Replica:
         return self._site is None
 
     @property
+    def cache(self) -> PrefixCache:
+        """The replica's prefix cache (``clear()`` it to simulate a restart)."""
+        return self._cache
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting for a slot plus requests holding one, now."""
         return self._busy + len(self._waiters)
@@ -426,6 +475,11 @@ class Replica:
         return self._config
 
     def _apply(self, config: ReplicaConfig) -> None:
+        cache = self._cache
+        if config.kv_block_chars != cache.block_chars:
+            self._cache = PrefixCache(config.kv_cache_blocks, config.kv_block_chars)
+        elif config.kv_cache_blocks != cache.capacity:
+            cache.resize(config.kv_cache_blocks)
         self._config = attrs.evolve(config, down=self._config.down)
         self._update_static()
         self._wake()
@@ -436,6 +490,7 @@ class Replica:
         c = self._counters  # in place: requests in progress hold a reference to it
         c.received = c.served = c.errors = c.rejected_429 = 0
         c.cancelled = c.dropped = c.health_checks = 0
+        c.prompt_blocks = c.cached_blocks = 0
         c.max_in_flight = c.in_flight
 
     async def down(self) -> None:
@@ -504,6 +559,7 @@ class Replica:
         app.router.add_post("/v1/completions", self._text)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(
             app,
             handler_cancellation=True,
@@ -615,6 +671,42 @@ class Replica:
         }
         return web.Response(body=_dumps(data), headers={**self._headers, **_JSON_HEADERS})
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        cfg = self._config
+        if cfg.network_latency > 0:
+            await asyncio.sleep(cfg.network_latency)
+        running, waiting = self._busy, len(self._waiters)
+        c = self._counters
+        usage = self._cache.usage
+        label = '{model_name="' + cfg.model + '"}'
+        if cfg.metrics_format == "sglang":
+            rows = [
+                ("sglang:num_running_reqs", "gauge", running),
+                ("sglang:num_queue_reqs", "gauge", waiting),
+                ("sglang:token_usage", "gauge", usage),
+                ("sglang:cache_hit_rate", "gauge", c.hit_ratio),
+            ]
+        else:
+            rows = [
+                ("vllm:num_requests_running", "gauge", running),
+                ("vllm:num_requests_waiting", "gauge", waiting),
+                ("vllm:kv_cache_usage_perc", "gauge", usage),
+                ("vllm:prefix_cache_queries_total", "counter", c.prompt_blocks),
+                ("vllm:prefix_cache_hits_total", "counter", c.cached_blocks),
+            ]
+        lines = []
+        for name, kind, value in rows:
+            base = name[: -len("_total")] if kind == "counter" else name
+            lines.append(f"# HELP {base} fake replica {self.name}")
+            lines.append(f"# TYPE {base} {kind}")
+            lines.append(f"{name}{label} {float(value)!r}")
+        return web.Response(
+            text="\n".join(lines) + "\n",
+            content_type="text/plain",
+            charset="utf-8",
+            headers=self._headers,
+        )
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._completion(request, chat=True)
 
@@ -668,6 +760,8 @@ class Replica:
             holding = True
             if stream and cfg.ttft is not None:
                 service = cfg.ttft / cfg.speed * factor
+            if cfg.kv_cache_blocks or cfg.prefill_per_block:
+                service += self._prefill(body, chat, cfg)
             await asyncio.sleep(service)
             if failed:
                 counters.errors += 1
@@ -728,6 +822,22 @@ class Replica:
             counters.in_flight -= 1
             if task is not None:
                 self._tasks.discard(task)
+
+    def _prefill(self, body: Mapping[str, Any], chat: bool, cfg: ReplicaConfig) -> float:
+        """Look the prompt up in the prefix cache (and cache it): its prefill time."""
+        if chat:
+            messages = body.get("messages")
+            text = prompt_text(messages) if isinstance(messages, list) else ""
+        else:
+            prompt = body.get("prompt")
+            text = prompt if isinstance(prompt, str) else ""
+        if not text:
+            return 0.0
+        cached, total = self._cache.serve(text)
+        c = self._counters
+        c.prompt_blocks += total
+        c.cached_blocks += cached
+        return cfg.prefill_per_block * (total - cached) / cfg.speed
 
     def _rate_limited(self, cfg: ReplicaConfig) -> web.Response:
         headers = self._response_headers(None, _JSON_HEADERS)
@@ -992,6 +1102,8 @@ class ReplicaFleet:
             total.in_flight += c.in_flight
             total.max_in_flight = max(total.max_in_flight, c.max_in_flight)
             total.health_checks += c.health_checks
+            total.prompt_blocks += c.prompt_blocks
+            total.cached_blocks += c.cached_blocks
         return total
 
     @property

@@ -255,3 +255,62 @@ def test_sdk_benchmark_tiny_writes_json_and_png(tmp_path: Path) -> None:
     assert fallback["served_by_fallback_pct"] == 100.0
     assert fallback["primary_attempts_per_call"] <= 1.0
     assert {t["target"] for t in data["targets"]} >= {"transport client CPU <= 1.15x plain httpx"}
+
+
+@pytest.mark.timeout(90)
+def test_admission_scenarios_on_virtual_time_smoke(tmp_path: Path) -> None:
+    """``benchmarks/admission.py --quick --virtual``: the five admission scenarios on
+    virtual time (deterministic), every target judged and met, both plots written."""
+    _run("admission.py", "--quick", "--virtual", "--out", str(tmp_path), timeout=80.0)
+    data = json.loads((tmp_path / "admission.json").read_text())["virtual"]
+    assert set(data) == {"noisy", "spike", "sustained", "oscillation", "burst"}
+    judged = [t for sc in data.values() for t in sc["targets"] if t.get("met") is not None]
+    assert judged and all(t["met"] for t in judged), [t for t in judged if not t["met"]]
+    for name in ("admission-spike-virtual.png", "admission-oscillation-virtual.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(60)
+def test_prefix_benchmark_tiny_writes_json_and_png(tmp_path: Path) -> None:
+    out = _run(
+        "prefix.py",
+        "--scenarios",
+        "base",
+        "--strategies",
+        "prefix,power_of_two",
+        "--requests",
+        "120",
+        "--out",
+        str(tmp_path),
+        timeout=50.0,
+    )
+    assert "prefix" in out and "power_of_two" in out
+    data = json.loads((tmp_path / "prefix.json").read_text())
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == {"prefix", "power_of_two"}
+    for r in rows.values():
+        assert r["failed"] == 0
+        assert 5.0 < r["p50_ms"] <= r["p99_ms"] < 5_000.0
+        assert 0.0 < r["hit_ratio"] < 1.0
+    assert rows["prefix"]["hit_ratio"] > rows["power_of_two"]["hit_ratio"]
+    assert [c["target"] for c in data["checks"]]
+    assert (tmp_path / "prefix.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(60)
+def test_prefix_simulation_tiny(tmp_path: Path) -> None:
+    out = _run(
+        "prefix_sim.py",
+        "--requests",
+        "300",
+        "--seeds",
+        "1",
+        "--strategies",
+        "prefix,power_of_two",
+        "--out",
+        str(tmp_path),
+    )
+    data = json.loads((tmp_path / "prefix_sim.json").read_text())
+    base = {r["strategy"]: r for r in data["rows"] if r["scenario"] == "base"}
+    assert base["prefix"]["hit_ratio"] > base["power_of_two"]["hit_ratio"]
+    assert "base" in out

@@ -460,7 +460,7 @@ class PoolMachine(RuleBasedStateMachine):
         elif outcome == "cut":
             # held against the endpoint only if it ran longer than the endpoint usually
             # takes (a backup sent just before the deadline says nothing about it)
-            charged = now - lease.t0 > s.at(lease.t0)
+            charged = not s.count or now - lease.t0 > s.at(lease.t0)
             assert lease.cut(now) is True
             if charged:
                 counts["failures"] += 1

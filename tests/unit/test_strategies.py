@@ -543,6 +543,7 @@ def test_registry_names_match_strategy_names() -> None:
         "least_response_time",
         "peak_ewma",
         "power_of_two",
+        "prefix",
         "random",
         "round_robin",
         "weighted_round_robin",
