@@ -87,6 +87,7 @@ from ._calls import call_context
 from ._context import CallContext, report_usage
 from ._endpoint import Endpoint
 from ._errors import AttemptsExhausted, BalancerClosed, ConfigError, PoolsExhausted
+from ._prompt import prompt_text
 from ._wire import StreamUsage, body_message, estimate_body_tokens, usage_in_body
 
 if TYPE_CHECKING:
@@ -461,6 +462,10 @@ class HTTPTransport(httpx.AsyncBaseTransport):
       :data:`ESTIMATE`: from the JSON body; ``None``: no estimates.
     * ``eligible`` -- ``eligible(endpoint, request) -> bool``: which endpoints may serve
       a request (by model, tier, ...; see ``Balancer.route``).
+    * ``prefix`` -- a callable giving the request's prompt text for the ``prefix``
+      strategy's KV-cache affinity; default: when a balancer of the chain uses such a
+      strategy (``uses_prefix``), the JSON body's ``messages`` (and Anthropic's ``system``) through
+      :func:`lbclient.prompt_text`.
     * ``fallback`` -- ``False``: never use the balancer's fallback pools; or a callable
       given the request.
     * ``headers`` -- ``headers(endpoint)`` giving extra headers for every request sent
@@ -486,6 +491,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         priority: Callable[[httpx.Request], int] | None = None,
         tokens: Callable[[httpx.Request], float | None] | _Estimate | None = ESTIMATE,
         eligible: Callable[[Endpoint, httpx.Request], bool] | None = None,
+        prefix: Callable[[httpx.Request], str | None] | None = None,
         fallback: bool | Callable[[httpx.Request], bool] = True,
         headers: Callable[[Endpoint], Mapping[str, str] | None] | None = None,
         transport: Callable[[Endpoint], httpx.AsyncBaseTransport] | None = None,
@@ -514,6 +520,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         self._key = _callable(key, "key")
         self._tenant = _callable(tenant, "tenant")
         self._priority = _callable(priority, "priority")
+        self._prefix: Callable[[httpx.Request], str | None] | None = _callable(prefix, "prefix")
         self._tokens = tokens
         self._eligible = _callable(eligible, "eligible")
         self._fallback = fallback
@@ -528,6 +535,10 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         self._closed = False
         self._warned = False
         self._chain: list[Balancer] = chain_of(lb)  # type: ignore[assignment]
+        if self._prefix is None and any(
+            getattr(b._pool.strategy, "uses_prefix", False) for b in self._chain
+        ):
+            self._prefix = _body_prompt  # what the prefix strategy keys its affinity on
         # Endpoints leaving any pool of the chain close their connection pools.
         ref = weakref.WeakMethod(self._removed)
 
@@ -548,6 +559,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             else None,
             "tokens": self._estimate_of if tokens is not None else None,
             "eligible": _eligible_of if eligible is not None else None,
+            "prefix": (lambda r: self._prefix(r.request)) if self._prefix is not None else None,
         }
         self._stream_routes = (
             lb.route(fallback=False, **options)(self._stream_attempt),
@@ -632,6 +644,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             self._estimate_of(r),
             priority,
             r.eligible,
+            self._prefix(request) if self._prefix is not None else None,
         )
 
     async def _stream(self, r: _Request, fallback: bool) -> httpx.Response:
@@ -655,6 +668,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             priority=self._priority(request) if self._priority is not None else 0,
             eligible=r.eligible,
             fallback=fallback,
+            prefix=self._prefix(request) if self._prefix is not None else None,
         ) as endpoint:
             conn = self._conn(endpoint, r.flavour)
             inner = await self._send(conn, r)
@@ -826,6 +840,29 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             await conn.transport.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _body_prompt(request: httpx.Request) -> str | None:
+    """The prompt text of a JSON request (chat ``messages``, Anthropic's ``system``, a
+    completion's ``prompt``), for the ``prefix`` strategy; None when there is none."""
+    body = request_json(request)
+    if not isinstance(body, dict):
+        return None
+    text = ""
+    system = body.get("system")
+    if isinstance(system, str):
+        text = f"system: {system}\n"
+    elif isinstance(system, list):
+        text = prompt_text([{"role": "system", "content": system}])
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return text + prompt_text(messages)
+    prompt = body.get("prompt", body.get("input"))
+    if isinstance(prompt, str):
+        return text + prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return text + prompt_text(prompt)
+    return text or None
 
 
 def _eligible_of(endpoint: Endpoint, r: _Request) -> bool:

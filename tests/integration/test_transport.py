@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -21,6 +21,8 @@ from aiohttp import web
 from strategies import InOrder
 
 import lbclient
+from lbclient.pool.state import EndpointState
+from lbclient.strategies import PickContext
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 from lbclient.transport import request_json
 
@@ -730,3 +732,36 @@ async def test_every_pool_failing_passes_the_last_pools_answer_through(
     assert [p.pool for p in error.pools] == ["self-hosted", "vendor"]
     assert "pool 'vendor': 429 Too Many Requests from http://127.0.0.1:" in str(error)
     await fallback.aclose()
+
+
+class PrefixSeen(InOrder):
+    """In order, recording the prompt text each pick gets (a prefix-aware strategy)."""
+
+    uses_prefix = True
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> Any:
+        inner = super().picker(states, ctx)
+        seen = self.seen
+
+        class Picker:
+            def pick(self, call: Any, exclude: Any) -> EndpointState | None:
+                seen.append(None if call is None else call.prefix)
+                return inner.pick(call, exclude)
+
+        return Picker()
+
+
+async def test_a_prefix_aware_strategy_gets_the_prompt_text(fleet_factory: Any) -> None:
+    fleet = await fleet_of(fleet_factory, {})
+    strategy = PrefixSeen()
+    lb = lbclient.Balancer(fleet.urls, strategy=strategy)
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    async with sdk(lb) as client:
+        await client.chat.completions.create(model="m", messages=messages)
+        await (
+            await client.chat.completions.create(model="m", messages=messages, stream=True)
+        ).close()
+    assert strategy.seen == [lbclient.prompt_text(messages)] * 2
