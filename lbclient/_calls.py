@@ -192,26 +192,27 @@ class Calls:
         )
         return await self._call(fn, args, kwargs, context, fallback)
 
-    async def _call(
+    def _call(
         self,
         fn: Callable[..., Awaitable[R]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         context: Callable[[Engine], CallContext],
         fallback: bool = True,
-    ) -> R:
+    ) -> Awaitable[R]:
         """:meth:`call` with checked arguments (lbclient's own clients call this): the
-        call's context is ``context(engine)``, made again for a fallback pool."""
+        call's context is ``context(engine)``, made again for a fallback pool.  Returns
+        the coroutine to await (no frame of its own: each is resumed at every I/O)."""
         engine = self._engine
         result: Coroutine[Any, Any, R] = run_call(engine, fn, args, kwargs, context(engine))
         if engine.fallback is None or fallback is False:
-            return await result
+            return result
         from .engine.fallback import with_fallback_call
 
         def again(other: Calls) -> Awaitable[R]:
             return other._call(fn, args, kwargs, context)
 
-        return await with_fallback_call(engine, result, again)
+        return with_fallback_call(engine, result, again)
 
     def pick(
         self,

@@ -182,7 +182,7 @@ class StreamUsage:
             return False
         changed = False
         for data in events:
-            if _USAGE_OBJECT.search(data) is not None:
+            if '"usage"' in data and _USAGE_OBJECT.search(data) is not None:
                 changed |= self._event(data)
         return changed
 
@@ -190,7 +190,7 @@ class StreamUsage:
         """The stream ended: read a last event left without its blank line."""
         changed = False
         for data in self._decoder.close():
-            if _USAGE_OBJECT.search(data) is not None:
+            if '"usage"' in data and _USAGE_OBJECT.search(data) is not None:
                 changed |= self._event(data)
         return changed
 

@@ -120,7 +120,8 @@ _NO_JSON = object()
 _ENDPOINT_HEADER = "x-lbclient-endpoint"
 _ATTEMPTS_HEADER = "x-lbclient-attempts"
 _SDK_RETRY_HEADER = "x-stainless-retry-count"  # OpenAI's and Anthropic's SDKs send it
-_STREAM = re.compile(rb'(?<!\\)"stream"\s*:\s*true')  # "stream": true (not inside a string)
+_STREAM_KEY = b'"stream"'
+_TRUE = re.compile(rb"\s*:\s*true")
 
 
 def request_json(request: httpx.Request) -> Any:
@@ -193,7 +194,7 @@ class _Request:
         # A JSON body, when there is one (bytes: replayable); streamed answers expected?
         body = request.content if json_body and _is_bytes(request.stream) else None
         self.body = body
-        self.stream = accepts_sse or (body is not None and _STREAM.search(body) is not None)
+        self.stream = accepts_sse or (body is not None and _asks_stream(body))
 
     def body_for(self, model: str) -> bytes | None:
         """The JSON body with ``"model": model`` (None: the body needs no change)."""
@@ -291,10 +292,8 @@ class _Flavour:
     responses, streams and transports of its own kind."""
 
     __slots__ = (
-        "Headers",
         "Relay",
         "Request",
-        "Response",
         "Tail",
         "URL",
         "bytestream",
@@ -302,9 +301,7 @@ class _Flavour:
     )
 
     def __init__(self, module: Any) -> None:
-        self.Headers: type[httpx.Headers] = module.Headers
         self.Request: type[httpx.Request] = module.Request
-        self.Response: type[httpx.Response] = module.Response
         self.URL: type[httpx.URL] = module.URL
         self.bytestream: type[httpx.ByteStream] = module.ByteStream
         self.transport: type[httpx.AsyncHTTPTransport] = module.AsyncHTTPTransport
@@ -323,6 +320,17 @@ def _flavour(request: httpx.Request) -> _Flavour:
         module = sys.modules[cls.__module__.partition(".")[0]]
         found = _FLAVOURS[cls] = _Flavour(module)
     return found
+
+
+def _asks_stream(body: bytes) -> bool:
+    """Does a JSON body say ``"stream": true`` (not inside a string)?  A byte search, not
+    a parse: a prompt of 100 KB costs microseconds."""
+    i = body.find(_STREAM_KEY)
+    while i >= 0:
+        if (i == 0 or body[i - 1] != 0x5C) and _TRUE.match(body, i + len(_STREAM_KEY)):
+            return True
+        i = body.find(_STREAM_KEY, i + 1)
+    return False
 
 
 def _is_bytes(stream: object) -> bool:
@@ -402,27 +410,17 @@ class _Conn:
             extensions=original.extensions,
         )
 
-    def response(
-        self,
-        inner: httpx.Response,
-        *,
-        content: bytes | None = None,
-        stream: _Relay | _Tail | None = None,
-    ) -> httpx.Response:
-        """The answer the client gets: ``inner``'s, tagged with the endpoint."""
-        headers = self.flavour.Headers(inner.headers)
-        headers[_ENDPOINT_HEADER] = self.endpoint.url
-        Response = self.flavour.Response
-        if stream is not None:
-            # ``stream`` is an AsyncByteStream of the client's httpx (see _Flavour).
-            relay: Any = stream
-            return Response(
-                inner.status_code, headers=headers, stream=relay, extensions=inner.extensions
-            )
-        body: Any = self.flavour.bytestream(content or b"")
-        return Response(
-            inner.status_code, headers=headers, stream=body, extensions=inner.extensions
-        )
+    def tagged(self, inner: httpx.Response) -> httpx.Response:
+        """``inner`` (the answer the client gets), saying which endpoint served it."""
+        inner.headers[_ENDPOINT_HEADER] = self.endpoint.url
+        return inner
+
+    def relay(self, inner: httpx.Response, stream: _Relay | _Tail) -> httpx.Response:
+        """``inner`` with its body read through ``stream`` (an AsyncByteStream of the
+        client's httpx: see _Flavour), tagged."""
+        body: Any = stream
+        inner.stream = body
+        return self.tagged(inner)
 
 
 # -- the transport -------------------------------------------------------------------------
@@ -655,7 +653,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             await agen.aclose()
             raise
         conn = head.conn
-        return conn.response(head.response, stream=conn.flavour.Relay(head.first, agen))
+        return conn.relay(head.response, conn.flavour.Relay(head.first, agen))
 
     async def _send_once(self, r: _Request, fallback: bool) -> httpx.Response:
         """A body that cannot be sent twice: one attempt, under ``lb.pick()``, committed
@@ -675,10 +673,9 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             if inner.status_code >= 400 or not r.stream:
                 response, _ = await self._read(conn, inner)
                 if response.status_code >= 400:
-                    raise await _failed(response, request, endpoint)
+                    raise UpstreamStatus(response, request, endpoint.url)
                 return response
-        tail = conn.flavour.Tail([], _chunks(inner), self._closer(conn, inner))
-        return conn.response(inner, stream=tail)
+        return self._relayed(conn, inner)
 
     # -- attempts (one endpoint each; the balancer drives them) ----------------------------
 
@@ -691,17 +688,25 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._release(conn)
             raise
+        self._loaded(conn, inner)
+        return inner
+
+    def _loaded(self, conn: _Conn, inner: httpx.Response) -> None:
+        """An answer's head came: report the server's own load (``load_header``)."""
         name = self._load_header
         if name is not None and conn.owner is not None:
             value = inner.headers.get(name)
             if value is not None:
                 conn.owner.report_load(conn.endpoint, value)
-        return inner
 
     def _closer(self, conn: _Conn, inner: httpx.Response) -> Callable[[], Any]:
+        """Close ``inner``'s body as the transport gave it (before a relay replaces it on
+        the answer) and give the connection back."""
+        raw: Any = inner.stream
+
         async def close() -> None:
             try:
-                await inner.aclose()
+                await raw.aclose()
             finally:
                 self._release(conn)
 
@@ -711,41 +716,50 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         """A plain request: sent, its answer read whole (up to ``buffer_limit``), an
         error status raised -- all before the balancer commits to it."""
         conn = self._conn(endpoint, r.flavour)
-        response, raw = await self._read(conn, await self._send(conn, r))
+        # _send, inlined: this frame is resumed at every read and write of the attempt.
+        conn.users += 1
+        try:
+            inner = await conn.transport.handle_async_request(conn.request(r))
+        except BaseException:
+            self._release(conn)
+            raise
+        self._loaded(conn, inner)
+        response, whole = await self._read(conn, inner)
         if response.status_code >= 400:
-            raise await _failed(response, r.request, endpoint)
-        if raw:  # None: committed early (a long body, still coming)
-            if "content-encoding" in response.headers:
-                raw = await response.aread()  # decoded once, kept for the client
-            usage = usage_in_body(raw)
-            if usage is not None:
-                report_usage(*usage)
+            raise UpstreamStatus(response, r.request, endpoint.url)
+        if whole:  # else committed at its head: a long body, still coming
+            content = response.content
+            if content:
+                usage = usage_in_body(content)
+                if usage is not None:
+                    report_usage(*usage)
         return response
 
-    async def _read(
-        self, conn: _Conn, inner: httpx.Response
-    ) -> tuple[httpx.Response, bytes | None]:
-        """Read ``inner``'s body -- whole, or up to the buffer limit, the rest then
-        relayed as it comes -- into the response the client gets; the raw body read
-        whole, or None."""
-        chunks: list[bytes] = []
-        size = 0
-        limit = self._buffer_limit
-        stream = _chunks(inner)
-        close = self._closer(conn, inner)
+    async def _read(self, conn: _Conn, inner: httpx.Response) -> tuple[httpx.Response, bool]:
+        """Read ``inner``'s body whole -- decoded and kept on it, so the client does not
+        read it again -- and give the connection back; or, when its ``Content-Length``
+        is over the buffer limit (and it is not an error), leave it to be relayed as it
+        comes: the attempt ends at its head.  Returns (the answer, read whole?)."""
+        length = inner.headers.get("content-length")
+        if (
+            length is not None
+            and inner.status_code < 400
+            and length.isdigit()
+            and int(length) > self._buffer_limit
+        ):
+            return self._relayed(conn, inner), False
         try:
-            async for chunk in stream:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    tail = conn.flavour.Tail(chunks, stream, close)
-                    return conn.response(inner, stream=tail), None
+            await inner.aread()  # closes it at the end
         except BaseException:
-            await close()
+            await self._closer(conn, inner)()
             raise
-        await close()
-        raw = b"".join(chunks)
-        return conn.response(inner, content=raw), raw
+        self._release(conn)
+        return conn.tagged(inner), True
+
+    def _relayed(self, conn: _Conn, inner: httpx.Response) -> httpx.Response:
+        """``inner``, its body relayed as it comes; closing it gives the connection back."""
+        body: Any = inner.stream  # an AsyncByteStream of the client's httpx
+        return conn.relay(inner, conn.flavour.Tail([], aiter(body), self._closer(conn, inner)))
 
     async def _stream_attempt(self, endpoint: Endpoint, r: _Request) -> AsyncIterator[Any]:
         """A streamed request: its first "chunk" is the answer's head (status, headers,
@@ -754,9 +768,10 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         inner = await self._send(conn, r)
         if inner.status_code >= 400:
             answer, _ = await self._read(conn, inner)
-            raise await _failed(answer, r.request, endpoint)
+            raise UpstreamStatus(answer, r.request, endpoint.url)
+        raw: Any = inner.stream  # closed here, whatever the client's answer becomes
         try:
-            chunks = _chunks(inner)
+            chunks = _chunks(raw)
             first = b""
             with contextlib.suppress(StopAsyncIteration):
                 first = await anext(chunks)
@@ -774,7 +789,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             if usage is not None and usage.close() and usage.value is not None:
                 report_usage(*usage.value)
         finally:
-            await inner.aclose()
+            await raw.aclose()
             self._release(conn)
 
     # -- connection pools ----------------------------------------------------------------
@@ -875,21 +890,11 @@ def _replayable(stream: object) -> bool:
     return type(stream).__name__ in ("ByteStream", "MultipartStream")
 
 
-async def _chunks(inner: httpx.Response) -> AsyncIterator[bytes]:
+async def _chunks(stream: Any) -> AsyncIterator[bytes]:
     """The raw body of a transport's answer, chunk by chunk (empty chunks skipped)."""
-    stream: Any = inner.stream
     async for chunk in stream:
         if chunk:
             yield chunk
-
-
-async def _failed(
-    response: httpx.Response, request: httpx.Request, endpoint: Endpoint
-) -> UpstreamStatus:
-    """The error of an attempt answered with an error status (its body read, for the
-    message and for the client, should it get this answer)."""
-    await response.aread()
-    return UpstreamStatus(response, request, endpoint.url)
 
 
 def _answer_of(exc: BaseException) -> httpx.Response | None:

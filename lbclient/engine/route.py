@@ -586,7 +586,7 @@ def _full(
     return call
 
 
-async def run_call(
+def run_call(
     engine: Engine,
     fn: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
@@ -595,16 +595,24 @@ async def run_call(
     first: Lease | None = None,
     permit: Permit | None = None,
     waiting: bool = False,
-) -> Any:
-    """Start ``call`` (count it, feed the budget, admit it) and run it on the full path.
+) -> Coroutine[Any, Any, Any]:
+    """Start ``call`` (count it, feed the budget, admit it) and run it on the full path:
+    the coroutine to await.
 
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
-    said "no room now" (the caller goes straight to the queue)."""
+    said "no room now" (the caller goes straight to the queue).  (Not itself a
+    coroutine: every frame of the chain is resumed at every I/O of the attempt.)"""
     coro = _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
     tracer = engine.tracer
     if tracer is None:
-        return await _recorded(engine, call, coro)
+        return _recorded(engine, call, coro)
+    return _traced(engine, call, coro, tracer)
+
+
+async def _traced(
+    engine: Engine, call: CallContext, coro: Coroutine[Any, Any, Any], tracer: Any
+) -> Any:
     call.tracer = tracer
     with tracer.call(call):  # a span for the call; start() opens one per attempt
         return await _recorded(engine, call, coro)
@@ -666,6 +674,8 @@ async def _run_call(
             return await run(engine, call, fn, args, kwargs, first)
         token = CURRENT.set(call)
         try:
+            if call.timeout is None:  # no deadline scope: straight into the rounds
+                return await rounds(engine, call, fn, args, kwargs, None, first)
             return await run(engine, call, fn, args, kwargs, first)
         finally:
             CURRENT.reset(token)
