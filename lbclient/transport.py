@@ -716,15 +716,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         """A plain request: sent, its answer read whole (up to ``buffer_limit``), an
         error status raised -- all before the balancer commits to it."""
         conn = self._conn(endpoint, r.flavour)
-        # _send, inlined: this frame is resumed at every read and write of the attempt.
-        conn.users += 1
-        try:
-            inner = await conn.transport.handle_async_request(conn.request(r))
-        except BaseException:
-            self._release(conn)
-            raise
-        self._loaded(conn, inner)
-        response, whole = await self._read(conn, inner)
+        response, whole = await self._read(conn, await self._send(conn, r))
         if response.status_code >= 400:
             raise UpstreamStatus(response, r.request, endpoint.url)
         if whole:  # else committed at its head: a long body, still coming
