@@ -29,10 +29,11 @@ deadlines, limits, fallback pools and metrics all apply, exactly as to ``@lb.rou
   in its headers and the :class:`lbclient.AttemptsExhausted` in
   ``response.extensions["lbclient.error"]``.  Failures without an answer (nothing
   pickable, every connection refused, a deadline, shed by admission) raise lbclient's
-  own errors; the OpenAI SDK wraps them in ``APIConnectionError`` (the lbclient error
-  is its ``__cause__``).
+  own errors: recent SDKs (on httpx2) let them through as they are, older ones wrap
+  them in ``APIConnectionError`` (the lbclient error is its ``__cause__``).
 * **Nothing is committed before it arrives.**  A plain answer is read whole inside
-  the attempt: hedged and retried until the body is in.  A streamed answer (the
+  the attempt: hedged and retried until the body is in (one whose ``Content-Length``
+  is over ``buffer_limit``, 8 MiB, is committed at its head and relayed).  A streamed answer (the
   request says ``"stream": true``, or accepts ``text/event-stream``) is hedged and
   retried until its *first body chunk*, then committed: the SDK never sees a
   duplicated or interleaved token.
@@ -94,7 +95,7 @@ if TYPE_CHECKING:
     from ._balancer import Balancer
     from .engine.engine import Engine
 
-__all__ = ["ESTIMATE", "HTTPTransport", "request_json"]
+__all__ = ["ESTIMATE", "HTTPTransport", "UpstreamStatus", "request_json"]
 
 log = logging.getLogger("lbclient")
 
@@ -110,10 +111,10 @@ from its body (prompt / 4 + ``max_tokens``), as :class:`lbclient.http.ChatClient
 does.  ``tokens=None``: no estimates."""
 
 BUFFER_LIMIT = 8 * 1024 * 1024
-"""Bytes of a plain (not streamed) answer read inside the attempt; a longer one is
-committed at that point and the rest relayed as it comes."""
+"""Bytes: a plain (not streamed) answer whose ``Content-Length`` is larger is committed
+at its head and relayed as it comes; others are read whole inside the attempt."""
 
-JSON_LIMIT = 4 * 1024 * 1024  # request bodies larger than this are not parsed for estimates
+JSON_LIMIT = 4 * 1024 * 1024  # request_json() leaves larger bodies unparsed
 _URL_CACHE = 256  # rewritten URLs kept per endpoint (an SDK uses a handful of paths)
 _JSON_KEY = "lbclient.json"
 _NO_JSON = object()
@@ -471,8 +472,9 @@ class HTTPTransport(httpx.AsyncBaseTransport):
     * ``transport`` -- ``transport(endpoint)`` making each endpoint's connection pool
       (default ``httpx.AsyncHTTPTransport()``; pass your own for HTTP/2, TLS settings,
       pool limits).
-    * ``buffer_limit`` -- bytes of a plain answer read (and so retried and hedged) inside
-      the attempt (default 8 MiB); a longer one is committed there.
+    * ``buffer_limit`` -- a plain answer is read whole inside the attempt (and so
+      retried and hedged until it is in) unless its ``Content-Length`` is over this many
+      bytes (default 8 MiB): then it is committed at its head and relayed.
 
     An endpoint whose ``metadata["model"]`` is set gets JSON requests with that
     ``"model"`` (a vendor pool serving the same model under another name).
