@@ -12,6 +12,8 @@ Protocol (one JSON object per line on stdout):
 * ``stats`` on stdin -> ``{"counters": [{received, served, ...} per replica],
   "cpu_s": process CPU seconds so far}``;
 * ``clear N`` on stdin -> replica N's prefix cache is emptied (a restart) -> ``{"ok": true}``;
+* ``set {"index": i, "fields": {...}}`` on stdin -> ``fleet[i].set(**fields)`` (a fault
+  switched on or off mid-run) -> ``{"ok": true}``;
 * ``quit`` or end of stdin (the parent went away) -> the fleet closes and the process
   exits.
 
@@ -69,6 +71,9 @@ async def serve(spec: dict[str, Any]) -> None:
                 )
             elif cmd.startswith("clear "):
                 fleet[int(cmd.split()[1])].cache.clear()
+            elif cmd.startswith("set "):
+                args = json.loads(cmd[4:])
+                fleet[int(args["index"])].set(**args["fields"])
                 _emit({"ok": True})
             else:
                 _emit({"error": f"unknown command {cmd!r}"})

@@ -10,7 +10,12 @@ real HTTP request.
 1. **Decorator overhead** -- µs per ``await f()`` where ``f`` is ``@lb.route`` on
    ``async def noop(ep): return None``, for every registered strategy (10 endpoints) and
    for ``peak_ewma`` with ``Retry()``, ``Breaker()``, both, and ``Hedge(delay=10.0)``
-   (armed on every call, never fires), against the floor ``await noop(None)``.  Calls
+   (armed on every call, never fires), and -- when ``redis-server`` is installed --
+   ``Breaker()`` and ``Admission`` with a tenant quota, each with and without
+   ``shared=lbclient.RedisState(...)`` (a real redis-server on loopback; the background
+   sync runs while the calls are timed), against the floor ``await noop(None)``.  What
+   ``shared=`` adds is also measured paired (:func:`shared_ab`: the two twins alternate
+   over many short rounds; the median difference).  Calls
    are awaited one after the other in one event loop; best of ``--repeats`` runs of
    ``--iterations`` calls each; the garbage collector is paused while timing.
 2. **Pick time vs pool size** -- ns per ``picker.pick(key, None)`` (the strategy alone)
@@ -135,6 +140,35 @@ async def _time_calls(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return dt / n
 
 
+SHARED_PAIRS = (
+    ("peak_ewma + Breaker()", "peak_ewma + Breaker() + shared="),
+    ("peak_ewma + Admission(quota)", "peak_ewma + Admission(quota) + shared="),
+)
+"""(off, on) pairs: what ``shared=lbclient.RedisState(...)`` adds to a decorated call."""
+
+
+def _shared_variants(redis_url: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The ``shared=`` variants (a real redis-server) and their twin without it."""
+    pe = {"strategy": "peak_ewma"}
+    state = lbclient.RedisState(redis_url, namespace="overhead")
+    # A quota that never refuses: the admitted path is what is timed.
+    quota = lbclient.Admission(limit=1000, quotas={"*": lbclient.Quota(requests_per_second=1e9)})
+    tenant = {"tenant": lambda: "acme"}
+    return [
+        (
+            "peak_ewma + Breaker() + shared=",
+            {**pe, "breaker": lbclient.Breaker(), "shared": state},
+            {},
+        ),
+        ("peak_ewma + Admission(quota)", {**pe, "admission": quota}, tenant),
+        (
+            "peak_ewma + Admission(quota) + shared=",
+            {**pe, "admission": quota, "shared": state},
+            tenant,
+        ),
+    ]
+
+
 def _variants() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, Balancer kwargs, route kwargs) of every timed variant."""
     out: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
@@ -209,10 +243,23 @@ async def decorator_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
     timed: list[tuple[str, Callable[[], Awaitable[Any]], lbclient.Balancer | None]] = [
         ("await noop(None)  (floor)", floor, None)
     ]
-    for label, kwargs, route_kw in _variants():
+    variants = _variants()
+    redis = _redis_server()
+    if redis is not None:
+        variants += _shared_variants(redis.url)
+    for label, kwargs, route_kw in variants:
         balancer = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, **kwargs)
         route = balancer.route(**route_kw) if route_kw else balancer.route
         timed.append((label, route(noop), balancer))
+        if "shared" in kwargs:  # timed while its background sync runs, as in production
+            await balancer.start()
+            for _ in range(200):
+                shared = balancer.stats().shared
+                if shared is not None and shared.mode == "connected":
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise RuntimeError(f"{label}: could not reach {redis.url}")
     cleanups: list[Callable[[], Any]] = []
     for label, attach in _metrics_variants():
         balancer = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, strategy="peak_ewma")
@@ -227,12 +274,108 @@ async def decorator_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
     for label, _, maybe_lb in timed:
         if maybe_lb is not None:
             st = maybe_lb.stats()
-            assert st.calls == n * repeats and st.in_flight == 0, st
+            assert st.calls == n * repeats and st.in_flight == 0, (label, st)
+        row = {"variant": label, "ns": best[label], "overhead_ns": best[label] - floor_ns}
+        if maybe_lb is not None and maybe_lb.stats().shared is not None:
+            # A tight loop of no-op calls yields to the event loop only every 1024
+            # calls, so Redis replies can miss their 50 ms timeout: say whether the link
+            # degraded while it was timed (the call path is the same in every mode).
+            sh = maybe_lb.stats().shared
+            row["shared"] = {
+                "rounds": sh.rounds,
+                "errors": sh.errors,
+                "degraded": sh.degraded_total,
+            }
+        rows.append(row)
+        if maybe_lb is not None:
             await maybe_lb.aclose()
-        rows.append({"variant": label, "ns": best[label], "overhead_ns": best[label] - floor_ns})
     for cleanup in cleanups:
         cleanup()
+    if redis is not None:
+        redis.stop()
     return rows
+
+
+async def shared_ab(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """What ``shared=`` adds to a decorated call, paired: for each (off, on) pair the
+    two balancers run alternately, ``rounds`` times ``calls`` calls each, and the
+    median of the per-round differences is reported (a neighbour's burst of noise
+    spoils one round of both, not the comparison).  The loop yields every 64 calls, so
+    the link's Redis replies are served and it stays connected, as in a program that
+    awaits I/O; the background sync runs throughout.  None without redis-server."""
+    redis = _redis_server()
+    if redis is None:
+        return None
+    rounds = 60 if args.repeats >= 5 else max(6, 4 * args.repeats)
+    calls = min(20_000, max(500, args.iterations // 10))
+    out = []
+    try:
+        pairs = {label: (kw, rkw) for label, kw, rkw in _variants() + _shared_variants(redis.url)}
+        for off, on in SHARED_PAIRS:
+            lbs, routes = [], []
+            for label in (off, on):
+                kwargs, route_kw = pairs[label]
+                lb = lbclient.Balancer(_urls(10), region="us-east-1", rng=1, **kwargs)
+                route = lb.route(**route_kw) if route_kw else lb.route
+                lbs.append(lb)
+                routes.append(route(noop))
+                await lb.start()
+            for _ in range(200):
+                shared = lbs[1].stats().shared
+                if shared is not None and shared.mode == "connected":
+                    break
+                await asyncio.sleep(0.01)
+            deltas = []
+            for _ in range(rounds):
+                ns = []
+                for fn in routes:
+                    gc.collect()
+                    gc.disable()
+                    try:
+                        t0 = time.perf_counter_ns()
+                        for i in range(calls):
+                            await fn()
+                            if not i & 63:
+                                await asyncio.sleep(0)
+                        ns.append((time.perf_counter_ns() - t0) / calls)
+                    finally:
+                        gc.enable()
+                deltas.append(ns[1] - ns[0])
+            sh = lbs[1].stats().shared
+            assert sh is not None
+            deltas.sort()
+            out.append(
+                {
+                    "off": off,
+                    "on": on,
+                    "rounds": rounds,
+                    "calls_per_round": calls,
+                    "median_extra_ns": statistics.median(deltas),
+                    "p25_extra_ns": deltas[len(deltas) // 4],
+                    "p75_extra_ns": deltas[3 * len(deltas) // 4],
+                    "link": {
+                        "mode": sh.mode,
+                        "rounds": sh.rounds,
+                        "errors": sh.errors,
+                        "degraded": sh.degraded_total,
+                    },
+                }
+            )
+            for lb in lbs:
+                await lb.aclose()
+    finally:
+        redis.stop()
+    return out
+
+
+def _redis_server() -> Any:
+    """A real redis-server for the ``shared=`` variants (None: not installed)."""
+    from lbclient.testing import RedisServer
+
+    try:
+        return RedisServer().start()
+    except FileNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------- 2b. scrape time
@@ -624,6 +767,17 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": ratio <= 3.0,
                 }
             )
+    for ab in result.get("shared_ab") or ():
+        extra = ab["median_extra_ns"] / 1000
+        out.append(
+            {
+                "target": f"shared= adds <= 0.5 µs to '{ab['off']}' (paired, median)",
+                "measured": f"{extra:+.2f} µs (IQR {ab['p25_extra_ns'] / 1000:+.2f} .. "
+                f"{ab['p75_extra_ns'] / 1000:+.2f}; link {ab['link']['mode']}, "
+                f"{ab['link']['degraded']} degradations)",
+                "met": extra <= 0.5,
+            }
+        )
     http = result.get("http")
     if http and http.get("ratio") is not None:
         out.append(
@@ -650,6 +804,8 @@ async def main_async(args: argparse.Namespace) -> int:
     with console.status("decorator overhead..."):
         result["decorator"] = await decorator_overhead(args)
     console.print(decorator_table(result["decorator"]))
+    with console.status("shared= paired with its twin..."):
+        result["shared_ab"] = await shared_ab(args)
     with console.status("scrape time..."):
         result["scrape"] = await scrape_time(args)
     if result["scrape"] is not None:

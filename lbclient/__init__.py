@@ -43,6 +43,7 @@ from .observe.events import (
     BreakerEvent,
     CooldownEvent,
     Event,
+    FleetEvent,
     HedgeEvent,
     Listener,
     MembershipEvent,
@@ -67,6 +68,7 @@ from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDi
 from .pool.health import HealthCheck
 from .pool.locality import Locality
 from .serverload import MetricsPoller, ServerMetrics
+from .shared.policy import RedisState
 
 if TYPE_CHECKING:
     from .transport import HTTPTransport
@@ -99,6 +101,7 @@ __all__ = [
     "Endpoint",
     "EndpointStats",
     "Event",
+    "FleetEvent",
     "GeoTable",
     "HTTPTransport",
     "HealthCheck",
@@ -118,6 +121,7 @@ __all__ = [
     "PoolsExhausted",
     "Quota",
     "QuotaExceeded",
+    "RedisState",
     "Retry",
     "RetryEvent",
     "ServerMetrics",

@@ -29,6 +29,7 @@ from .pool.discovery import Discovery
 from .pool.drain import Drain, DrainResult
 from .pool.health import HealthCheck
 from .pool.locality import Locality
+from .shared.policy import RedisState
 
 __all__ = ["Balancer", "DrainResult"]
 
@@ -48,6 +49,11 @@ class Balancer(Calls):
     * ``admission`` -- admission control (:class:`Admission`): a concurrency limit over
       the pool, a bounded fair queue, tenant quotas, fast shedding; ``None`` (default):
       every call goes straight to picking.
+    * ``shared`` -- share what this process learns with the other processes of the
+      fleet through Redis (:class:`RedisState`): ejections, Retry-After cooldowns,
+      fleet-wide tenant quotas, the live process count.  Nothing on a call's path waits
+      for Redis; an outage degrades to per-process behaviour (quotas / live processes).
+      ``None`` (default): this process learns alone.
     * ``region`` -- this client's own region, for geo scoring and locality.
     * ``geo`` -- the :class:`GeoTable` of region latencies (default: the playbook table).
     * ``on_event`` -- a callable, a :class:`Listener` or a list of them, given every
@@ -84,6 +90,7 @@ class Balancer(Calls):
         breaker: Breaker | None = None,
         hedge: Hedge | None = None,
         admission: Admission | None = None,
+        shared: RedisState | None = None,
         region: str | None = None,
         geo: GeoTable | None = None,
         on_event: object = None,

@@ -28,6 +28,7 @@ from .policies.geo import GeoTable
 from .policies.hedge import Hedge
 from .policies.retry import Retry
 from .pool.locality import Locality
+from .shared.policy import RedisState
 from .strategies import Strategy
 
 __all__ = ["BalancerConfig", "chain_of"]
@@ -183,6 +184,10 @@ def _admission(value: object) -> Admission | None:
     return _instance(value, "admission", Admission, "lbclient.Admission()")  # type: ignore[no-any-return]
 
 
+def _shared(value: object) -> RedisState | None:
+    return _instance(value, "shared", RedisState, "lbclient.RedisState(url)")  # type: ignore[no-any-return]
+
+
 def _geo(value: object) -> GeoTable | None:
     return _instance(value, "geo", GeoTable, "lbclient.GeoTable()")  # type: ignore[no-any-return]
 
@@ -234,6 +239,7 @@ class BalancerConfig:
     breaker: Breaker | None = attrs.field(default=None, converter=_breaker)
     hedge: Hedge | None = attrs.field(default=None, converter=_hedge)
     admission: Admission | None = attrs.field(default=None, converter=_admission)
+    shared: RedisState | None = attrs.field(default=None, converter=_shared)
     region: str | None = attrs.field(default=None, converter=_region)
     geo: GeoTable | None = attrs.field(default=None, converter=_geo)
     on_event: tuple[EventHandler, ...] = attrs.field(default=None, converter=_on_event)

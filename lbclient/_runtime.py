@@ -50,7 +50,15 @@ def build(cfg: BalancerConfig) -> tuple[Observer, Pool, Engine, Background]:
         fallback=cfg.fallback,
         name=cfg.name,
     )
-    background = Background(pool, engine, cfg.discovery, cfg.health)
+    link = None
+    if cfg.shared is not None:
+        from .shared.link import FleetLink
+
+        link = FleetLink(cfg.shared, pool, observer, cfg.clock)
+        pool.shared = link  # before the members: their breakers report to it
+        if engine.gate is not None:
+            engine.gate.shared = link
+    background = Background(pool, engine, cfg.discovery, cfg.health, link)
     for ep in cfg.endpoints:
         pool.add(ep, initial=True)
     pool.refresh()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from lbclient.testing import FakeClock, ReplicaConfig, ReplicaFleet
+from lbclient.testing import FakeClock, RedisServer, ReplicaConfig, ReplicaFleet
 
 # ``from strategies import ...`` (tests/strategies.py) from any test directory.
 _TESTS = str(Path(__file__).parent)
@@ -42,6 +43,37 @@ def promtool() -> str:
 @pytest.fixture
 def redis_server_bin() -> str:
     return real_service("redis-server", "redis-server")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free 127.0.0.1 port, no persistence, shared by the
+    tests of one module (give each test its own namespace: ``redis_namespace``)."""
+    binary = real_service("redis-server", "redis-server")
+    with RedisServer(binary=binary) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_factory(redis_server_bin: str) -> Iterator[Callable[..., RedisServer]]:
+    """``server = redis_factory(*extra_args)``: a real ``redis-server`` of this test's
+    own (to kill, pause or configure), stopped after the test."""
+    servers: list[RedisServer] = []
+
+    def make(*extra: str) -> RedisServer:
+        server = RedisServer(binary=redis_server_bin, extra=extra).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def redis_namespace() -> str:
+    """A namespace no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from .throttle import Throttle
 if TYPE_CHECKING:
     from .._clock import Clock
     from ..observe.observer import Observer
+    from ..shared.protocol import Shared
 
 __all__ = ["Gate", "Permit", "TenantCounters"]
 
@@ -127,6 +128,7 @@ class Gate:
         self._quotas_on = bool(policy.quotas)
         self.throttle = None if policy.throttle is None else Throttle(policy.throttle, rng, now)
         self._quotas: dict[object, TenantQuota] = {}
+        self.shared: Shared | None = None  # quotas are fleet-wide (Balancer(shared=...))
         self.tenants: dict[object, TenantCounters] = {}
         self._done_at: collections.deque[float] = collections.deque(maxlen=_RATE_SAMPLES)
         self._latency = 0.0  # EWMA of admitted calls' durations (seconds; 0: none yet)
@@ -147,7 +149,9 @@ class Gate:
             policy = self.policy.quota_for(tenant)
             if policy is None:
                 return None
-            q = self._quotas[tenant] = TenantQuota(policy, now)
+            shared = self.shared
+            q = TenantQuota(policy, now) if shared is None else shared.quota(tenant, policy, now)
+            self._quotas[tenant] = q
         return q
 
     def try_admit(self, tenant: object, tokens: float, priority: int, now: float) -> Permit | None:

@@ -458,6 +458,9 @@ def _fast_admitted(
                 ctx = CallContext(tenant=tenant, priority=priority)
                 return await run_call(engine, fn, args, kwargs, ctx, waiting=True)
             # admitted with a permit (a quota charged): the full path gives it back
+            counters.calls += 1
+            if budget is not None:
+                budget.deposit(t0)
             ctx = CallContext(tenant=tenant, priority=priority)
             return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         counters.calls += 1

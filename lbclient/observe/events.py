@@ -21,6 +21,12 @@ Call events (one call, one or more attempts):
 * :class:`HedgeEvent` -- a backup was sent, won, or denied by the hedging budget.
 * :class:`AdmissionEvent` -- a call was shed at admission, or the adaptive limit moved.
 
+Fleet events (``Balancer(shared=lbclient.RedisState(...))``):
+
+* :class:`FleetEvent` -- the link to the shared state changed mode (connected, degraded,
+  scripts blocked), or what other processes reported changed an endpoint here (ejected
+  on fleet evidence, suspected and probed, a suspicion refuted, a cooldown shared).
+
 Every event is an ``attrs`` frozen record: safe to keep, compare and hand to another
 thread.  ``str(event)`` (same as ``event.message()``) is a one-line log message and
 ``event.level`` the :mod:`logging` level it deserves: an endpoint being ejected or the
@@ -54,6 +60,7 @@ __all__ = [
     "CooldownEvent",
     "Event",
     "EventHook",
+    "FleetEvent",
     "HedgeEvent",
     "Listener",
     "LoggingListener",
@@ -66,6 +73,15 @@ _STATES: Final = ("closed", "open", "half_open")
 _OUTCOMES: Final = ("failed", "ignored", "cut", "lost")
 _HEDGE_ACTIONS: Final = ("sent", "won", "denied")
 _ADMISSION_ACTIONS: Final = ("shed", "limit")
+_FLEET_ACTIONS: Final = (
+    "connected",
+    "degraded",
+    "scripts",
+    "eject",
+    "suspect",
+    "refuted",
+    "cooldown",
+)
 _ACTIONS: Final = ("add", "remove", "drain", "undrain")
 _DONE: Final = {"add": "added", "remove": "removed", "drain": "draining", "undrain": "undrained"}
 
@@ -320,6 +336,52 @@ class AdmissionEvent:
         return self.message()
 
 
+@attrs.frozen
+class FleetEvent:
+    """The fleet-shared state (:class:`lbclient.RedisState`) acted at time ``at``.
+
+    ``action``:
+
+    * ``"connected"`` -- Redis answers: leases, events and heartbeats flow (``INFO``).
+    * ``"degraded"`` -- Redis is unreachable or too slow (``reason`` says which): this
+      process runs on what it knows -- its last leases, then each quota divided by
+      ``peers``, the live process count last seen (``WARNING``).  No call waits or fails
+      because of it.
+    * ``"scripts"`` -- the server refuses Lua scripts (a proxy, an ACL): quotas use the
+      windowed-counter fallback instead of leases (``WARNING``; never silent).
+    * ``"eject"`` -- ``url`` was ejected here on fleet evidence: ``reason`` says how many
+      failures in a row how many processes saw (``WARNING``, as a local ejection).
+    * ``"suspect"`` -- one other process ejected ``url`` and nothing here agrees yet:
+      the next call there is a probe that confirms or refutes it (``INFO``).
+    * ``"refuted"`` -- that probe succeeded: the reporting process(es) are not believed
+      about ``url`` for a while (``INFO``).
+    * ``"cooldown"`` -- another process got ``Retry-After`` from ``url``: it is not
+      picked here either for the rest of that time (``INFO``).
+
+    ``peers`` is the number of live lbclient processes sharing the namespace, this one
+    included, as last seen.
+    """
+
+    action: str = attrs.field(validator=attrs.validators.in_(_FLEET_ACTIONS))
+    reason: str
+    url: str | None
+    peers: int
+    at: float
+
+    @property
+    def level(self) -> int:
+        if self.action in ("degraded", "scripts", "eject"):
+            return logging.WARNING
+        return logging.INFO
+
+    def message(self) -> str:
+        where = f" {self.url}" if self.url is not None else ""
+        return f"fleet {self.action}{where}: {self.reason} ({self.peers} peer(s))"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
 Event: TypeAlias = (
     BreakerEvent
     | PanicEvent
@@ -329,10 +391,11 @@ Event: TypeAlias = (
     | RetryEvent
     | HedgeEvent
     | AdmissionEvent
+    | FleetEvent
 )
 """Any event the balancer reports."""
 
-POOL_EVENTS: Final = (BreakerEvent, PanicEvent, MembershipEvent, CooldownEvent)
+POOL_EVENTS: Final = (BreakerEvent, PanicEvent, MembershipEvent, CooldownEvent, FleetEvent)
 """Events about the pool (logged at their level, never rate-limited)."""
 
 EventHook: TypeAlias = Callable[[Event], None]

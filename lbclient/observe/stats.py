@@ -17,6 +17,8 @@ __all__ = [
     "AdmissionStats",
     "BalancerStats",
     "EndpointStats",
+    "FleetQuotaStats",
+    "SharedStats",
     "TenantStats",
     "health_view",
     "snapshot",
@@ -125,6 +127,58 @@ class AdmissionStats:
 
 
 @attrs.frozen(kw_only=True)
+class FleetQuotaStats:
+    """One tenant's quota dimension (``"requests"`` or ``"tokens"``) in this process:
+    ``leasing`` (fed by leases from the fleet bucket) or not (local share: quota /
+    peers); ``level`` what it holds now (negative: started on credit);
+    ``demand_per_s`` its smoothed demand; ``leased`` units leased in all."""
+
+    tenant: str
+    dimension: str
+    leasing: bool
+    level: float
+    demand_per_s: float
+    leased: float
+
+
+@attrs.frozen(kw_only=True)
+class SharedStats:
+    """The fleet-shared state (``Balancer(shared=lbclient.RedisState(...))``).
+
+    ``mode``: ``"connecting"`` (Redis not reached yet), ``"connected"``, ``"degraded"``
+    (unreachable or too slow: running on the last leases and quota / ``peers``) or
+    ``"closed"``.  ``scripts`` is False when the server refuses Lua (windowed-counter
+    quotas), None before it is known.  ``peers`` is the live process count last seen
+    (this one included; ``expected_peers`` before any).  ``synced_ago_s``: seconds
+    since the last successful sync (None: never).  ``rounds`` / ``errors``: syncs done
+    and failed; ``degraded_total``: times the link lost Redis.  ``events_sent`` /
+    ``events_received``: what this process published and heard.  Remote evidence
+    applied here: ``ejected`` (endpoints ejected on fleet evidence), ``suspected``
+    (probe-only on one peer's word), ``refuted`` (such a probe succeeded),
+    ``cooldowns`` (Retry-After shared).  ``quotas``: the leased quota dimensions."""
+
+    mode: str
+    namespace: str
+    peer: str
+    peers: int
+    scripts: bool | None
+    synced_ago_s: float | None
+    rounds: int
+    errors: int
+    degraded_total: int
+    events_sent: int
+    events_received: int
+    ejected: int
+    suspected: int
+    refuted: int
+    cooldowns: int
+    quotas: tuple[FleetQuotaStats, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
 class BalancerStats:
     """The whole pool: per-endpoint stats plus call-level totals.
 
@@ -133,8 +187,10 @@ class BalancerStats:
     retries and hedges).  ``failed_by`` counts failed calls by reason, ``retries_by``
     retries by the kind of error retried (``"status 503"``, ``"connection"``...).
     ``panic`` is true while the breaker's max-ejection share is reached and ejected
-    endpoints are being used anyway.  ``fallbacks`` counts calls this pool could not
-    serve and handed to its ``fallback=`` pool (they count in ``calls_failed`` too).
+    endpoints are being used anyway.  ``admission`` is the gate (with ``admission=``),
+    ``shared`` the fleet-shared state (with ``shared=``).  ``fallbacks`` counts calls
+    this pool could not serve and handed to its ``fallback=`` pool (they count in
+    ``calls_failed`` too).
     """
 
     strategy: str
@@ -155,6 +211,7 @@ class BalancerStats:
     in_flight: int
     endpoints: tuple[EndpointStats, ...]
     admission: AdmissionStats | None = None
+    shared: SharedStats | None = None
     fallbacks: int = 0
 
     def endpoint(self, url: str) -> EndpointStats:
@@ -284,6 +341,7 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
         in_flight=sum(e.in_flight for e in eps),
         endpoints=eps,
         admission=admission,
+        shared=None if pool.shared is None else pool.shared.stats(),
         fallbacks=c.fallbacks,
     )
 
@@ -306,6 +364,14 @@ def health_view(stats: BalancerStats, ready: bool) -> dict[str, Any]:
             "in_flight": adm.in_flight,
             "queued": adm.queued,
             "shed": dict(adm.shed),
+        },
+        "shared": None
+        if stats.shared is None
+        else {
+            "mode": stats.shared.mode,
+            "peers": stats.shared.peers,
+            "scripts": stats.shared.scripts,
+            "synced_ago_s": stats.shared.synced_ago_s,
         },
         "endpoints": [
             {

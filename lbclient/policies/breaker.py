@@ -15,8 +15,10 @@ timestamps (no clock reads, no I/O, no asyncio), so tests step it with a fake cl
                                            │  ▲
                                            └──┘ (back to open, longer cooldown)
 
-``force_open`` / ``force_close`` (active health checks) jump straight to open / closed.
-Every transition emits exactly one :class:`~lbclient.BreakerEvent`.
+``force_open`` / ``force_close`` (active health checks) jump straight to open / closed;
+``suspect`` (another process ejected the endpoint, :mod:`lbclient.shared`) goes from
+closed straight to half-open, so one probe confirms or refutes it.  Every transition
+emits exactly one :class:`~lbclient.BreakerEvent`.
 """
 
 from __future__ import annotations
@@ -425,6 +427,21 @@ class BreakerState:
         if self.state != OPEN:
             return False
         self.reopen_at = now
+        return True
+
+    def suspect(self, now: float, reason: str) -> bool:
+        """Closed -> half-open at once, without a trip: the next call is a probe whose
+        outcome decides (success closes, failure opens with the usual cooldown).  What
+        another process's ejection does here when nothing local agrees yet
+        (:mod:`lbclient.shared`): one call confirms or refutes it.  Unlike
+        :meth:`force_open` it neither counts a trip nor grows the next cooldown.
+        Returns whether a transition happened (only a closed breaker moves)."""
+        if self.state != CLOSED:
+            return False
+        self.state = HALF_OPEN
+        self.probes_in_flight = 0
+        self._episode += 1
+        self._event(CLOSED, now, reason, None)
         return True
 
     def next_change(self, now: float) -> float | None:

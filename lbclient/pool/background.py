@@ -1,4 +1,5 @@
-"""The pool's background work: discovery refreshes and active health checks.
+"""The pool's background work: discovery refreshes, active health checks and the sync
+with the fleet's shared state.
 
 Started by the first pick (or ``await lb.start()`` / ``async with``), stopped by
 ``aclose()``.  Tasks belong to an event loop; when that loop ends (``asyncio.run``
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
+    from ..shared.link import FleetLink
     from .discovery import Discovery
     from .health import HealthCheck
     from .pool import Pool
@@ -21,9 +23,19 @@ __all__ = ["Background"]
 
 
 class Background:
-    """Runs ``discovery`` and ``health`` loops for ``pool`` in whatever loop uses it."""
+    """Runs ``discovery`` and ``health`` loops (and the ``shared`` state's sync) for
+    ``pool`` in whatever loop uses it."""
 
-    __slots__ = ("_health", "_loop", "_tasks", "discovered", "discovery", "engine", "pool")
+    __slots__ = (
+        "_health",
+        "_loop",
+        "_tasks",
+        "discovered",
+        "discovery",
+        "engine",
+        "pool",
+        "shared",
+    )
 
     def __init__(
         self,
@@ -31,18 +43,20 @@ class Background:
         engine: Engine,
         discovery: Discovery | None,
         health: HealthCheck | None,
+        shared: FleetLink | None = None,
     ) -> None:
         self.pool = pool
         self.engine = engine
         self.discovery = discovery
         self._health = health
+        self.shared = shared
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.discovered = False  # has start() seen a first discovery result
 
     @property
     def wanted(self) -> bool:
-        return self.discovery is not None or self._health is not None
+        return self.discovery is not None or self._health is not None or self.shared is not None
 
     def ensure(self) -> None:
         """Make sure the loops run in the running event loop (if there is one)."""
@@ -64,6 +78,8 @@ class Background:
             self._spawn(loop, discovery_loop(self.pool, self.discovery))
         if self._health is not None:
             self._spawn(loop, self._health.check_loop(self.pool))
+        if self.shared is not None:
+            self._spawn(loop, self.shared.run())
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> None:
         task = loop.create_task(coro)
@@ -87,6 +103,8 @@ class Background:
         self.ensure()
 
     async def stop(self) -> None:
+        if self.shared is not None:
+            await self.shared.aclose()  # gives leases back while its task still runs
         tasks, self._tasks = list(self._tasks), set()
         loop = asyncio.get_running_loop()
         mine = [t for t in tasks if not t.done() and t.get_loop() is loop]

@@ -307,6 +307,9 @@ class Lease:
         if b is not None:
             before = b.state
             b.on_failure(t, self.probe)
+            shared = pool.shared
+            if shared is not None:
+                shared.failed(s, t)  # queues the fleet's copy; may eject on fleet evidence
             if b.state != before or self.probe:
                 pool.invalidate()
                 return

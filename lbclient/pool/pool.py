@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .._clock import Clock
 from .._endpoint import Endpoint, normalize_url, to_endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, UnknownEndpoint
-from ..observe.events import CooldownEvent, MembershipEvent, PanicEvent
+from ..observe.events import BreakerEvent, CooldownEvent, MembershipEvent, PanicEvent
 from ..strategies import PickContext, Strategy, Totals
 from .lease import PANIC_PICK, Lease
 from .snapshot import MIN_RAMP, Snapshot, build
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..observe.observer import Observer
     from ..policies.breaker import Breaker
     from ..policies.geo import GeoTable
+    from ..shared.protocol import Shared
     from .locality import Locality
 
 __all__ = ["DEFAULT_COST", "Handoff", "Pool"]
@@ -99,6 +100,9 @@ class Pool:
         self.on_refresh: Callable[[], None] | None = None  # the façade's background hook
         self._typical: tuple[object, int, float, float] | None = None
         self.outcomes = 0  # attempts ended (keys the typical-cost cache)
+        # The fleet-shared state (Balancer(shared=...)), told about failures, breaker
+        # transitions and cooldowns -- never on the success path.  Set before members.
+        self.shared: Shared | None = None
         # Pick-time filters, off (and free) unless a member has limits or a context
         # window: how many members have Limits, and the smallest max_context.
         self.limited = 0
@@ -124,8 +128,17 @@ class Pool:
         if self.breaker is not None:
             from ..policies.breaker import BreakerState
 
-            s.breaker = BreakerState(self.breaker, ep.url, rng=self.rng, emit=self.observer.emit)
+            emit = self.observer.emit if self.shared is None else self._breaker_event
+            s.breaker = BreakerState(self.breaker, ep.url, rng=self.rng, emit=emit)
         return s
+
+    def _breaker_event(self, event: BreakerEvent) -> None:
+        """A breaker transition, when the fleet shares state: the observer, then the
+        fleet (which may publish it)."""
+        self.observer.emit(event)
+        shared = self.shared
+        if shared is not None:
+            shared.breaker_event(event)
 
     def add(self, endpoint: Endpoint | str, *, initial: bool = False) -> Endpoint:
         ep = to_endpoint(endpoint)
@@ -245,8 +258,17 @@ class Pool:
         if s is not None:
             s.retries_denied += 1
 
-    def cool(self, s: EndpointState, seconds: float, status: int | None, now: float) -> None:
-        """No new picks of ``s`` for ``seconds`` (the server's ``Retry-After``)."""
+    def cool(
+        self,
+        s: EndpointState,
+        seconds: float,
+        status: int | None,
+        now: float,
+        *,
+        publish: bool = True,
+    ) -> None:
+        """No new picks of ``s`` for ``seconds`` (the server's ``Retry-After``).
+        ``publish=False``: the cooldown came from another process (do not echo it)."""
         until = now + seconds
         if until <= s.cooldown_until:
             return
@@ -255,6 +277,8 @@ class Pool:
         self.observer.counters.cooldowns += 1
         if self.observer.wants(20):
             self.observer.emit(CooldownEvent(url=s.url, seconds=seconds, status=status, at=now))
+        if publish and self.shared is not None:
+            self.shared.cooled(s, seconds, status, now)
 
     def state_of(self, url: str) -> EndpointState:
         s = self.members.get(url) if isinstance(url, str) else None

@@ -1,4 +1,5 @@
-"""The lbclient test kit: a fake clock and a fleet of fake OpenAI-compatible replicas.
+"""The lbclient test kit: a fake clock, a fleet of fake OpenAI-compatible replicas, and
+a real ``redis-server`` for the fleet-shared state (:class:`RedisServer`).
 
 Use it to test your own configuration against real HTTP faults on loopback::
 
@@ -17,12 +18,15 @@ from __future__ import annotations
 from ._clock import FakeClock
 from ._fleet import Replica, ReplicaConfig, ReplicaCounters, ReplicaFleet
 from ._kvcache import PrefixCache
+from ._redis import RedisServer, free_port
 
 __all__ = [
     "FakeClock",
     "PrefixCache",
+    "RedisServer",
     "Replica",
     "ReplicaConfig",
     "ReplicaCounters",
     "ReplicaFleet",
+    "free_port",
 ]

@@ -152,6 +152,21 @@ allowed: bool = budget.try_withdraw()
 call = lbclient.CallContext(key="user-1", stream=True)
 key: object = call.key
 
+# Fleet-shared state: typed configuration, stats and events.
+state = lbclient.RedisState("redis://127.0.0.1:6379/0", namespace="chat", expected_peers=4)
+fleet_lb = lbclient.Balancer(["http://c"], breaker=lbclient.Breaker(), shared=state)
+fleet_stats = fleet_lb.stats().shared
+if fleet_stats is not None:
+    fleet_mode: str = fleet_stats.mode
+    fleet_peers: int = fleet_stats.peers
+
+
+def on_fleet(event: lbclient.Event) -> None:
+    if isinstance(event, lbclient.FleetEvent):
+        action: str = event.action
+        where: str | None = event.url
+        del action, where
+
 
 async def integrations() -> None:
     """The httpx transport, fallback pools, limits and eligibility, typed."""

@@ -1315,3 +1315,26 @@ async def test_fleet_rejections_throttle_calls_through_the_gate() -> None:
     assert 0 < shed < 200  # accepted answers bring the probability down as they come
     adm = lb.stats().admission
     assert adm is not None and adm.shed["throttled"] == shed and adm.in_flight == 0
+
+
+async def test_every_admitted_call_is_counted_once_whichever_way_it_was_admitted() -> None:
+    """The fast admitted path (room, no quota), the permit path (a quota charged) and the
+    queue all count each call once in ``stats().calls`` and settle it as ok."""
+    for admission in (
+        Admission(limit=4, throttle=None),
+        Admission(limit=4, throttle=None, quotas={"*": lbclient.Quota(requests_per_second=1e6)}),
+    ):
+        lb = balancer(admission)
+        warm(gate_of(lb))  # a completion rate: the 8 beyond the limit queue
+
+        @lb.route(tenant=lambda t: t)
+        async def work(ep: lbclient.Endpoint, t: str) -> str:
+            await asyncio.sleep(0)
+            return ep.url
+
+        await asyncio.gather(*(work(f"t{i % 3}") for i in range(12)))
+        st = lb.stats()
+        assert (st.calls, st.calls_failed, st.in_flight) == (12, 0, 0), (admission, st)
+        tenants = gate_of(lb).tenants
+        assert sum(tenants[f"t{i}"].admitted for i in range(3)) == 12
+        assert sum(tenants[f"t{i}"].waited for i in range(3)) == 8

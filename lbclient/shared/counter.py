@@ -1,0 +1,77 @@
+"""`FleetCounter`: a sum over the whole fleet in fixed windows -- what a cost ceiling needs
+to compare the fleet's spend, not one process's, with its limit.
+
+::
+
+    spend = lb._pool.shared.counter("cost_usd", window=3600.0)   # the internal API
+    spend.add(0.0042)             # sync, process memory: the hot path never waits
+    if spend.total() > ceiling:   # the fleet's spend this hour, as of the last sync
+        ...
+
+``add`` accumulates locally; every sync the background task adds what accumulated to
+the window's key in Redis (``INCRBYFLOAT``) and reads the fleet total back.  While Redis
+is unreachable, :meth:`total` assumes every other live process spends as this one does
+(the last fleet total plus this process's unsynced spend times ``peers``): a ceiling
+errs on the safe side instead of letting N processes each spend up to it.  Windows are
+numbered on the Redis server's clock (estimated from ``TIME``), so every process rolls
+over at the same moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["FleetCounter"]
+
+
+def _alone() -> tuple[int, bool]:
+    return 1, True
+
+
+class FleetCounter:
+    __slots__ = ("fleet", "name", "pending", "sending", "status", "window", "window_id")
+
+    def __init__(
+        self, name: str, window: float, status: Callable[[], tuple[int, bool]] = _alone
+    ) -> None:
+        self.status = status  # () -> (live peers, connected?): the link's
+        self.name = name
+        self.window = window  # seconds
+        self.window_id = -1  # the server-clock window the fleet total belongs to
+        self.fleet = 0.0  # the fleet total of that window, as of the last sync
+        self.pending = 0.0  # added here since the last sync
+        self.sending = 0.0  # in flight to Redis
+
+    def add(self, amount: float) -> None:
+        """Count ``amount`` (sync; sent with the next background sync)."""
+        self.pending += amount
+
+    def total(self) -> float:
+        """The fleet's total in the current window: the last synced total plus what this
+        process added since -- times the live peers while Redis is out of reach (the
+        others are assumed to spend alike while nobody can tell)."""
+        peers, connected = self.status()
+        mine = self.pending + self.sending
+        return self.fleet + (mine if connected else mine * max(1, peers))
+
+    def take(self) -> float:
+        """Move the pending amount into a sync (``sending``)."""
+        amount, self.pending = self.pending, 0.0
+        self.sending += amount
+        return amount
+
+    def synced(self, window_id: int, fleet: float, sent: float) -> None:
+        """Redis took ``sent``; the fleet total of window ``window_id`` is ``fleet``."""
+        self.sending = max(0.0, self.sending - sent)
+        self.window_id = window_id
+        self.fleet = fleet
+
+    def lost(self, sent: float) -> None:
+        """A sync failed: ``sent`` goes back to pending (sent again next time).  A
+        sync that timed out may have been applied: counting it twice errs high, which
+        is the safe side for a ceiling."""
+        self.sending = max(0.0, self.sending - sent)
+        self.pending += sent
+
+    def __repr__(self) -> str:
+        return f"<FleetCounter {self.name} fleet={self.fleet:.6g} pending={self.pending:.6g}>"
