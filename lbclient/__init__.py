@@ -14,6 +14,8 @@ geo-aware scoring, inside your Python process -- no proxy tier::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._balancer import Balancer, DrainResult
 from ._clock import Clock, MonotonicClock
 from ._context import CallContext, report_usage
@@ -27,6 +29,8 @@ from ._errors import (
     LBError,
     NoEndpointAvailable,
     Overloaded,
+    PoolFailure,
+    PoolsExhausted,
     QuotaExceeded,
     StreamIdleTimeout,
     UnknownEndpoint,
@@ -60,12 +64,16 @@ from .policies.classify import (
 from .policies.cost import CostPolicy
 from .policies.geo import GeoTable
 from .policies.hedge import Hedge
+from .policies.limits import Limits
 from .policies.retry import Retry
 from .pool.discovery import CallableDiscovery, Discovery, DnsDiscovery, StaticDiscovery
 from .pool.health import HealthCheck
 from .pool.locality import Locality
 from .serverload import MetricsPoller, ServerMetrics
 from .shared.policy import RedisState
+
+if TYPE_CHECKING:
+    from .transport import HTTPTransport
 
 __version__ = "0.1.0"
 
@@ -98,10 +106,12 @@ __all__ = [
     "Event",
     "FleetEvent",
     "GeoTable",
+    "HTTPTransport",
     "HealthCheck",
     "Hedge",
     "HedgeEvent",
     "LBError",
+    "Limits",
     "Listener",
     "Locality",
     "MembershipEvent",
@@ -110,6 +120,8 @@ __all__ = [
     "NoEndpointAvailable",
     "Overloaded",
     "PanicEvent",
+    "PoolFailure",
+    "PoolsExhausted",
     "Quota",
     "QuotaExceeded",
     "RedisState",
@@ -128,8 +140,26 @@ __all__ = [
     "retry_if_status",
 ]
 
+_LAZY = {"HTTPTransport": "lbclient.transport"}  # they import an extra (httpx)
+
+
+def __getattr__(name: str) -> object:
+    """The public names whose module imports an optional dependency, loaded on first use
+    (``import lbclient`` stays light)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lbclient' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 # Public reprs say ``lbclient.X`` rather than the private module they live in.
 for _name in __all__:
+    if _name in _LAZY:
+        continue
     _obj = globals()[_name]
     if (
         isinstance(_obj, type)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._calls import Calls
 from ._clock import Clock
-from ._config import BalancerConfig
+from ._config import BalancerConfig, chain_of
 from ._endpoint import Endpoint
 from ._errors import ConfigError
 from ._runtime import build, shutdown
@@ -75,6 +75,13 @@ class Balancer(Calls):
     * ``cost`` -- a :class:`CostPolicy`: prefer cheaper endpoints (priced in their
       ``metadata``) while their latency stays near the best, track spend, and shed
       calls with ``Overloaded("budget")`` at a ceiling per period (see :meth:`spend`).
+    * ``fallback`` -- another balancer (a model group: a vendor API behind a
+      self-hosted fleet, a smaller model behind a bigger one) that takes the calls this
+      pool cannot serve: nothing pickable, attempts exhausted, shed by admission.  It
+      may have its own fallback; a chain with a cycle is a ConfigError.  When every
+      pool fails, :class:`PoolsExhausted` says what each one tried.  Opt out per call
+      with ``fallback=False`` (``route``, ``call``, ``pick``).
+    * ``name`` -- what errors and logs call this pool (default: its first endpoint).
 
     A balancer lives on one event loop thread at a time; it may be used by several
     event loops one after another (``asyncio.run`` twice).
@@ -101,9 +108,13 @@ class Balancer(Calls):
         clock: Clock | None = None,
         rng: random.Random | int | None = None,
         cost: CostPolicy | None = None,
+        fallback: Balancer | None = None,
+        name: str | None = None,
     ) -> None:
         # Every parameter, checked in one place (a ConfigError names the bad value).
         cfg = BalancerConfig(**{k: v for k, v in locals().items() if k != "self"})
+        if cfg.fallback is not None:
+            chain_of(cfg.fallback, start=self)  # a -> b -> a: refused
         self._config = cfg
         self._observer, self._pool, self._engine, self._background = build(cfg)
         if cfg.cost is not None:
@@ -160,6 +171,16 @@ class Balancer(Calls):
         the next 2 seconds (it sees the other clients' requests too).  Unknown endpoints
         and unparsable values are ignored (a bad header must never fail a call)."""
         self._pool.report_load(endpoint, load)
+
+    @property
+    def fallback(self) -> Balancer | None:
+        """The balancer that takes the calls this one cannot serve (or None)."""
+        return self._config.fallback  # type: ignore[no-any-return]
+
+    @property
+    def name(self) -> str | None:
+        """This pool's name (``name=``), or None."""
+        return self._config.name
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -229,7 +250,8 @@ class Balancer(Calls):
 
     def __repr__(self) -> str:
         closed = " closed" if self._pool.closed else ""
+        name = "" if self._config.name is None else f" name={self._config.name!r}"
         return (
-            f"<lbclient.Balancer strategy={self._pool.strategy.name!r} "
+            f"<lbclient.Balancer{name} strategy={self._pool.strategy.name!r} "
             f"endpoints={len(self._pool.members)}{closed}>"
         )

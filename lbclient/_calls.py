@@ -9,13 +9,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._context import CallContext
 from ._endpoint import Endpoint
-from ._errors import BalancerClosed
+from ._errors import BalancerClosed, ConfigError
 from .engine.engine import Engine
 from .engine.metered import Meter, MeteredPick
 from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
     check_async,
+    check_eligible,
     check_prefix,
     check_priority,
     check_timeout,
@@ -24,11 +25,39 @@ from .engine.route import (
     run_call,
 )
 
-__all__ = ["Calls"]
+__all__ = ["Calls", "call_context"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+def call_context(
+    key: object,
+    tenant: object,
+    tokens: float | None,
+    priority: int,
+    eligible: Callable[[Endpoint], bool] | None,
+    prefix: str | None = None,
+) -> Callable[[Engine], CallContext]:
+    """How one call's context is made in a pool -- and made again in its fallback pool:
+    the values given (checked), the pool's ``Retry.timeout`` as its deadline."""
+
+    def context(engine: Engine) -> CallContext:
+        retry = engine.retry
+        call = CallContext(
+            key=key,
+            tenant=tenant,
+            tokens=tokens,
+            timeout=retry.timeout if retry is not None else None,
+            priority=priority,
+            prefix=prefix,
+        )
+        if eligible is not None:
+            call.eligible = eligible
+        return call
+
+    return context
 
 
 class Calls:
@@ -62,6 +91,8 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        eligible: Callable[..., object] | None = None,
+        fallback: bool = True,
         prefix: Callable[..., object] | None = None,
     ) -> RouteDecorator: ...
     def route(
@@ -75,6 +106,8 @@ class Calls:
         tenant: Callable[..., object] | None = None,
         tokens: Callable[..., object] | None = None,
         priority: int | Callable[..., object] | None = None,
+        eligible: Callable[..., object] | None = None,
+        fallback: bool = True,
         prefix: Callable[..., object] | None = None,
     ) -> Any:
         """Decorate ``async def fn(endpoint, ...)``; callers call ``fn(...)`` without it.
@@ -97,6 +130,20 @@ class Calls:
           quotas and fairness are charged in tokens, settled by :func:`report_usage`.
         * ``priority`` -- an int (or a callable giving one): under admission, waiting
           calls of higher priority are served first.
+        * ``eligible`` -- which endpoints a call may go to: called like ``fn`` itself,
+          with a candidate endpoint first (``eligible(endpoint, *args, **kwargs)``), it
+          returns whether that endpoint may serve this call -- by model, tags, tier,
+          anything in ``endpoint.metadata``::
+
+              @lb.route(eligible=lambda ep, req: req["model"] in ep.metadata["models"])
+
+          It is asked only about the candidates a pick looks at (two for P2C), never
+          twice per pick.  An endpoint it refuses is never picked for the call, even as
+          a last resort; none left: :class:`NoEndpointAvailable` (``reason
+          "ineligible"``) saying how many each test refused.  Calls with ``tokens=``
+          also skip endpoints whose ``metadata["max_context"]`` is smaller.
+        * ``fallback`` -- ``False``: never send this route's calls to the balancer's
+          ``fallback=`` pool.
         * ``prefix`` -- a callable giving the call's prompt text (a str, or None) for the
           ``prefix`` strategy's KV-cache affinity (e.g. ``prefix=lambda payload:
           lbclient.prompt_text(payload["messages"])``).  Calls then take the full path.
@@ -111,6 +158,8 @@ class Calls:
             tenant=tenant,
             tokens=tokens,
             priority=priority,
+            eligible=eligible,
+            fallback=fallback,
             prefix=prefix,
         )
         if self._meter is not None:  # a cost policy: reserve before, settle after
@@ -126,30 +175,55 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        eligible: Callable[[Endpoint], bool] | None = None,
+        fallback: bool = True,
         prefix: str | None = None,
         **kwargs: Any,
     ) -> R:
         """``await lb.call(fn, *args, **kwargs)`` runs ``fn(endpoint, *args, **kwargs)``
-        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority`` and
-        ``prefix`` are this call's values themselves (see :meth:`route`); to pass
-        arguments of those names to ``fn``, bind them with ``functools.partial``."""
+        like a decorated function would.  ``key``, ``tenant``, ``tokens``, ``priority``,
+        ``prefix`` and ``fallback`` are this call's values themselves (see
+        :meth:`route`); ``eligible`` is a predicate on the candidate :class:`Endpoint`.
+        To pass arguments of those names to ``fn``, bind them with ``functools.partial``."""
         check_async(fn, "lb.call", streams=False)
-        retry = self._engine.retry
-        call = CallContext(
-            key=key,
-            tenant=tenant,
-            tokens=check_tokens(tokens),
-            timeout=retry.timeout if retry is not None else None,
-            priority=check_priority(priority),
-            prefix=check_prefix(prefix),
+        context = call_context(
+            key,
+            tenant,
+            check_tokens(tokens),
+            check_priority(priority),
+            check_eligible(eligible) if eligible is not None else None,
+            check_prefix(prefix),
         )
-        if self._meter is not None:
-            return await self._meter.call(  # type: ignore[no-any-return]
-                lambda metered: run_call(self._engine, metered, args, kwargs, call),
-                fn,
-                call.tokens,
+        return await self._call(fn, args, kwargs, context, fallback)
+
+    def _call(
+        self,
+        fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: Callable[[Engine], CallContext],
+        fallback: bool = True,
+    ) -> Awaitable[R]:
+        """:meth:`call` with checked arguments (lbclient's own clients call this): the
+        call's context is ``context(engine)``, made again for a fallback pool.  Returns
+        the coroutine to await (no frame of its own: each is resumed at every I/O)."""
+        engine = self._engine
+        call = context(engine)
+        result: Coroutine[Any, Any, R]
+        if self._meter is None:
+            result = run_call(engine, fn, args, kwargs, call)
+        else:  # a cost policy: reserve before, settle after
+            result = self._meter.call(
+                lambda metered: run_call(engine, metered, args, kwargs, call), fn, call.tokens
             )
-        return await run_call(self._engine, fn, args, kwargs, call)  # type: ignore[no-any-return]
+        if engine.fallback is None or fallback is False:
+            return result
+        from .engine.fallback import with_fallback_call
+
+        def again(other: Calls) -> Awaitable[R]:
+            return other._call(fn, args, kwargs, context)
+
+        return with_fallback_call(engine, result, again)
 
     def pick(
         self,
@@ -159,6 +233,8 @@ class Calls:
         tenant: object = None,
         tokens: float | None = None,
         priority: int = 0,
+        eligible: Callable[[Endpoint], bool] | None = None,
+        fallback: bool = True,
         prefix: str | None = None,
     ) -> PickedEndpoint | MeteredPick:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
@@ -167,7 +243,10 @@ class Calls:
         ``Retry.timeout``): past it the block is cancelled, the endpoint charged, and
         :class:`DeadlineExceeded` raised.  ``tenant``/``tokens``/``priority``: as for
         :meth:`route`, under :class:`Admission`; ``prefix``: the prompt text (the ``prefix``
-        strategy)."""
+        strategy); ``eligible``: a predicate on the candidate :class:`Endpoint`.  When
+        nothing can be picked (or admission sheds the call), the pick comes from the
+        ``fallback=`` pool unless ``fallback=False``; a block already entered is not re-run
+        anywhere."""
         retry = self._engine.retry
         seconds = check_timeout(timeout)
         if seconds is None and retry is not None:
@@ -180,7 +259,11 @@ class Calls:
             priority=check_priority(priority),
             prefix=check_prefix(prefix),
         )
-        picked = PickedEndpoint(self._engine, call)
+        if eligible is not None:
+            call.eligible = check_eligible(eligible)
+        if not isinstance(fallback, bool):
+            raise ConfigError(f"fallback must be a bool, got {fallback!r}")
+        picked = PickedEndpoint(self._engine, call, fallback)
         if self._meter is not None:
             return self._meter.pick(picked, call)
         return picked

@@ -21,6 +21,7 @@ from ._clock import MONOTONIC, Clock
 from ._endpoint import Endpoint, to_endpoint
 from ._errors import ConfigError
 from .admission.policy import Admission
+from .engine.engine import Engine
 from .observe.observer import EventHandler, to_listeners
 from .policies.breaker import Breaker
 from .policies.cost import CostPolicy, Price
@@ -31,7 +32,7 @@ from .pool.locality import Locality
 from .shared.policy import RedisState
 from .strategies import Strategy
 
-__all__ = ["BalancerConfig"]
+__all__ = ["BalancerConfig", "chain_of"]
 
 
 def _instance(value: object, name: str, cls: type, example: str) -> Any:
@@ -196,6 +197,40 @@ def _geo(value: object) -> GeoTable | None:
     return _instance(value, "geo", GeoTable, "lbclient.GeoTable()")  # type: ignore[no-any-return]
 
 
+def _fallback(value: object) -> Any:
+    if value is None:
+        return None
+    engine = getattr(value, "_engine", None)
+    if isinstance(value, type) or not isinstance(engine, Engine):
+        raise ConfigError(f"fallback must be an lbclient.Balancer or None, got {value!r}")
+    if engine.pool.closed:
+        raise ConfigError(f"fallback must be an open balancer, got a closed one: {value!r}")
+    chain_of(value)  # a cycle further down is refused here too
+    return value
+
+
+def chain_of(first: object, start: object = None) -> list[object]:
+    """The fallback chain from ``first`` on (``first``, its fallback, ...); a balancer
+    met twice -- or ``start``, the balancer being built -- is a cycle: ConfigError."""
+    chain: list[object] = []
+    current: object = first
+    while current is not None:
+        if current is start or any(current is seen for seen in chain):
+            names = " -> ".join(repr(b) for b in [*chain, current])
+            raise ConfigError(f"fallback chain has a cycle: {names}")
+        chain.append(current)
+        current = getattr(current, "_engine").fallback  # noqa: B009
+    return chain
+
+
+def _name(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"name must be a non-empty str or None, got {value!r}")
+    return value.strip()
+
+
 _DEFAULT_STRATEGY: Any = "peak_ewma"
 
 
@@ -221,6 +256,8 @@ class BalancerConfig:
     clock: Clock = attrs.field(default=None, converter=_clock)
     rng: random.Random = attrs.field(default=None, converter=_rng)
     cost: CostPolicy | None = attrs.field(default=None, converter=_cost)
+    fallback: Any = attrs.field(default=None, converter=_fallback)
+    name: str | None = attrs.field(default=None, converter=_name)
 
     def __attrs_post_init__(self) -> None:
         if not self.endpoints and self.discovery is None:

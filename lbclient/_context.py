@@ -18,6 +18,9 @@ from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._endpoint import Endpoint
     from ._errors import Attempt
     from .pool.state import EndpointState
 
@@ -39,6 +42,8 @@ class CallContext:
     * ``tried`` -- endpoints this call has sent an attempt to; ``attempts`` -- each
       failed attempt, in order; ``sent`` -- attempts sent (first, retries and hedges).
     * ``priority`` -- admission order (higher first).
+    * ``eligible`` -- the endpoints this call may go to (a predicate on
+      :class:`~lbclient.Endpoint`), or None: any.
     * What the engine learns for admission: ``sample`` (the successful attempt's latency,
       or a stream's time to first chunk), ``overloaded`` (an attempt met 429/503),
       ``rejected`` (the fleet refused it: 429/503 or no connection), ``usage`` (real
@@ -72,6 +77,8 @@ class CallContext:
     ttft: float | None = None  # a stream's time to first chunk (set for traffic recording)
     tracer: Any = None  # the engine's tracer while spans are on (see lbclient.metrics)
     span: Any = None  # this call's span, parent of its attempts' spans
+    eligible: Callable[[Endpoint], bool] | None = None
+    limit_until: float | None = None  # how long it may wait for an endpoint under its limits
 
     def __init__(
         self,

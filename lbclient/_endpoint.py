@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import ConfigError
+from .policies.limits import Limits
 
-__all__ = ["Endpoint", "EndpointLike", "normalize_url", "to_endpoint"]
+__all__ = ["Endpoint", "EndpointLike", "max_context", "normalize_url", "to_endpoint"]
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -126,7 +127,34 @@ def _metadata(value: object) -> Mapping[str, Any]:
         return _NO_METADATA
     if not isinstance(value, Mapping):
         raise ConfigError(f"endpoint metadata must be a mapping, got {value!r}")
+    context = value.get("max_context")
+    if context is not None and (
+        isinstance(context, bool)
+        or not isinstance(context, int | float)
+        or not math.isfinite(context)
+        or context <= 0
+    ):
+        raise ConfigError(
+            f"endpoint metadata['max_context'] must be a number of tokens > 0, got {context!r}"
+        )
     return types.MappingProxyType(dict(value))
+
+
+def _limits(value: object) -> Limits | None:
+    if value is None or isinstance(value, Limits):
+        return value
+    if isinstance(value, type):
+        raise ConfigError(
+            f"endpoint limits must be an instance, not the class: "
+            f"limits=lbclient.Limits(max_in_flight=...), got {value!r}"
+        )
+    raise ConfigError(f"endpoint limits must be an lbclient.Limits or None, got {value!r}")
+
+
+def max_context(endpoint: Endpoint) -> float | None:
+    """The endpoint's context window in tokens (``metadata["max_context"]``), or None."""
+    value = endpoint.metadata.get("max_context")
+    return None if value is None else float(value)
 
 
 @attrs.frozen(repr=False)
@@ -145,7 +173,12 @@ class Endpoint:
       twice the capacity for load-based ones (load is divided by weight).
     * ``region`` / ``zone`` -- optional labels used by geo scoring, locality and hedging
       (a hedge prefers another zone or region). Unknown or missing regions are allowed.
-    * ``metadata`` -- free-form, read-only; lbclient never looks inside.
+    * ``metadata`` -- free-form, read-only.  lbclient reads one key: ``"max_context"``,
+      the endpoint's context window in tokens -- a call whose estimated tokens
+      (``tokens=``) exceed it is never sent there (LiteLLM's pre-call context check);
+      your ``eligible=`` predicates may read any (model, tags, tier...).
+    * ``limits`` -- what the endpoint may be sent (:class:`lbclient.Limits`: calls in
+      flight, requests and tokens per minute); default none.
 
     A plain ``str`` wherever an endpoint is expected becomes ``Endpoint(str)``.
     """
@@ -157,6 +190,7 @@ class Endpoint:
     metadata: Mapping[str, Any] = attrs.field(
         factory=dict, converter=_metadata, kw_only=True, hash=False, eq=False
     )
+    limits: Limits | None = attrs.field(default=None, converter=_limits, kw_only=True)
 
     def __repr__(self) -> str:
         extra = "" if self.weight == 1.0 else f", weight={self.weight!r}"
@@ -166,6 +200,8 @@ class Endpoint:
             extra += f", zone={self.zone!r}"
         if self.metadata:
             extra += f", metadata={dict(self.metadata)!r}"
+        if self.limits is not None:
+            extra += f", limits={self.limits!r}"
         return f"lbclient.Endpoint({self.url!r}{extra})"
 
 

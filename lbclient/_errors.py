@@ -11,8 +11,11 @@ one, chained to the last).
     ├── ConfigError(LBError, ValueError)        bad configuration, at construction
     ├── BalancerClosed(LBError, RuntimeError)   use after ``aclose()`` (a Balancer or a ChatClient)
     ├── UnknownEndpoint(LBError, LookupError)   ``remove``/``drain`` of a URL not in the pool
-    ├── NoEndpointAvailable(LBError)            nothing pickable (all removed, draining or ejected)
+    ├── NoEndpointAvailable(LBError)            nothing pickable (all removed, draining or ejected,
+    │                                           at their limits, or none eligible); ``.reason``
     ├── AttemptsExhausted(LBError)              every attempt failed; ``.attempts`` lists them
+    │   └── PoolsExhausted(AttemptsExhausted)   no pool of a fallback chain could serve the call;
+    │                                           ``.pools`` says what each one tried
     ├── DeadlineExceeded(LBError, TimeoutError) the call's overall ``timeout=`` ran out
     ├── StreamIdleTimeout(LBError, TimeoutError) a stream went quiet between chunks for too long
     └── Overloaded(LBError)                     shed at admission: ``.reason``, ``.retry_after``
@@ -38,6 +41,8 @@ __all__ = [
     "LBError",
     "NoEndpointAvailable",
     "Overloaded",
+    "PoolFailure",
+    "PoolsExhausted",
     "QuotaExceeded",
     "StreamIdleTimeout",
     "UnknownEndpoint",
@@ -61,13 +66,24 @@ class UnknownEndpoint(LBError, LookupError):
 
 
 class NoEndpointAvailable(LBError):
-    """No endpoint can be picked: the pool is empty, draining, every one is ejected, or
-    every one is cooling down after ``Retry-After`` -- then ``retry_after`` says in how
-    many seconds the first comes back (else it is None)."""
+    """No endpoint can be picked for the call.  ``reason`` says why:
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    * ``"cooling"`` -- every one is cooling down after ``Retry-After``;
+    * ``"limits"`` -- every one the call may go to is at its :class:`lbclient.Limits`;
+    * ``"ineligible"`` -- none may take this call: refused by the route's ``eligible=``,
+      or the call's estimated tokens exceed their ``max_context`` (the message counts
+      each);
+    * ``"empty"``, ``"draining"``, ``"ejected"``, ``"closed"`` -- the pool itself.
+
+    ``retry_after`` says in how many seconds the first endpoint comes back (cooling, or
+    the first limit to free) -- else it is None."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, reason: str = "ejected"
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +117,47 @@ class AttemptsExhausted(LBError):
     @property
     def last_error(self) -> BaseException | None:
         return self.attempts[-1].error if self.attempts else None
+
+
+@attrs.frozen(kw_only=True)
+class PoolFailure:
+    """What one pool of a fallback chain did with a call: its ``pool`` name and the
+    ``error`` it ended with (its attempts are ``attempts``)."""
+
+    pool: str
+    error: BaseException
+
+    @property
+    def attempts(self) -> tuple[Attempt, ...]:
+        found = getattr(self.error, "attempts", ())
+        return tuple(found) if isinstance(found, tuple | list) else ()
+
+    def __str__(self) -> str:
+        return f"pool {self.pool!r}: {self.error}"
+
+
+class PoolsExhausted(AttemptsExhausted):
+    """No pool of a fallback chain (``Balancer(fallback=...)``) could serve the call.
+
+    ``pools`` lists each pool in the order tried, with the error it ended with
+    (:class:`PoolFailure`); ``attempts`` is every attempt of every pool, in order;
+    ``retry_after`` the soonest any pool said it could take the call again (None when
+    none said).  Chained (``__cause__``) to the last pool's error.
+    """
+
+    def __init__(self, pools: Sequence[PoolFailure]) -> None:
+        self.pools: tuple[PoolFailure, ...] = tuple(pools)
+        attempts = [a for p in self.pools for a in p.attempts]
+        waits = [
+            w
+            for p in self.pools
+            if isinstance(w := getattr(p.error, "retry_after", None), int | float)
+        ]
+        self.retry_after: float | None = min(waits) if waits else None
+        reason = f"no pool could serve the call ({len(self.pools)} pools)"
+        super().__init__(attempts, reason)
+        lines = "; ".join(str(p) for p in self.pools)
+        self.args = (f"{reason}: {lines}",)
 
 
 class DeadlineExceeded(LBError, TimeoutError):

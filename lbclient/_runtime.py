@@ -52,6 +52,8 @@ def build(cfg: BalancerConfig) -> tuple[Observer, Pool, Engine, Background]:
         clock=cfg.clock,
         rng=cfg.rng,
         admission=cfg.admission,
+        fallback=cfg.fallback,
+        name=cfg.name,
     )
     link = None
     if cfg.shared is not None:

@@ -18,9 +18,9 @@ does not import this module, so it costs nothing until you use it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -32,13 +32,13 @@ from ._context import report_usage
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
 from ._prompt import prompt_text
+from ._wire import SSEDecoder, body_message, estimate_tokens, message_of
+from ._wire import usage_of as _usage_of
 
 __all__ = ["ChatClient"]
 
-_EOL = re.compile(rb"\r\n|\r|\n")  # SSE allows all three line endings (WHATWG HTML §9.2.5)
-_MAX_LINE = 16 * 1024 * 1024  # bytes: an SSE line longer than this is a broken stream
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read for its message
-_DETAIL_CHARS = 500  # an error message taken from a body is cut to this many characters
+_SSEDecoder = SSEDecoder  # the shared decoder (lbclient._wire), under its old name
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -150,49 +150,18 @@ def _prefix_of(
     return prefix
 
 
-DEFAULT_MAX_TOKENS = 256  # the output assumed when a request names no max_tokens
-
-
-def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> float:
-    """A call's token estimate: its prompt (about 4 characters a token, the common rule of
-    thumb for English text with GPT-style tokenizers) plus the output it may produce
-    (``max_tokens`` / ``max_completion_tokens``, else 256).  The real ``usage`` in the
-    answer settles it."""
-    chars = 0
-    for m in messages:
-        content = m.get("content") if isinstance(m, Mapping) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):  # content parts: count the text ones
-            for part in content:
-                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-    out = params.get("max_tokens", params.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
-    if isinstance(out, bool) or not isinstance(out, int | float) or out < 0:
-        out = DEFAULT_MAX_TOKENS
-    return float(chars // 4 + 4 * len(messages) + out)
-
-
 def _report_usage(usage: object) -> None:
-    """Settle the call's token estimate with an OpenAI-style ``usage`` object."""
-    if isinstance(usage, Mapping):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int | float) and isinstance(completion, int | float):
-            report_usage(prompt, completion)
+    """Settle the call's token estimate with a ``usage`` object (OpenAI's or Anthropic's
+    shape, see :func:`lbclient._wire.usage_of`)."""
+    prompt, completion = _usage_of(usage)
+    if prompt is not None and completion is not None:
+        report_usage(prompt, completion)
 
 
 # -- errors -------------------------------------------------------------------------------
 
 
-def _message_of(error: object) -> str:
-    """The human part of an OpenAI-style error: ``{"error": {"message": ...}}`` and kin."""
-    if isinstance(error, dict):
-        for name in ("message", "detail", "error"):
-            inner = error.get(name)
-            if inner is not None:
-                return _message_of(inner)
-        return json.dumps(error)[:_DETAIL_CHARS]
-    return str(error)[:_DETAIL_CHARS]
+_message_of = message_of  # the shared reader (lbclient._wire), under its old name
 
 
 def _status_error(
@@ -210,15 +179,9 @@ def _status_error(
 async def _http_error(resp: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
     """What ``resp.raise_for_status()`` raises, plus the server's own error message."""
     detail = ""
-    try:
-        raw = await resp.content.read(_ERROR_BODY_LIMIT)
-        text = raw.decode("utf-8", "replace").strip()
-        try:
-            detail = _message_of(json.loads(text))
-        except ValueError:
-            detail = text[:_DETAIL_CHARS]
-    except (aiohttp.ClientError, TimeoutError):
-        pass  # the status alone is enough to classify the failure
+    # On a read error the status alone is enough to classify the failure.
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        detail = body_message(await resp.content.read(_ERROR_BODY_LIMIT))
     return _status_error(resp, resp.status, detail)
 
 
@@ -240,64 +203,6 @@ def _bad_payload(
     # cut short (aiohttp's own ClientPayloadError, which lbclient retries).
     detail = f": {exc}" if exc is not None else ""
     return aiohttp.ClientPayloadError(f"{url} answered {what}{detail}")
-
-
-# -- server-sent events -------------------------------------------------------------------
-
-
-class _SSEDecoder:
-    """Bytes in, the ``data`` of each complete server-sent event out.  Pure; no I/O.
-
-    Lines are split on bytes, before decoding, so a UTF-8 character or an event cut by a
-    TCP segment boundary is reassembled; ``\\r\\n``, ``\\r`` and ``\\n`` all end a line.
-    Comments (``:``) and the ``event``/``id``/``retry`` fields are ignored; several
-    ``data`` lines of one event are joined with ``\\n``, as the SSE specification says.
-    """
-
-    __slots__ = ("_buf", "_data")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        buf = self._buf
-        buf += chunk
-        events: list[str] = []
-        start = 0
-        end = len(buf)
-        while True:
-            m = _EOL.search(buf, start)
-            if m is None or (m.end() == end and buf[m.start()] == 0x0D):
-                break  # no line end yet, or a lone CR that may be the first half of CRLF
-            self._line(bytes(buf[start : m.start()]), events)
-            start = m.end()
-        del buf[:start]
-        if len(buf) > _MAX_LINE:
-            raise ValueError(f"server-sent event line longer than {_MAX_LINE} bytes")
-        return events
-
-    def close(self) -> list[str]:
-        """End of stream: flush an unterminated last line and event (leniently: a server
-        that closes right after ``data: [DONE]`` still gets its last event read)."""
-        events: list[str] = []
-        if self._buf:
-            self._line(bytes(self._buf), events)
-            self._buf.clear()
-        self._line(b"", events)
-        return events
-
-    def _line(self, raw: bytes, events: list[str]) -> None:
-        if not raw:
-            if self._data:
-                events.append("\n".join(self._data))
-                self._data = []
-            return
-        line = raw.decode("utf-8", "replace")
-        name, _, value = line.partition(":")  # "data" alone is the field with value ""
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        # Anything else is a ": comment" (keep-alive pings) or a field we do not use.
 
 
 # -- the client ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Import as ``from strategies import ...`` (``tests/conftest.py`` puts this direct
 ``sys.path``).  Builders make runtime objects without an event loop: ``states()`` for
 pickers tested directly, ``ctx()`` for their :class:`PickContext`, ``call_of()`` for the
 :class:`CallContext` a picker gets; ``acquire()`` takes a slot on a balancer's pool the
-way a call does and returns its :class:`Lease`.
+way a call does and returns its :class:`Lease`.  ``InOrder`` is a strategy that always
+picks the first endpoint it may (so a test knows where each attempt goes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lbclient.testing import FakeClock
 __all__ = [
     "DECAY",
     "PRIOR",
+    "InOrder",
     "acquire",
     "bad_weights",
     "call_of",
@@ -146,3 +148,24 @@ operations = st.lists(
     max_size=60,
 )
 """A random sequence of balancer operations; the int picks the target (mod pool size)."""
+
+
+class _InOrderPicker:
+    def __init__(self, states: Sequence[EndpointState]) -> None:
+        self._states = tuple(states)
+
+    def pick(self, call: object, exclude: Collection[EndpointState] | None) -> EndpointState | None:
+        for s in self._states:
+            if not exclude or s not in exclude:
+                return s
+        return None
+
+
+class InOrder:
+    """The first endpoint not excluded, in pool order: a call's first attempt goes to
+    the first endpoint, a retry to the second, and a filter that skips one is seen."""
+
+    name = "in_order"
+
+    def picker(self, states: Sequence[EndpointState], ctx: PickContext) -> _InOrderPicker:
+        return _InOrderPicker(states)

@@ -46,10 +46,12 @@ EXPECTED_ALL = [
     "Event",
     "FleetEvent",
     "GeoTable",
+    "HTTPTransport",
     "HealthCheck",
     "Hedge",
     "HedgeEvent",
     "LBError",
+    "Limits",
     "Listener",
     "Locality",
     "MembershipEvent",
@@ -58,6 +60,8 @@ EXPECTED_ALL = [
     "NoEndpointAvailable",
     "Overloaded",
     "PanicEvent",
+    "PoolFailure",
+    "PoolsExhausted",
     "Quota",
     "QuotaExceeded",
     "RedisState",
@@ -159,12 +163,9 @@ def test_py_typed_is_shipped() -> None:
 
 
 def test_import_stays_light() -> None:
-    """Optional extras (rich, matplotlib, prometheus_client, dnspython) load lazily."""
-    code = (
-        "import lbclient, sys; "
-        "print([m for m in ('rich','matplotlib','prometheus_client','dns','dnslib') "
-        "if m in sys.modules])"
-    )
+    """Optional extras (rich, matplotlib, prometheus_client, dnspython, httpx) load lazily."""
+    extras = "('rich','matplotlib','prometheus_client','dns','dnslib','httpx','httpx2','openai')"
+    code = f"import lbclient, sys; print([m for m in {extras} if m in sys.modules])"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )

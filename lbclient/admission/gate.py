@@ -537,6 +537,19 @@ class Gate:
             if q.tokens is not None and tokens > 0:
                 q.tokens.give(tokens)
 
+    def shed(
+        self,
+        reason: str,
+        tenant: object,
+        now: float,
+        message: str,
+        retry_after: float | None = None,
+    ) -> Overloaded:
+        """Count a call shed for ``reason`` outside the gate itself (the engine sheds a
+        call that waited too long for an endpoint under its limits) and return the
+        error to raise."""
+        return self._shed(reason, tenant, now, message, retry_after)
+
     def _shed(
         self,
         reason: str,

@@ -40,8 +40,10 @@ class Engine:
         "budget",
         "clock",
         "counters",
+        "fallback",
         "gate",
         "hedger",
+        "name",
         "now",
         "observer",
         "pool",
@@ -61,8 +63,14 @@ class Engine:
         clock: Clock,
         rng: random.Random,
         admission: Admission | None = None,
+        fallback: Any = None,
+        name: str | None = None,
     ) -> None:
         self.pool = pool
+        # The lbclient.Balancer a call goes to when this pool cannot serve it (or None),
+        # and the name errors give this pool.
+        self.fallback = fallback
+        self.name = name
         self.observer = observer
         self.counters = observer.counters
         self.retry = retry

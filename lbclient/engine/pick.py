@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._context import CallContext
 from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable, Overloaded
 from .attempt import cut_error, record, settle, start
+from .retrying import acquire_once
 from .route import admit, error_type, release
 
 if TYPE_CHECKING:
@@ -31,20 +32,51 @@ class PickedEndpoint:
     """What ``lb.pick(key=..., timeout=...)`` returns: an async context manager giving
     the picked :class:`~lbclient.Endpoint`.  Single use."""
 
-    __slots__ = ("_call", "_engine", "_lease", "_permit")
+    __slots__ = ("_call", "_elsewhere", "_engine", "_fallback", "_lease", "_permit")
 
-    def __init__(self, engine: Engine, call: CallContext) -> None:
+    def __init__(self, engine: Engine, call: CallContext, fallback: bool = True) -> None:
         self._engine = engine
         self._call = call
         self._lease: Lease | None = None
         self._permit: Permit | None = None
+        self._fallback = fallback
+        self._elsewhere: PickedEndpoint | None = None  # the fallback pool's pick
 
     async def __aenter__(self) -> Endpoint:
         engine = self._engine
         if engine.pool.closed:
             raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
-        if self._lease is not None:
+        if self._lease is not None or self._elsewhere is not None:
             raise RuntimeError("this lb.pick() context is already in use; call lb.pick() again")
+        if not self._fallback or engine.fallback is None:
+            return await self._enter()
+        from .fallback import falls_back, next_pool
+
+        try:
+            return await self._enter()
+        except Exception as exc:
+            if not falls_back(engine, exc):
+                raise
+            first = exc
+        call = self._call
+
+        async def elsewhere(other: Any) -> Endpoint:
+            picked: PickedEndpoint = other.pick(
+                key=call.key,
+                timeout=call.timeout,
+                tenant=call.tenant,
+                tokens=call.tokens,
+                priority=call.priority,
+                eligible=call.eligible,
+            )
+            endpoint = await picked.__aenter__()
+            self._elsewhere = picked
+            return endpoint
+
+        return await next_pool(engine, first, elsewhere)
+
+    async def _enter(self) -> Endpoint:
+        engine = self._engine
         call = self._call
         t = engine.now()
         call.started = t
@@ -63,7 +95,7 @@ class PickedEndpoint:
             if self._permit is None:
                 self._permit = await admit(engine, call)
         try:
-            lease = engine.pool.acquire(call, None, engine.now())
+            lease = await acquire_once(engine, call)
         except BaseException as exc:  # no endpoint, a strategy's bug, a close meanwhile
             engine.counters.failed(
                 "no endpoint" if isinstance(exc, NoEndpointAvailable) else "error"
@@ -85,6 +117,9 @@ class PickedEndpoint:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._elsewhere is not None:
+            await self._elsewhere.__aexit__(exc_type, exc, tb)
+            return
         lease = self._lease
         if lease is None:
             return

@@ -30,7 +30,17 @@ if TYPE_CHECKING:
     from ..pool.state import EndpointState
     from .engine import Engine
 
-__all__ = ["acquire", "avoid", "converted_cancel", "next_retry", "retry_from", "rounds", "run"]
+__all__ = [
+    "acquire",
+    "acquire_once",
+    "avoid",
+    "converted_cancel",
+    "next_retry",
+    "retry_from",
+    "rounds",
+    "run",
+    "wait_for_limits",
+]
 
 R = TypeVar("R")
 
@@ -57,13 +67,17 @@ async def acquire(engine: Engine, call: CallContext, err: BaseException | None) 
     """A lease for the call's next round (``err``: the error that ended the last one).
 
     Waits while every endpoint is cooling down after ``Retry-After`` (the call's
-    policy permitting); otherwise a failure to pick ends the call."""
+    policy permitting), and -- under admission -- while every endpoint it may use is
+    at its limits; otherwise a failure to pick ends the call."""
     pool = engine.pool
     while True:
         now = engine.now()
         try:
             return pool.acquire(call, avoid(engine, call, now) if call.tried else None, now)
         except NoEndpointAvailable as exc:
+            if exc.reason == "limits" and engine.gate is not None:
+                await wait_for_limits(engine, call, exc, now)
+                continue
             wait = _cooling_wait(engine, call, exc, now)
             if wait is None:
                 engine.counters.failed("no endpoint")
@@ -75,12 +89,56 @@ async def acquire(engine: Engine, call: CallContext, err: BaseException | None) 
         await engine.clock.sleep(wait)
 
 
+async def wait_for_limits(
+    engine: Engine, call: CallContext, exc: NoEndpointAvailable, now: float
+) -> None:
+    """Every endpoint ``call`` may use is at its limits and the balancer has admission:
+    wait for a slot -- woken when an attempt on a limited endpoint ends, or when the
+    first window frees (``exc.retry_after``) -- for up to the admission's ``max_wait``
+    (or the call's deadline) in all; past that the call is shed (:class:`Overloaded`,
+    reason ``"limits"``)."""
+    gate = engine.gate
+    assert gate is not None
+    until = call.limit_until
+    if until is None:
+        budget = gate.policy.max_wait
+        left = call.left(now)
+        if left is not None and left < budget:
+            budget = left
+        until = call.limit_until = now + budget
+    left = until - now
+    if left <= 0:
+        engine.counters.failed("shed: limits")
+        raise gate.shed(
+            "limits",
+            call.tenant,
+            now,
+            f"no endpoint under its limits within the wait allowed ({exc})",
+            retry_after=exc.retry_after,
+        ) from exc
+    wait = left if exc.retry_after is None else min(left, max(exc.retry_after, 0.001))
+    await engine.pool.wait_capacity(wait)
+
+
+async def acquire_once(engine: Engine, call: CallContext) -> Lease:
+    """A lease for a single attempt (``lb.pick()``): under admission, wait while every
+    endpoint is at its limits; any other failure to pick is raised."""
+    while True:
+        now = engine.now()
+        try:
+            return engine.pool.acquire(call, None, now)
+        except NoEndpointAvailable as exc:
+            if exc.reason != "limits" or engine.gate is None:
+                raise
+            await wait_for_limits(engine, call, exc, now)
+
+
 def _cooling_wait(
     engine: Engine, call: CallContext, exc: NoEndpointAvailable, now: float
 ) -> float | None:
     wait = exc.retry_after
     retry = engine.retry
-    if wait is None or retry is None or not retry.respect_retry_after:
+    if exc.reason != "cooling" or wait is None or retry is None or not retry.respect_retry_after:
         return None
     if wait > retry.max_retry_after:
         return None
@@ -172,9 +230,11 @@ def _give_up(
 
 
 def _other_healthy(engine: Engine, call: CallContext) -> bool:
-    """Is there an untried endpoint that is pickable on its own merit (not by panic)?"""
-    for s in engine.pool.pickable:
-        if s in call.tried:
+    """Is there an untried endpoint that is pickable on its own merit (not by panic),
+    and that the call may go to?"""
+    pool = engine.pool
+    for s in pool.pickable:
+        if s in call.tried or pool.refuses(s, call, call.tokens):
             continue
         b = s.breaker
         if b is None or b.state == "closed":

@@ -58,6 +58,7 @@ __all__ = [
     "RouteDecorator",
     "admit",
     "check_async",
+    "check_eligible",
     "check_prefix",
     "check_priority",
     "check_timeout",
@@ -117,9 +118,10 @@ def _callable_or_none(value: object, name: str) -> Callable[..., Any] | None:
 
 class Extract:
     """What a route computes from each call's arguments: its affinity key, tenant,
-    estimated tokens, priority and prompt prefix (each a callable, or absent)."""
+    estimated tokens, priority and prompt prefix, and which endpoints it may go to (each
+    a callable, or absent)."""
 
-    __slots__ = ("key", "prefix", "priority", "tenant", "tokens")
+    __slots__ = ("eligible", "key", "prefix", "priority", "tenant", "tokens")
 
     def __init__(
         self,
@@ -128,11 +130,13 @@ class Extract:
         tokens: Callable[..., object] | None,
         priority: int | Callable[..., object] | None,
         prefix: Callable[..., object] | None = None,
+        eligible: Callable[..., object] | None = None,
     ) -> None:
         self.key = _callable_or_none(key, "key")
         self.prefix = _callable_or_none(prefix, "prefix")
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
+        self.eligible = _callable_or_none(eligible, "eligible")
         if (
             priority is not None
             and not callable(priority)
@@ -144,7 +148,15 @@ class Extract:
     @property
     def any(self) -> bool:
         return any(
-            x is not None for x in (self.key, self.tenant, self.tokens, self.priority, self.prefix)
+            x is not None
+            for x in (
+                self.key,
+                self.tenant,
+                self.tokens,
+                self.priority,
+                self.prefix,
+                self.eligible,
+            )
         )
 
     def context(
@@ -161,7 +173,21 @@ class Extract:
             call.priority = _priority_of(self.priority, args, kwargs)
         if self.prefix is not None:
             call.prefix = check_prefix(self.prefix(*args, **kwargs))
+        eligible = self.eligible
+        if eligible is not None:
+
+            def may_use(endpoint: Endpoint) -> bool:
+                return bool(eligible(endpoint, *args, **kwargs))
+
+            call.eligible = may_use
         return call
+
+
+def check_eligible(value: object) -> Callable[[Endpoint], bool]:
+    """``eligible=`` of one call (``lb.call``, ``lb.pick``): a predicate on endpoints."""
+    if isinstance(value, type) or not callable(value):
+        raise ConfigError(f"eligible must be a callable taking an lbclient.Endpoint, got {value!r}")
+    return value
 
 
 def check_priority(value: object) -> int:
@@ -214,50 +240,89 @@ def make_route(
     tokens: Callable[..., object] | None = None,
     priority: int | Callable[..., object] | None = None,
     prefix: Callable[..., object] | None = None,
+    eligible: Callable[..., object] | None = None,
+    fallback: bool = True,
 ) -> Callable[..., Any]:
     """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
     check_async(fn, "@lb.route", streams=True)
-    extract = Extract(key, tenant, tokens, priority, prefix)
+    extract = Extract(key, tenant, tokens, priority, prefix, eligible)
     deadline = check_timeout(timeout)
     idle = check_timeout(idle_timeout, "idle_timeout")
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"route fallback must be a bool, got {fallback!r}")
     if deadline is None and engine.retry is not None:
         deadline = engine.retry.timeout
-    if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
+    stream = inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
         getattr(fn, "__call__", None)  # noqa: B004
-    ):
+    )
+    if stream:
         from .streaming import make_stream_route
 
-        return make_stream_route(engine, fn, extract, deadline, idle)
-    if idle is not None:
-        raise ConfigError(
-            f"idle_timeout applies to streaming routes (async generators) only; {fn!r} is a "
-            "plain async function: use timeout="
+        wrapped = make_stream_route(engine, fn, extract, deadline, idle)
+    else:
+        if idle is not None:
+            raise ConfigError(
+                f"idle_timeout applies to streaming routes (async generators) only; {fn!r} "
+                "is a plain async function: use timeout="
+            )
+        wrapped = functools.wraps(fn)(_variant(engine, fn, extract, deadline))
+    if not fallback or engine.fallback is None:
+        return wrapped
+    from .fallback import with_fallback
+
+    def secondary(other: Any) -> Callable[..., Any]:
+        # The same function through the fallback balancer, with the route's own options
+        # (its timeout left to that balancer's Retry, as given here).
+        route: Callable[..., Any] = other.route(
+            key=key,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            tenant=tenant,
+            tokens=tokens,
+            priority=priority,
+            prefix=prefix,
+            eligible=eligible,
         )
-    # A prefix needs the call's context: the full path.
+        routed: Callable[..., Any] = route(fn)
+        return routed
+
+    return functools.wraps(fn)(with_fallback(engine, wrapped, secondary, stream=stream))
+
+
+def _variant(
+    engine: Engine, fn: Callable[..., Any], extract: Extract, deadline: float | None
+) -> Callable[..., Any]:
+    """The wrapper a plain (not streaming) route runs: the least machinery its options
+    need.  A prefix or an eligibility test needs the call's context: the full path."""
     if (
         deadline is None
         and extract.key is None
         and extract.tokens is None
         and extract.prefix is None
     ):
+        if extract.eligible is not None:
+            return _full(engine, fn, extract, deadline)
         if engine.gate is None:
             if engine.hedger is not None and extract.tenant is None:
-                return functools.wraps(fn)(_hedged(engine, fn, None))
+                return _hedged(engine, fn, None)
             if not extract.any:
                 if engine.retry is None:
-                    return functools.wraps(fn)(_fast(engine, fn))
-                return functools.wraps(fn)(_fast_then_retry(engine, fn))
+                    return _fast(engine, fn)
+                return _fast_then_retry(engine, fn)
         elif engine.hedger is None:
-            return functools.wraps(fn)(_fast_admitted(engine, fn, extract))
+            return _fast_admitted(engine, fn, extract)
     elif (
         engine.gate is None
         and engine.hedger is not None
         and deadline is None
-        and (extract.tenant is None and extract.tokens is None and extract.priority is None)
+        and extract.tenant is None
+        and extract.tokens is None
+        and extract.priority is None
         and extract.prefix is None
+        and extract.eligible is None
     ):
-        return functools.wraps(fn)(_hedged(engine, fn, extract.key))
-    return functools.wraps(fn)(_full(engine, fn, extract, deadline))
+        return _hedged(engine, fn, extract.key)
+    return _full(engine, fn, extract, deadline)
 
 
 def _fast(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -321,7 +386,7 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
         try:
             s = acquire(t0)
         except NoEndpointAvailable as exc:
-            if exc.retry_after is None:
+            if exc.reason != "cooling":
                 counters.calls += 1
                 counters.failed("no endpoint")
                 raise
@@ -412,6 +477,16 @@ def _fast_admitted(
             return await run_call(
                 engine, fn, args, kwargs, ctx, h.lease, gate.permit_for(tenant, t0)
             )
+        except NoEndpointAvailable as exc:
+            permit = gate.permit_for(tenant, t0)
+            if exc.reason not in ("limits", "cooling"):
+                permit.release()
+                counters.failed("no endpoint")
+                raise
+            # Every endpoint is at its limits (or cooling down): the full path waits
+            # for one, holding the permit.
+            ctx = CallContext(tenant=tenant, priority=priority)
+            return await run_call(engine, fn, args, kwargs, ctx, None, permit)
         except BaseException:
             gate.permit_for(tenant, t0).release()
             counters.failed("no endpoint")
@@ -486,7 +561,7 @@ def _hedged(
         try:
             lease = pool.acquire(ctx, None, t0)
         except NoEndpointAvailable as exc:
-            if exc.retry_after is None:
+            if exc.reason != "cooling":
                 counters.failed("no endpoint")
                 raise
             return await run(engine, ctx, fn, args, kwargs)  # waits out the cooldowns
@@ -520,7 +595,7 @@ def _full(
     return call
 
 
-async def run_call(
+def run_call(
     engine: Engine,
     fn: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
@@ -529,16 +604,24 @@ async def run_call(
     first: Lease | None = None,
     permit: Permit | None = None,
     waiting: bool = False,
-) -> Any:
-    """Start ``call`` (count it, feed the budget, admit it) and run it on the full path.
+) -> Coroutine[Any, Any, Any]:
+    """Start ``call`` (count it, feed the budget, admit it) and run it on the full path:
+    the coroutine to await.
 
     ``first``: a lease already taken for its first attempt (a fast-path hand-over);
     ``permit``: an admission permit already granted; ``waiting``: admission already
-    said "no room now" (the caller goes straight to the queue)."""
+    said "no room now" (the caller goes straight to the queue).  (Not itself a
+    coroutine: every frame of the chain is resumed at every I/O of the attempt.)"""
     coro = _run_call(engine, fn, args, kwargs, call, first, permit, waiting)
     tracer = engine.tracer
     if tracer is None:
-        return await _recorded(engine, call, coro)
+        return _recorded(engine, call, coro)
+    return _traced(engine, call, coro, tracer)
+
+
+async def _traced(
+    engine: Engine, call: CallContext, coro: Coroutine[Any, Any, Any], tracer: Any
+) -> Any:
     call.tracer = tracer
     with tracer.call(call):  # a span for the call; start() opens one per attempt
         return await _recorded(engine, call, coro)
@@ -600,6 +683,8 @@ async def _run_call(
             return await run(engine, call, fn, args, kwargs, first)
         token = CURRENT.set(call)
         try:
+            if call.timeout is None:  # no deadline scope: straight into the rounds
+                return await rounds(engine, call, fn, args, kwargs, None, first)
             return await run(engine, call, fn, args, kwargs, first)
         finally:
             CURRENT.reset(token)

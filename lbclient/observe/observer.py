@@ -41,6 +41,7 @@ class Counters:
       retry budget.
     * ``hedges_sent`` / ``hedges_won`` / ``hedges_denied`` (budget spent).
     * ``cooldowns`` -- Retry-After cooldowns started.
+    * ``fallbacks`` -- calls this pool could not serve, sent to its fallback pool.
     """
 
     __slots__ = (
@@ -48,6 +49,7 @@ class Counters:
         "calls_failed",
         "cooldowns",
         "failed_by",
+        "fallbacks",
         "hedges_denied",
         "hedges_sent",
         "hedges_won",
@@ -69,6 +71,7 @@ class Counters:
         self.hedges_won = 0
         self.hedges_denied = 0
         self.cooldowns = 0
+        self.fallbacks = 0
 
     def failed(self, reason: str) -> None:
         """Count one failed call."""

@@ -188,7 +188,9 @@ class BalancerStats:
     retries by the kind of error retried (``"status 503"``, ``"connection"``...).
     ``panic`` is true while the breaker's max-ejection share is reached and ejected
     endpoints are being used anyway.  ``admission`` is the gate (with ``admission=``),
-    ``shared`` the fleet-shared state (with ``shared=``).
+    ``shared`` the fleet-shared state (with ``shared=``).  ``fallbacks`` counts calls
+    this pool could not serve and handed to its ``fallback=`` pool (they count in
+    ``calls_failed`` too).
     """
 
     strategy: str
@@ -210,6 +212,7 @@ class BalancerStats:
     endpoints: tuple[EndpointStats, ...]
     admission: AdmissionStats | None = None
     shared: SharedStats | None = None
+    fallbacks: int = 0
 
     def endpoint(self, url: str) -> EndpointStats:
         """The stats of one endpoint by url (trailing ``/`` ignored)."""
@@ -339,6 +342,7 @@ def snapshot(pool: Pool, engine: Engine) -> BalancerStats:
         endpoints=eps,
         admission=admission,
         shared=None if pool.shared is None else pool.shared.stats(),
+        fallbacks=c.fallbacks,
     )
 
 

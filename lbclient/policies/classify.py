@@ -63,9 +63,10 @@ __all__ = [
     "to_classifier",
 ]
 
-RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
+RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504, 529})
 """Statuses worth another try: request timeout, rate limited, and the 5xx an overloaded or
-restarting inference server returns.  501/505 (will never work) are deliberately absent."""
+restarting inference server returns (529: Anthropic's API is overloaded).  501/505 (will
+never work) are deliberately absent."""
 
 _RETRY_AFTER_STATUSES = frozenset({429, 503})  # RFC 9110 §10.2.3: meaningful with these
 

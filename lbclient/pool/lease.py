@@ -32,7 +32,9 @@ from ..policies.classify import retry_after, status_of
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .._context import CallContext
     from .._endpoint import Endpoint
+    from .limits import Charge
     from .pool import Pool
     from .state import EndpointState
 
@@ -70,6 +72,10 @@ class Lease:
     # Told ``(outcome, error)`` when the lease ends -- tracing hangs an attempt's span
     # here (outcome: "ok", "failed", "ignored", "cut", "cancelled", "lost").
     on_done: Callable[[str, BaseException | None], None] | None = None
+    # A tokens-per-minute charge on the endpoint's limits, settled by the call's real
+    # usage when the attempt succeeds (only on endpoints with such a limit).
+    charge: Charge | None = None
+    call: CallContext | None = None
 
     def __init__(self, pool: Pool, state: EndpointState, t0: float, probe: int) -> None:
         self.pool = pool
@@ -89,6 +95,8 @@ class Lease:
         pool = self.pool
         if t is None:
             t = pool.now()
+        if self.charge is not None:
+            self._settle(t)
         if self.stream:
             if self.first_at is None:  # an empty stream: its whole time is its TTFT
                 self.state.observe_ttft(t - self.t0, t)
@@ -255,6 +263,15 @@ class Lease:
         if b is not None and self.probe:
             b.on_ignored(self.pool.now(), self.probe)
             self.pool.invalidate()
+
+    def _settle(self, t: float) -> None:
+        """Replace the estimated tokens charged to the endpoint's tokens-per-minute
+        window with what the call really used, when its answer said."""
+        call = self.call
+        usage = call.usage if call is not None else None
+        lim = self.state.limit
+        if usage is not None and lim is not None and self.charge is not None:
+            lim.settle(self.charge, usage[0] + usage[1], t)
 
     def _stream_ended(self, t: float) -> None:
         first = self.first_at

@@ -10,9 +10,13 @@ the next pick rebuilds it (:mod:`lbclient.pool.snapshot`).  Picking is synchrono
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import logging
 import math
 import random
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .._clock import Clock
@@ -99,6 +103,16 @@ class Pool:
         # The fleet-shared state (Balancer(shared=...)), told about failures, breaker
         # transitions and cooldowns -- never on the success path.  Set before members.
         self.shared: Shared | None = None
+        # Pick-time filters, off (and free) unless a member has limits or a context
+        # window: how many members have Limits, and the smallest max_context.
+        self.limited = 0
+        self.min_context = math.inf
+        # Calls waiting for an endpoint under its limits (admission only): woken one
+        # per freed slot, FIFO.
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Told each endpoint removed from the pool (the httpx transport closes its
+        # connection pool there).
+        self.on_remove: list[Callable[[Endpoint], None]] = []
 
     # -- membership -------------------------------------------------------------------------
 
@@ -130,7 +144,11 @@ class Pool:
         ep = to_endpoint(endpoint)
         if ep.url in self.members:
             raise ConfigError(f"endpoint {ep.url!r} is already in the pool")
-        self.members[ep.url] = self.new_state(ep, initial=initial)
+        s = self.members[ep.url] = self.new_state(ep, initial=initial)
+        if s.limit is not None:
+            self.limited += 1
+        if s.max_context is not None and s.max_context < self.min_context:
+            self.min_context = s.max_context
         self.invalidate()
         if not initial:
             self._membership(ep.url, "add")
@@ -140,8 +158,17 @@ class Pool:
         s = self.state_of(url)
         del self.members[s.url]
         s.remove_when_idle = False
+        if s.limit is not None:
+            self.limited -= 1
+        if s.max_context is not None:
+            self._filters_changed()
         self.invalidate()
         self._membership(s.url, "remove")
+        for hook in self.on_remove:
+            try:
+                hook(s.endpoint)
+            except Exception:  # a broken hook must not break membership
+                logging.getLogger("lbclient").exception("on_remove hook raised for %s", s.url)
         return s.endpoint
 
     def drain(self, url: str) -> EndpointState:
@@ -186,6 +213,8 @@ class Pool:
                 ratio = s.weight / s.endpoint.weight
                 s.endpoint = ep
                 s.weight = ep.weight * ratio
+                s.configure(ep)
+                self._filters_changed()
                 self.invalidate()
         for url in [u for u in self.members if u not in wanted]:
             self.retire(url)
@@ -259,6 +288,14 @@ class Pool:
             raise UnknownEndpoint(f"no endpoint {url!r} in the pool")
         return s
 
+    def _filters_changed(self) -> None:
+        """Recount what the pick-time filters need (members' limits, context windows)."""
+        self.limited = sum(1 for s in self.members.values() if s.limit is not None)
+        self.min_context = min(
+            (s.max_context for s in self.members.values() if s.max_context is not None),
+            default=math.inf,
+        )
+
     def _membership(self, url: str, action: str) -> None:
         if self.observer.wants(20):
             self.observer.emit(MembershipEvent(url=url, action=action, at=self.now()))
@@ -327,6 +364,12 @@ class Pool:
         picker = snap.picker
         if picker is None:
             raise self.empty(now)
+        tokens = call.tokens if call is not None else None
+        if self.limited or (
+            call is not None
+            and (call.eligible is not None or (tokens is not None and tokens > self.min_context))
+        ):
+            return self._acquire_filtered(call, exclude, now, tokens)
         s = None
         probes = snap.probes_due
         if probes:
@@ -337,11 +380,153 @@ class Pool:
                 s = picker.pick(call, None)  # everything excluded: reuse beats failing
                 if s is None:
                     raise self.empty(now)
-        return self._take(s, now, call.tokens if call is not None else None)
+        return self._take(s, now, tokens)
 
-    def _take(self, s: EndpointState, now: float, tokens: float | None = None) -> Lease:
+    # -- pick-time filters: eligibility, context windows, limits -----------------------
+
+    def refuses(self, s: EndpointState, call: CallContext | None, tokens: float | None) -> bool:
+        """May ``call`` never go to ``s``?  (Its ``eligible=`` says no, its estimated
+        tokens exceed the context window, or alone the tokens-per-minute limit.)"""
+        if call is not None:
+            eligible = call.eligible
+            if eligible is not None and not eligible(s.endpoint):
+                return True
+        if tokens is not None:
+            if s.max_context is not None and tokens > s.max_context:
+                return True
+            lim = s.limit
+            if lim is not None and lim.too_big(tokens):
+                return True
+        return False
+
+    def blocks(
+        self, s: EndpointState, call: CallContext | None, tokens: float | None, now: float
+    ) -> bool:
+        """May ``call`` not go to ``s`` now?  (:meth:`refuses`, or ``s`` is at a limit.)"""
+        if self.refuses(s, call, tokens):
+            return True
+        lim = s.limit
+        return lim is not None and lim.full(s, now, tokens)
+
+    def _acquire_filtered(
+        self,
+        call: CallContext | None,
+        exclude: Collection[EndpointState] | None,
+        now: float,
+        tokens: float | None,
+    ) -> Lease:
+        """:meth:`acquire` for a call some endpoints may not take: the ones refused or at
+        a limit are excluded outright (never "reused as a last resort" like the ones the
+        call would only rather avoid), tested lazily as the picker looks at them."""
+        snap = self.snap
+        picker = snap.picker
+        assert picker is not None
+        blocked = _Blocked(self, call, tokens, now, exclude)
+        s = None
+        probes = snap.probes_due
+        if probes:
+            s = self._due_probe(probes, blocked)
+        if s is None:
+            s = picker.pick(call, blocked)
+            if s is None and exclude:
+                s = picker.pick(call, blocked.hard())  # reuse beats failing
+            if s is None:
+                raise self.unavailable(call, tokens, now)
+        return self._take(s, now, tokens, call)
+
+    def unavailable(
+        self, call: CallContext | None, tokens: float | None, now: float
+    ) -> NoEndpointAvailable:
+        """The error for "no pickable endpoint may take this call", saying why: how many
+        were refused for which reason, or -- when some are only at a limit -- which
+        limits, and when the first frees (``retry_after``)."""
+        eligible = call.eligible if call is not None else None
+        refused = context = too_big = 0
+        full: list[EndpointState] = []
+        for s in self.snap.pickable:
+            if eligible is not None and not eligible(s.endpoint):
+                refused += 1
+            elif tokens is not None and s.max_context is not None and tokens > s.max_context:
+                context += 1
+            elif s.limit is not None and s.limit.too_big(tokens):
+                too_big += 1
+            elif s.limit is not None and s.limit.full(s, now, tokens):
+                full.append(s)
+        if full:
+            first = min(s.limit.free_at(s, now, tokens) for s in full)  # type: ignore[union-attr]
+            # Only in-flight limits: about one call's time away.
+            wait = min(s.ewma(now) for s in full) if first == math.inf else max(0.0, first - now)
+            shown = "; ".join(
+                f"{s.url} ({s.limit.describe(s, now)})"  # type: ignore[union-attr]
+                for s in full[:5]
+            )
+            more = f" and {len(full) - 5} more" if len(full) > 5 else ""
+            return NoEndpointAvailable(
+                f"every endpoint this call may use is at its limits: {shown}{more}; the "
+                f"first frees in about {wait:.3g} s",
+                retry_after=wait,
+                reason="limits",
+            )
+        why = []
+        if refused:
+            why.append(f"{refused} refused by the call's eligible=")
+        if context:
+            why.append(
+                f"{context} with a max_context below the call's {tokens:.0f} estimated tokens"
+            )
+        if too_big:
+            why.append(
+                f"{too_big} with a tokens_per_minute limit below the call's {tokens:.0f} "
+                "estimated tokens"
+            )
+        n = len(self.snap.pickable)
+        others = len(self.members) - n
+        rest = f" ({others} more member(s) not pickable now)" if others else ""
+        return NoEndpointAvailable(
+            f"no endpoint is eligible for this call: of {n} pickable, {', '.join(why)}{rest}",
+            reason="ineligible",
+        )
+
+    # -- waiting for an endpoint under its limits ---------------------------------------
+
+    async def wait_capacity(self, seconds: float) -> None:
+        """Wait until an attempt on a limited endpoint ends (a slot may be free: woken
+        first come, first served, one per attempt ended) or ``seconds`` pass."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self.waiters.append(fut)
+        timer = loop.create_task(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait((fut, timer), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.wake()  # woken as it was cancelled: pass the slot on
+            raise
+        finally:
+            timer.cancel()
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+
+    def wake(self) -> None:
+        """An attempt on a limited endpoint ended: wake the first call waiting."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _take(
+        self,
+        s: EndpointState,
+        now: float,
+        tokens: float | None = None,
+        call: CallContext | None = None,
+    ) -> Lease:
         """Take an in-flight slot on the picked ``s`` (a probe slot, when its breaker is
-        half-open)."""
+        half-open), and count it against its limits."""
         probe = 0
         b = s.breaker
         if b is not None and b.state != "closed":
@@ -357,6 +542,12 @@ class Pool:
         totals = self.totals
         totals.inflight += 1
         lease = Lease(self, s, now, probe)
+        lim = s.limit
+        if lim is not None:
+            charge = lim.charge(now, tokens)
+            if charge is not None:  # a token charge, settled by the call's real usage
+                lease.charge = charge
+                lease.call = call
         if tokens:
             lease.tokens = tokens
             s.tokens += tokens
@@ -381,9 +572,14 @@ class Pool:
         s = self.pick_now(now)
         if s is None:
             raise self.empty(now)
+        lim = s.limit
+        if lim is not None and lim.full(s, now, None):  # pick again, under the limits
+            raise Handoff(self._acquire_filtered(None, None, now, None))
         b = s.breaker
         if b is not None and b.state != "closed":
             raise Handoff(self._take(s, now))
+        if lim is not None:
+            lim.charge(now, None)
         n = s.inflight + 1
         s.inflight = n
         if n > s.peak_inflight:
@@ -430,20 +626,25 @@ class Pool:
         only reason is Retry-After cooldowns)."""
         until = self.snap.cooling_until
         if self.closed:
-            return NoEndpointAvailable("the balancer is closed")
+            return NoEndpointAvailable("the balancer is closed", reason="closed")
         if not self.members:
-            return NoEndpointAvailable("the pool is empty (every endpoint was removed)")
+            return NoEndpointAvailable(
+                "the pool is empty (every endpoint was removed)", reason="empty"
+            )
         if until < math.inf:
             wait = max(0.0, until - now)
             return NoEndpointAvailable(
                 f"every pickable endpoint is cooling down after Retry-After; the first is "
                 f"back in {wait:.3g} s",
                 retry_after=wait,
+                reason="cooling",
             )
         n = len(self.members)
         draining = sum(1 for s in self.members.values() if s.draining)
         if draining == n:
-            return NoEndpointAvailable(f"all {draining} endpoint(s) are draining")
+            return NoEndpointAvailable(
+                f"all {draining} endpoint(s) are draining", reason="draining"
+            )
         return NoEndpointAvailable(f"no endpoint is pickable ({n} member(s), {draining} draining)")
 
     # -- outcomes (the lease's helpers) -----------------------------------------------------
@@ -462,6 +663,8 @@ class Pool:
             self.totals.tokens -= tokens
         if n <= 0 and (s._idle or s.remove_when_idle):
             self.idle(s)
+        if s.limit is not None and self.waiters:
+            self.wake()
 
     def idle(self, s: EndpointState) -> None:
         """No call is in flight on ``s`` any more: wake drains, remove it if retired."""
@@ -517,6 +720,8 @@ class Pool:
             self.totals.tokens -= tokens
         if n <= 0 and (s._idle or s.remove_when_idle):
             self.idle(s)
+        if s.limit is not None and self.waiters:
+            self.wake()
         b = s.breaker
         if b is not None:
             if b.state != "closed" or probe:
@@ -599,3 +804,51 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool members={len(self.members)} pickable={len(self.snap.pickable)}>"
+
+
+class _Blocked(Collection[EndpointState]):
+    """The endpoints a call may not be sent to now -- refused (``eligible=``, context
+    window) or at a limit -- as the ``exclude`` collection pickers take, tested lazily
+    (and once) for the candidates a picker actually looks at: a P2C pick tests two, not
+    the pool.  ``soft`` adds what the call would only rather avoid."""
+
+    __slots__ = ("_call", "_memo", "_now", "_pool", "_tokens", "soft")
+
+    def __init__(
+        self,
+        pool: Pool,
+        call: CallContext | None,
+        tokens: float | None,
+        now: float,
+        soft: Collection[EndpointState] | None,
+        memo: dict[EndpointState, bool] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._call = call
+        self._tokens = tokens
+        self._now = now
+        self.soft = soft
+        self._memo: dict[EndpointState, bool] = {} if memo is None else memo
+
+    def hard(self) -> _Blocked:
+        """The same, without the endpoints only to be avoided."""
+        return _Blocked(self._pool, self._call, self._tokens, self._now, None, self._memo)
+
+    def __contains__(self, s: object) -> bool:
+        soft = self.soft
+        if soft and s in soft:
+            return True
+        memo = self._memo
+        out: bool | None = memo.get(s)  # type: ignore[call-overload]
+        if out is None:
+            out = memo[s] = self._pool.blocks(s, self._call, self._tokens, self._now)  # type: ignore[index, arg-type]
+        return out
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[EndpointState]:
+        return (s for s in self._pool.snap.pickable if s in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

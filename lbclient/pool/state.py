@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .._endpoint import Endpoint
+from .._endpoint import Endpoint, max_context
 
 if TYPE_CHECKING:
     import asyncio
 
     from ..policies.breaker import BreakerState
+    from .limits import LimitState
 
 __all__ = ["PENALTY_DECAY", "EndpointState", "Latency"]
 
@@ -126,7 +127,9 @@ class EndpointState(Latency):
         "ignored",
         "inflight",
         "last_failure",
+        "limit",
         "lost",
+        "max_context",
         "peak_inflight",
         "penalty",
         "penalty_at",
@@ -190,6 +193,24 @@ class EndpointState(Latency):
         self.chunks = 0
         self.stream_time = 0.0
         self._idle: list[asyncio.Event] = []
+        self.limit: LimitState | None = None
+        self.max_context: float | None = None
+        self.configure(endpoint)
+
+    def configure(self, endpoint: Endpoint) -> None:
+        """Take the limits and context window of ``endpoint`` (a new member, or a
+        survivor whose attributes changed: its windows are kept when the limits change)."""
+        self.max_context = max_context(endpoint)
+        limits = endpoint.limits
+        if limits is None:
+            self.limit = None
+        elif self.limit is None or self.limit.limits != limits:
+            from .limits import LimitState
+
+            old = self.limit
+            self.limit = LimitState(limits)
+            if old is not None:
+                self.limit.carry(old)
 
     @property
     def call(self) -> Latency:

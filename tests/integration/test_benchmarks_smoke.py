@@ -231,6 +231,55 @@ def test_picking_against_the_oracle_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_sdk_benchmark_tiny_writes_json_and_png(tmp_path: Path) -> None:
+    """A tiny ``benchmarks/sdk.py`` run: the OpenAI SDK through ``HTTPTransport`` and with
+    its own retries on the faulty fleet (plain and streaming), the transport's CPU
+    overhead, the dead primary falling back.  Sane figures, not the targets."""
+    pytest.importorskip("openai")
+    _run(
+        "sdk.py",
+        "--calls",
+        "100",
+        "--warmup",
+        "10",
+        "--rounds",
+        "1",
+        "--rate",
+        "120",
+        "--overhead-requests",
+        "100",
+        "--overhead-rounds",
+        "3",
+        "--fallback-calls",
+        "20",
+        "--out",
+        str(tmp_path),
+        timeout=80.0,
+    )
+    assert (tmp_path / "sdk.png").read_bytes()[:8] == PNG_MAGIC
+    data: dict[str, Any] = json.loads((tmp_path / "sdk.json").read_text())
+    for part in ("faults", "faults_stream"):
+        policies = data[part]["policies"]
+        assert set(policies) == {"sdk_retries", "lbclient"}
+        ours = policies["lbclient"]
+        assert ours["success_pct"] == 100.0, ours  # retried and hedged, never mixed
+        _check_latency(ours["latency_ms"])
+        assert 1.0 <= ours["attempts_per_call"] < 1.2
+        assert ours["share_pct"][0] < 10.0  # the failing replica is left alone
+        assert policies["sdk_retries"]["success_pct"] < 100.0  # 1 in 8 fail 3 times there
+    assert data["faults_stream"]["policies"]["lbclient"]["ttft_ms"]["p50"] > 0
+    overhead = data["overhead"]
+    # Sanity only: three rounds of 100 requests on a shared machine are noisy (the target
+    # needs the full run's 12 rounds of 500).
+    assert 0.6 < overhead["ratio"] < 2.0
+    assert len(overhead["pair_ratios"]) == 3
+    fallback = data["fallback"]
+    assert fallback["served_by_fallback_pct"] == 100.0
+    assert fallback["primary_attempts_per_call"] <= 1.0
+    assert {t["target"] for t in data["targets"]} >= {"transport client CPU <= 1.15x plain httpx"}
+
+
+@pytest.mark.timeout(90)
 def test_admission_scenarios_on_virtual_time_smoke(tmp_path: Path) -> None:
     """``benchmarks/admission.py --quick --virtual``: the five admission scenarios on
     virtual time (deterministic), every target judged and met, both plots written."""

@@ -216,3 +216,44 @@ def operate() -> None:
     text: str = to_yaml(manifests(Manifests(name="llm", image="img", max_replicas=plan2.replicas)))
     monthly: float = CostModel().plan(rps=100).monthly
     del dropped, replicas, text, monthly
+
+async def integrations() -> None:
+    """The httpx transport, fallback pools, limits and eligibility, typed."""
+    import httpx
+
+    limited = lbclient.Endpoint(
+        "http://d",
+        metadata={"max_context": 8192, "models": ["m"]},
+        limits=lbclient.Limits(max_in_flight=4, requests_per_minute=600, tokens_per_minute=9e4),
+    )
+    vendor = lbclient.Balancer([limited], name="vendor")
+    lb = lbclient.Balancer(["http://e"], fallback=vendor, name="self-hosted")
+    chain: lbclient.Balancer | None = lb.fallback
+
+    @lb.route(eligible=lambda ep, model: model in ep.metadata["models"], fallback=False)
+    async def complete(endpoint: lbclient.Endpoint, model: str) -> str:
+        return endpoint.url
+
+    url: str = await complete("m")
+    got: str = await lb.call(complete, "m", eligible=lambda ep: ep.region is None)
+    async with lb.pick(eligible=lambda ep: True, fallback=False) as endpoint:
+        del endpoint
+    transport = lbclient.HTTPTransport(
+        lb,
+        base_path="/v1",
+        tenant=lambda request: request.headers.get("x-user"),
+        eligible=lambda ep, request: ep.weight > 0,
+        headers=lambda ep: {"Authorization": "Bearer k"},
+    )
+    async with httpx.AsyncClient(transport=transport) as http:
+        del http
+    try:
+        await complete("m")
+    except lbclient.PoolsExhausted as exc:
+        pools: tuple[lbclient.PoolFailure, ...] = exc.pools
+        when: float | None = exc.retry_after
+        del pools, when
+    except lbclient.NoEndpointAvailable as exc2:
+        why: str = exc2.reason
+        del why
+    del chain, url, got
