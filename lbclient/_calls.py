@@ -11,7 +11,7 @@ from ._context import CallContext
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
 from .engine.engine import Engine
-from .engine.metered import Meter, MeteredPick
+from .engine.metered import Meter
 from .engine.pick import PickedEndpoint
 from .engine.route import (
     RouteDecorator,
@@ -161,9 +161,8 @@ class Calls:
             eligible=eligible,
             fallback=fallback,
             prefix=prefix,
+            meter=self._meter,  # a cost policy: reserve before, settle after
         )
-        if self._meter is not None:  # a cost policy: reserve before, settle after
-            options = functools.partial(self._meter.route, options, tokens=tokens)
         return options if fn is None else options(fn)
 
     async def call(
@@ -236,7 +235,7 @@ class Calls:
         eligible: Callable[[Endpoint], bool] | None = None,
         fallback: bool = True,
         prefix: str | None = None,
-    ) -> PickedEndpoint | MeteredPick:
+    ) -> PickedEndpoint:
         """``async with lb.pick() as endpoint:`` -- one attempt for code that cannot be
         decorated; an exception leaving the block is recorded as that endpoint's failure
         (when it is the endpoint's fault).  ``timeout`` bounds the block (default:
@@ -263,7 +262,6 @@ class Calls:
             call.eligible = check_eligible(eligible)
         if not isinstance(fallback, bool):
             raise ConfigError(f"fallback must be a bool, got {fallback!r}")
-        picked = PickedEndpoint(self._engine, call, fallback)
         if self._meter is not None:
-            return self._meter.pick(picked, call)
-        return picked
+            return self._meter.pick(call, fallback)
+        return PickedEndpoint(self._engine, call, fallback)

@@ -32,12 +32,12 @@ from .._endpoint import Endpoint
 from .._errors import Overloaded
 from ..admission.spend import Charge, Ledger
 from ..policies.cost import CostPolicy, PriceBook
+from .pick import PickedEndpoint
 from .route import check_tokens
 
 if TYPE_CHECKING:
     from .._context import CallContext
     from .engine import Engine
-    from .pick import PickedEndpoint
 
 __all__ = ["Meter"]
 
@@ -134,12 +134,12 @@ class Meter:
 
     def route(
         self,
-        make: Callable[[Callable[..., Any]], Callable[..., Any]],
+        routed: Callable[..., Any],
         fn: Callable[..., Any],
         tokens: Callable[..., object] | None,
     ) -> Callable[..., Any]:
-        """``make(fn)`` (the engine's route) metered: reserve, run, settle."""
-        routed = make(self.attempts(fn))
+        """The engine's route (``routed``, made of :meth:`attempts` of ``fn``) metered:
+        reserve, run, settle."""
         meter = self
 
         def estimate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
@@ -198,35 +198,36 @@ class Meter:
             _CHARGE.reset(token)
             self.settle(charge)
 
-    def pick(self, picked: PickedEndpoint, call: CallContext) -> MeteredPick:
-        return MeteredPick(self, picked, call)
+    def pick(self, call: CallContext, fallback: bool = True) -> MeteredPick:
+        return MeteredPick(self, call, fallback)
 
 
-class MeteredPick:
-    """``async with lb.pick() as endpoint:`` under a cost policy: reserve on entry (before
-    the pick), the block is the attempt, settle on exit."""
+class MeteredPick(PickedEndpoint):
+    """``async with lb.pick() as endpoint:`` under a cost policy: this pool's pick
+    reserves first (before the pick; a call shed at the budget may then be picked from
+    the fallback pool, metered there), the block is the attempt, settle on exit."""
 
-    __slots__ = ("_begun", "_charge", "_meter", "_picked", "_token", "call")
+    __slots__ = ("_begun", "_charge", "_meter", "_token")
 
-    def __init__(self, meter: Meter, picked: PickedEndpoint, call: CallContext) -> None:
+    def __init__(self, meter: Meter, call: CallContext, fallback: bool = True) -> None:
+        super().__init__(meter.engine, call, fallback)
         self._meter = meter
-        self._picked = picked
-        self.call = call
         self._charge: Charge | None = None
         self._begun: Any = None
         self._token: Any = None
 
-    async def __aenter__(self) -> Endpoint:
+    async def _enter(self) -> Endpoint:
         meter = self._meter
-        charge = self._charge = meter.reserve(self.call.tokens)
+        charge = meter.reserve(self._call.tokens)
         token = _CHARGE.set(charge)
         try:
-            endpoint = await self._picked.__aenter__()
+            endpoint = await super()._enter()
             self._begun = meter._begin(endpoint)
         except BaseException:
             _CHARGE.reset(token)
             meter.settle(charge)
             raise
+        self._charge = charge
         self._token = token
         return endpoint
 
@@ -236,13 +237,15 @@ class MeteredPick:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        charge = self._charge
+        if charge is None:  # picked from the fallback pool (metered there), or not entered
+            await super().__aexit__(exc_type, exc, tb)
+            return
         meter = self._meter
         try:
             meter._end(self._begun, exc is None)
-            await self._picked.__aexit__(exc_type, exc, tb)
+            await super().__aexit__(exc_type, exc, tb)
         finally:
-            if self._token is not None:
-                _CHARGE.reset(self._token)
-                self._token = None
-            if self._charge is not None:
-                meter.settle(self._charge)
+            _CHARGE.reset(self._token)
+            self._charge = self._token = None
+            meter.settle(charge)

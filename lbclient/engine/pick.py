@@ -68,6 +68,7 @@ class PickedEndpoint:
                 tokens=call.tokens,
                 priority=call.priority,
                 eligible=call.eligible,
+                prefix=call.prefix,
             )
             endpoint = await picked.__aenter__()
             self._elsewhere = picked

@@ -34,6 +34,7 @@ from .retrying import converted_cancel, retry_from, rounds, run
 if TYPE_CHECKING:
     from ..admission.gate import Permit
     from .engine import Engine
+    from .metered import Meter
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -242,8 +243,13 @@ def make_route(
     prefix: Callable[..., object] | None = None,
     eligible: Callable[..., object] | None = None,
     fallback: bool = True,
+    meter: Meter | None = None,
 ) -> Callable[..., Any]:
-    """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``."""
+    """Wrap ``fn(endpoint, *args, **kwargs)`` so callers call ``wrapped(*args, **kwargs)``.
+
+    Under a cost policy (``meter``) each attempt of ``fn`` is recorded and the call
+    reserves and settles in this pool's ledger -- inside the fallback wrapper, so a call
+    shed at the budget goes to the fallback pool, which meters it by its own policy."""
     check_async(fn, "@lb.route", streams=True)
     extract = Extract(key, tenant, tokens, priority, prefix, eligible)
     deadline = check_timeout(timeout)
@@ -255,17 +261,20 @@ def make_route(
     stream = inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
         getattr(fn, "__call__", None)  # noqa: B004
     )
+    attempt = fn if meter is None else meter.attempts(fn)
     if stream:
         from .streaming import make_stream_route
 
-        wrapped = make_stream_route(engine, fn, extract, deadline, idle)
+        wrapped = make_stream_route(engine, attempt, extract, deadline, idle)
     else:
         if idle is not None:
             raise ConfigError(
                 f"idle_timeout applies to streaming routes (async generators) only; {fn!r} "
                 "is a plain async function: use timeout="
             )
-        wrapped = functools.wraps(fn)(_variant(engine, fn, extract, deadline))
+        wrapped = functools.wraps(fn)(_variant(engine, attempt, extract, deadline))
+    if meter is not None:
+        wrapped = meter.route(wrapped, fn, tokens)
     if not fallback or engine.fallback is None:
         return wrapped
     from .fallback import with_fallback

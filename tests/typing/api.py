@@ -217,6 +217,7 @@ def operate() -> None:
     monthly: float = CostModel().plan(rps=100).monthly
     del dropped, replicas, text, monthly
 
+
 async def integrations() -> None:
     """The httpx transport, fallback pools, limits and eligibility, typed."""
     import httpx

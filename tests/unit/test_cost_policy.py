@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -145,3 +146,48 @@ def test_spend_never_passes_the_ceiling_when_estimates_hold(
     for charge, _ in open_:
         led.settle(charge, now)
     assert led.spent <= ceiling + 1e-9 and led.max_overshoot <= 1e-9
+
+
+async def test_a_cost_policy_and_a_fallback_pool_together() -> None:
+    """Each pool meters its own calls: the primary's budget sheds (``Overloaded``), so
+    the call falls back; the fallback's spend is its own, the primary's ledger settles."""
+    vendor = lbclient.Balancer(
+        [lbclient.Endpoint("http://vendor", metadata={"price_per_1k_tokens": 1.0})],
+        cost=lbclient.CostPolicy(),
+        name="vendor",
+    )
+    lb = lbclient.Balancer(
+        [lbclient.Endpoint("http://own", metadata={"price_per_1k_tokens": 1.0})],
+        cost=lbclient.CostPolicy(ceiling=1.5, period=3600.0),
+        fallback=vendor,
+    )
+
+    async def fn(endpoint: lbclient.Endpoint) -> str:
+        lbclient.report_usage(1000, 0)
+        return endpoint.url
+
+    @lb.route(tokens=lambda: 1000)
+    async def routed(endpoint: lbclient.Endpoint) -> str:
+        return await fn(endpoint)
+
+    assert await lb.call(fn, tokens=1000) == "http://own"  # 1.0 of 1.5 spent
+    assert await lb.call(fn, tokens=1000) == "http://vendor"  # 1.0 more would pass it
+    @lb.route(tokens=lambda: 1000)
+    async def streamed(endpoint: lbclient.Endpoint) -> AsyncIterator[str]:
+        lbclient.report_usage(1000, 0)
+        yield endpoint.url
+
+    assert await routed() == "http://vendor"
+    assert [chunk async for chunk in streamed()] == ["http://vendor"]
+    async with lb.pick(tokens=1000) as endpoint:
+        assert endpoint.url == "http://vendor"
+        lbclient.report_usage(1000, 0)
+    with pytest.raises(lbclient.Overloaded):
+        await lb.call(fn, tokens=1000, fallback=False)
+    own, theirs = lb.spend(), vendor.spend()
+    assert own.spent == pytest.approx(1.0) and own.reserved == 0 and own.in_flight == 0
+    assert own.shed == 5 and own.by_endpoint == {"http://own": pytest.approx(1.0)}
+    assert theirs.calls == 4 and theirs.by_endpoint == {"http://vendor": pytest.approx(4.0)}
+    assert theirs.reserved == 0 and theirs.in_flight == 0
+    await lb.aclose()
+    await vendor.aclose()
