@@ -14,6 +14,11 @@ that defeats budgets checked before a call and counted after it).  At any moment
 ``spent + reserved <= ceiling`` holds for every call admitted; the spend of a period can
 only pass the ceiling by what calls in flight cost *beyond* their reservations.
 
+Under shared state (``Balancer(shared=RedisState(...))``) the ceiling is the fleet's:
+a reservation must also fit in the allowance this process leased from the fleet
+(:class:`~lbclient.shared.budget.FleetBudget`, topped up in the background, never
+awaited), and the fleet's grants never pass the ceiling.
+
 Periods are fixed windows of ``period`` seconds from the first reservation.  A
 reservation outlives its period: a call reserved at 09:59:59 and settled at 10:00:02 is
 charged to the period it ends in (that money is spent now), and its reservation counts
@@ -34,6 +39,7 @@ from .._errors import Overloaded
 
 if TYPE_CHECKING:
     from ..policies.cost import CostPolicy, Price
+    from ..shared.budget import FleetBudget
 
 __all__ = ["AttemptSpend", "Charge", "Ledger", "SpendStats", "spend_stats"]
 
@@ -89,8 +95,11 @@ class Charge:
 class Ledger:
     """Spend per period, reservations in flight, and what was shed (one balancer)."""
 
-    def __init__(self, policy: CostPolicy) -> None:
+    def __init__(self, policy: CostPolicy, fleet: FleetBudget | None = None) -> None:
         self.policy = policy
+        self.fleet = fleet  # this process's lease of the fleet's ceiling, or None
+        if fleet is not None:
+            fleet.in_flight = lambda: self.reserved
         self.ceiling = policy.ceiling
         self.period = policy.period
         self.period_start: float | None = None
@@ -125,9 +134,21 @@ class Ledger:
         """Hold ``amount`` for a call, or raise :class:`Overloaded` ``("budget")``."""
         self._roll(now)
         ceiling = self.ceiling
-        if ceiling is not None and self.spent + self.reserved + amount > ceiling:
+        fleet = self.fleet
+        if ceiling is not None and (
+            self.spent + self.reserved + amount > ceiling
+            or (fleet is not None and not fleet.reserve(amount))
+        ):
             self.shed += 1
             left = max(0.0, ceiling - self.spent - self.reserved)
+            if fleet is not None and self.spent + self.reserved + amount <= ceiling:
+                raise Overloaded(
+                    "budget",
+                    f"shed (budget): this call may cost up to {amount:.4g}; the fleet has "
+                    f"claimed {fleet.fleet:.4g} of the {ceiling:g} ceiling this period and "
+                    f"this process holds {max(0.0, fleet.room()):.4g} of it free",
+                    retry_after=min(1.0, self.ends_in(now)),
+                )
             raise Overloaded(
                 "budget",
                 f"shed (budget): this call may cost up to {amount:.4g}; {self.spent:.4g} spent "
@@ -158,6 +179,8 @@ class Ledger:
         self.spent += cost
         self.total += cost
         self.calls += 1
+        if self.fleet is not None:
+            self.fleet.settle(charge.amount, cost)
         ceiling = self.ceiling
         if ceiling is not None:
             over = self.spent + self.reserved - ceiling
@@ -185,6 +208,9 @@ class SpendStats:
     * ``max_overshoot`` -- the most ``spent + reserved`` ever passed the ceiling by
       (0 unless calls cost more than their reservations).
     * ``history`` -- ``(period start, spent)`` of past periods, oldest first.
+    * ``fleet_claimed`` -- under shared state, what the fleet's processes have claimed
+      of the ceiling in the current window (granted to them, spent or held), as of
+      this process's last claim; ``None`` without shared state.
     """
 
     ceiling: float | None
@@ -200,6 +226,13 @@ class SpendStats:
     max_overshoot: float
     by_endpoint: Mapping[str, float]
     history: tuple[tuple[float, float], ...]
+    fleet_claimed: float | None = None
+
+
+def _left(ledger: Ledger, ceiling: float) -> float:
+    left = max(0.0, ceiling - ledger.spent - ledger.reserved)
+    fleet = ledger.fleet
+    return left if fleet is None else min(left, max(0.0, fleet.room()))
 
 
 def spend_stats(ledger: Ledger, now: float) -> SpendStats:
@@ -211,7 +244,7 @@ def spend_stats(ledger: Ledger, now: float) -> SpendStats:
         spent=ledger.spent,
         reserved=ledger.reserved,
         in_flight=ledger.in_flight,
-        left=None if ceiling is None else max(0.0, ceiling - ledger.spent - ledger.reserved),
+        left=None if ceiling is None else _left(ledger, ceiling),
         period_ends_in=ends,
         total=ledger.total,
         calls=ledger.calls,
@@ -219,4 +252,5 @@ def spend_stats(ledger: Ledger, now: float) -> SpendStats:
         max_overshoot=ledger.max_overshoot,
         by_endpoint=dict(ledger.by_endpoint),
         history=tuple(ledger.history),
+        fleet_claimed=None if ledger.fleet is None else ledger.fleet.fleet,
     )

@@ -54,7 +54,17 @@ class Meter:
     def __init__(self, engine: Engine, policy: CostPolicy, book: PriceBook | None = None) -> None:
         self.engine = engine
         self.policy = policy
-        self.ledger = Ledger(policy)
+        fleet = None
+        budget = getattr(engine.pool.shared, "budget", None)  # shared state's link
+        if budget is not None and policy.ceiling is not None:
+            # One fleet-wide ceiling per balancer name in the Redis namespace.
+            fleet = budget(f"cost:{engine.name or 'default'}", policy.ceiling, policy.period)
+            members = (s.endpoint for s in engine.pool.members.values())
+            typical = (book or PriceBook()).dearest(
+                members, policy.estimate_tokens, policy.estimate_seconds
+            )
+            fleet.largest = max(fleet.largest, typical)  # the first claim covers a call
+        self.ledger = Ledger(policy, fleet)
         self.book = book or PriceBook()
 
     # -- reserve / settle ---------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .._endpoint import normalize_url
 from ..observe.events import BreakerEvent, FleetEvent
 from ..observe.stats import FleetQuotaStats, SharedStats
+from .budget import GRACE, FleetBudget
 from .counter import FleetCounter
 from .evidence import EJECT, SUSPECT, Evidence
 from .lease import SharedTenantQuota
@@ -82,6 +83,7 @@ class FleetLink:
         self.evidence = Evidence()
         self.quotas: list[SharedTenantQuota] = []
         self.counters: dict[str, FleetCounter] = {}
+        self.budgets: dict[str, FleetBudget] = {}
         self.closed = False
         self.wake: asyncio.Event | None = None  # set by the background task's loop
         self.syncer: Syncer | None = None
@@ -173,6 +175,15 @@ class FleetLink:
                 name, window, lambda: (self.peers, self.mode == CONNECTED)
             )
         return c
+
+    def budget(self, name: str, ceiling: float, period: float) -> FleetBudget:
+        """A fleet-wide ceiling leased to this process (see :mod:`lbclient.shared.budget`)."""
+        b = self.budgets.get(name)
+        if b is None:
+            b = self.budgets[name] = FleetBudget(
+                name, ceiling, period, lambda: (self.peers, self.mode == CONNECTED)
+            )
+        return b
 
     # -- the outbox -----------------------------------------------------------------------
 
@@ -377,6 +388,10 @@ class FleetLink:
         for q in self.quotas:
             for b in q.buckets():
                 b.go_leasing(self.peers)
+        if was == DEGRADED:
+            rounds = math.ceil(GRACE / max(self.config.sync_interval, 0.01))
+            for budget in self.budgets.values():
+                budget.reconnected(rounds)
         self.own_state()
         self._event(
             "connected",

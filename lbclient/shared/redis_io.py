@@ -112,6 +112,24 @@ return {tostring(grant), tostring(level), tostring(total)}
 
 LEASE_SHA = hashlib.sha1(LEASE_SCRIPT.encode()).hexdigest()
 
+# A cost ceiling's claim (lbclient.shared.budget): what is owed (or given back) is added
+# whatever the ceiling says; then up to ``ask`` of what is left under it is granted.
+# At most a fair share of what is left (left / peers, at least one call's worth), so the
+# fastest claimer cannot take it all, and debts that land after an outage find room.
+# KEYS[1]: the window's key; ARGV: delta, ask, ceiling, ttl (s), peers, one call's worth.
+# Returns {grant, total, the total before}
+# as strings (a Lua number would reach the client truncated to an integer).
+BUDGET_SCRIPT = """
+local prev = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = prev + tonumber(ARGV[1])
+local left = math.max(0, tonumber(ARGV[3]) - cur)
+local share = math.max(tonumber(ARGV[6]), left / tonumber(ARGV[5]))
+local grant = math.min(tonumber(ARGV[2]), left, share)
+cur = cur + grant
+redis.call('SET', KEYS[1], tostring(cur), 'EX', tonumber(ARGV[4]))
+return {tostring(grant), tostring(cur), tostring(prev)}
+"""
+
 
 def _lost(exc: BaseException) -> bool:
     """Is ``exc`` a lost connection (degrade at once) rather than one slow reply?"""
@@ -165,6 +183,7 @@ class Syncer:
         self.offset = time.time() - time.monotonic()  # server clock - monotonic (s)
         self.failures = 0
         self.next_full = 0.0
+        self.budgets_at: float | None = None  # when budgets were last planned (monotonic)
 
     # -- the task ---------------------------------------------------------------------------
 
@@ -354,16 +373,20 @@ class Syncer:
         link = self.link
         client = self.client
         events = link.take_outbox()
-        if not events and not full:
+        returns = not full and any(b.returning for b in link.budgets.values())
+        if not events and not full and not returns:
             return
         round_ = _Round(client.pipeline(transaction=False))
         if events:
             self._publish(round_, events)
+        if returns:
+            self._budget_returns(round_)
         if full:
             self._clock(round_)
             self._heartbeat(round_, link.counted)
             self._leases(round_)
             self._counters(round_)
+            self._budgets(round_)
         await self._execute(round_)
         if full:
             link.rounds += 1
@@ -563,6 +586,76 @@ class Syncer:
             round_.add(synced, lost).incrbyfloat(key, amount)
             round_.add().expire(key, ttl)
 
+    def _budgets(self, round_: _Round) -> None:
+        """Cost ceilings (:mod:`lbclient.shared.budget`): what is owed or given back,
+        and a claim on what is left under the ceiling."""
+        budgets = self.link.budgets
+        if not budgets:
+            return
+        now = time.monotonic()
+        elapsed = now - self.budgets_at if self.budgets_at is not None else 0.0
+        self.budgets_at = now
+        prefix = self.cfg.prefix
+        server_s = self.server_ms() / 1000
+        for b in budgets.values():
+            b.roll(int(server_s // b.period))
+            owed, give, ask = b.plan(elapsed, self.cfg.sync_interval)
+            key = f"{prefix}:b:{b.name}:{b.window_id}"
+            ttl = max(1, int(2 * b.period))
+            if not (owed or give or ask > 0):
+                continue
+
+            def lost(exc: BaseException, b: Any = b, owed: float = owed) -> None:
+                b.lost(owed)
+
+            if self.scripts:  # atomic: a refused ask never inflates the key
+
+                def claimed(
+                    reply: Any, b: Any = b, ask: float = ask, wid: int = b.window_id
+                ) -> None:
+                    if b.window_id == wid:
+                        b.answered(ask, _float(reply[1]), _float(reply[2]), _float(reply[0]))
+
+                args = (
+                    repr(float(owed - give)),
+                    repr(float(ask)),
+                    repr(float(b.ceiling)),
+                    ttl,
+                    b.peers,
+                    repr(float(b.largest)),
+                )
+                round_.add(claimed, lost).eval(BUDGET_SCRIPT, 1, key, *args)
+                continue
+            # Without scripts: INCRBYFLOAT's reply tells what was claimed before this
+            # ask; the part refused goes back next round (the key errs high meanwhile).
+            if owed or give:
+                round_.add(None, lost).incrbyfloat(key, owed - give)
+            if ask > 0:
+
+                def answered(
+                    reply: Any,
+                    b: Any = b,
+                    ask: float = ask,
+                    delta: float = owed - give,
+                    wid: int = b.window_id,
+                ) -> None:
+                    if b.window_id == wid:
+                        total = _float(reply)
+                        b.answered(ask, total, total - ask - delta)
+                        if b.returning and self.link.wake is not None:
+                            self.link.wake.set()  # give the refused part back now
+
+                round_.add(answered).incrbyfloat(key, ask)
+            round_.add().expire(key, ttl)
+
+    def _budget_returns(self, round_: _Round) -> None:
+        """Without scripts: what a claim took beyond the ceiling goes back at once (it
+        inflates the key, refusing the others, until it does)."""
+        for b in self.link.budgets.values():
+            give, b.returning = b.returning, 0.0
+            if give and b.window_id >= 0:
+                round_.add().incrbyfloat(f"{self.cfg.prefix}:b:{b.name}:{b.window_id}", -give)
+
     # -- closing ------------------------------------------------------------------------------
 
     async def farewell(self) -> None:
@@ -595,6 +688,11 @@ class Syncer:
                             int(max(3 * self.cfg.sync_interval, 0.5) * 1000),
                             link.peers,
                         )
+        for fb in link.budgets.values():  # what is held free goes back to the fleet
+            free = fb.granted - fb.used
+            if fb.leased and free > 0 and fb.window_id >= 0:
+                fb.granted -= free
+                round_.add().incrbyfloat(f"{self.cfg.prefix}:b:{fb.name}:{fb.window_id}", -free)
         with contextlib.suppress(*_IO_ERRORS):
             await self._execute(round_)
 

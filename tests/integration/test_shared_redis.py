@@ -481,3 +481,95 @@ async def test_a_fleet_counter_sums_every_process_s_spend(
     await wait_until(lambda: all(mode(lb) == "degraded" for lb in lbs), 2.0)
     counters[0].add(1.0)
     assert counters[0].total() == pytest.approx(9.0 + 3.0)
+
+
+def cost_fleet(fleet: Fleet, url: str, namespace: str, n: int = 3) -> list[lbclient.Balancer]:
+    state = lbclient.RedisState(url, namespace=namespace)
+    priced = [lbclient.Endpoint(u, metadata={"price_per_1k_tokens": 1.0}) for u in FAKE]
+    policy = lbclient.CostPolicy(ceiling=10.0, period=3600.0, latency_factor=None)
+    return [fleet.add(priced, state, cost=policy, name="llm") for _ in range(n)]  # type: ignore[arg-type]
+
+
+async def spend_half(endpoint: lbclient.Endpoint) -> None:
+    await asyncio.sleep(0.005)
+    lbclient.report_usage(500, 0)  # 0.5 a call; the reservation holds 1.0
+
+
+async def spend_while_allowed(lb: lbclient.Balancer, calls: int = 40) -> int:
+    served = 0
+    for _ in range(calls):
+        try:
+            await lb.call(spend_half, tokens=1000)
+            served += 1
+        except lbclient.Overloaded as exc:
+            assert exc.reason == "budget"
+        await asyncio.sleep(0.01)
+    return served
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "incrbyfloat"])
+async def test_a_cost_ceiling_holds_for_the_fleet_not_per_process(
+    fleet: Fleet,
+    redis_factory: Callable[..., RedisServer],
+    redis_namespace: str,
+    scripts: bool,
+) -> None:
+    """Three processes under one ``CostPolicy(ceiling=10)``, each trying to spend 20 in
+    0.6 s: together they spend the ceiling, not 3x it -- each reserves only from what it
+    leased from the fleet, and the fleet's grants never pass the ceiling."""
+    refuse = () if scripts else ("--rename-command", "EVAL", "", "--rename-command", "EVALSHA", "")
+    server = redis_factory(*refuse)
+    lbs = cost_fleet(fleet, server.url, redis_namespace)
+    await fleet.start()
+    await wait_until(lambda: all(peers(lb) == 3 for lb in lbs))
+    served = await asyncio.gather(*(spend_while_allowed(lb) for lb in lbs))
+    spent = sum(lb.spend().spent for lb in lbs)
+    print(f"fleet ceiling 10: served {served}, spent {spent:.2f}")
+    assert 8.0 <= spent <= 10.0, (served, spent)  # per process: 3 x 10 = 30
+    stats = lbs[0].spend()
+    assert stats.left is not None and stats.left <= 1.0
+    assert stats.fleet_claimed is not None and stats.fleet_claimed >= 8.0
+    if scripts:  # (INCRBYFLOAT's total counts others' asks until they give them back)
+        assert stats.fleet_claimed <= 10.0 + 1e-9
+    with pytest.raises(lbclient.Overloaded, match="fleet has claimed"):
+        await lbs[0].call(spend_half, tokens=1000)
+
+
+async def test_a_cost_ceiling_with_redis_gone_splits_by_peers_and_owes_it_back(
+    fleet: Fleet, redis_factory: Callable[..., RedisServer], redis_namespace: str
+) -> None:
+    """Redis killed: each process may use ceiling / live peers, never the whole ceiling;
+    what it spent meanwhile is owed to the fleet once Redis is back."""
+    import redis.asyncio as aioredis
+
+    server = redis_factory()
+    lbs = cost_fleet(fleet, server.url, redis_namespace)
+    await fleet.start()
+    await wait_until(lambda: all(peers(lb) == 3 for lb in lbs))
+    server.kill()
+    await wait_until(lambda: all(mode(lb) == "degraded" for lb in lbs), 2.0)
+    served = await asyncio.gather(*(spend_while_allowed(lb, 15) for lb in lbs))
+    spent = [lb.spend().spent for lb in lbs]
+    assert all(s <= 10.0 / 3 + 1e-9 for s in spent), spent  # each: ceiling / 3 peers
+    assert sum(spent) >= 7.0, (served, spent)
+    server.start()  # empty: what the fleet claimed before is gone with it
+    await wait_until(lambda: all(mode(lb) == "connected" for lb in lbs), 3.0)
+    client = aioredis.Redis.from_url(server.url)
+    try:
+
+        async def owed() -> float:  # the window's key, rebuilt from the debts
+            keys = await client.keys(f"*{redis_namespace}*:b:*")
+            assert len(keys) <= 1
+            return float(await client.get(keys[0]) or 0) if keys else 0.0
+
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while await owed() < sum(spent) - 1e-6:
+            assert asyncio.get_running_loop().time() < deadline, await owed()
+            await asyncio.sleep(0.05)
+        # The fleet knows what was spent in the outage: what is left is the rest.
+        await asyncio.gather(*(spend_while_allowed(lb, 15) for lb in lbs))
+        total = sum(lb.spend().spent for lb in lbs)
+        assert total <= 10.0 + 1e-9, (spent, total)
+    finally:
+        await client.aclose()
+        await fleet.aclose()
