@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Charge", "FleetShare", "LimitState", "Window", "fits"]
 
-RESYNC = 0.05
-"""Seconds a call held back only until the next sync (see :meth:`FleetShare.full`) is
-told to try again after (``retry_after``): about a sync away."""
 
 Charge = list[float]
 """One entry of a window: ``[time, amount]`` (a list, so a settlement can change it)."""
@@ -118,10 +115,11 @@ class FleetShare:
       (a peer's settlement that lowered it takes back from the newest entries).  So the
       fleet's usage is ``local + others``, sliding like the local window, about a sync
       behind.
-    * So that N processes starting a burst together do not each spend the whole room
-      before a sync tells them about each other, what this process sent since its last
-      confirmed sync may be at most its share (``/ peers``) of the room the last sync
-      left.  The fleet overshoots only by what the processes' views differ by.
+    * What the others sent too recently to show yet is taken to be what this process
+      sent over that time (the counter's ``lag``: two syncs and a round trip), once per
+      other live process: so N processes starting a burst together do not each spend
+      the whole room before a sync tells them about each other (each stops near its
+      share), while at a steady rate the estimate is a sliver of a minute's limit.
     * While Redis is out of reach (or not reached yet) the local window is held to
       ``limit / peers`` (the live count last seen, at least ``expected_peers``), as the
       fleet's quotas are -- and to ``limit`` with what the others sent last known.
@@ -130,14 +128,21 @@ class FleetShare:
     window before it (up to one ``sync_interval`` of their traffic, once a minute).
     """
 
-    __slots__ = ("counter", "limit", "others", "seen", "seen_window")
+    __slots__ = ("counter", "limit", "others", "recent", "seen", "seen_window")
 
     def __init__(self, counter: FleetCounter, limit: float) -> None:
         self.counter = counter
         self.limit = limit
         self.others = Window()
+        self.recent = Window(counter.lag)  # what this process sent within the lag
         self.seen_window = counter.window_id
         self.seen = counter.fleet - counter.own
+
+    def add(self, now: float, amount: float) -> None:
+        """This process sent ``amount`` (a settlement's correction when < 0)."""
+        self.counter.add(amount)
+        if amount > 0:
+            self.recent.add(now, amount)
 
     def read(self, now: float) -> float:
         """What the other processes sent in the last minute, as of the last sync."""
@@ -170,9 +175,8 @@ class FleetShare:
                 c.pending = max(0.0, local)
             return not fits(local, need, limit / max(1, peers))
         if peers > 1:
-            unsynced = self.counter.unsynced()
-            room = limit - (local - unsynced) - others
-            return not fits(unsynced, need, room / peers)
+            unseen = (peers - 1) * self.recent.expire(now)
+            return not fits(local + others + unseen, need, limit)
         return False
 
     def free_at(self, now: float, mine: Window, need: float) -> float:
@@ -194,12 +198,13 @@ class FleetShare:
         if not connected:
             when = max(when, mine.room_at(now, limit / max(1, peers), need))
         elif self.full(now, local, need) and when <= now:
-            when = now + RESYNC
+            when = now + self.counter.lag  # held back for what the others may have sent
         return when
 
     def carry(self, old: FleetShare) -> None:
         if old.counter is self.counter:
             self.others, self.seen, self.seen_window = old.others, old.seen, old.seen_window
+            self.recent = old.recent
 
 
 class LimitState:
@@ -278,10 +283,10 @@ class LimitState:
         if self.requests is not None:
             self.requests.add(now, 1.0)
             if self.fleet_requests is not None:
-                self.fleet_requests.counter.add(1.0)
+                self.fleet_requests.add(now, 1.0)
         if self.tokens is not None:
             if self.fleet_tokens is not None:
-                self.fleet_tokens.counter.add(tokens or 0.0)
+                self.fleet_tokens.add(now, tokens or 0.0)
             return self.tokens.add(now, tokens or 0.0)
         return None
 
@@ -293,7 +298,7 @@ class LimitState:
             window.settle(charge, used, now)
             fleet = self.fleet_tokens
             if fleet is not None and charge[1] != before:
-                fleet.counter.add(charge[1] - before)
+                fleet.add(now, charge[1] - before)
 
     def free_at(self, s: EndpointState, now: float, tokens: float | None) -> float:
         """Clock time the endpoint could next take this call, as far as the windows

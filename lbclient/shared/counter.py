@@ -31,12 +31,29 @@ def _alone() -> tuple[int, bool]:
 
 
 class FleetCounter:
-    __slots__ = ("fleet", "name", "own", "pending", "sending", "status", "window", "window_id")
+    __slots__ = (
+        "fleet",
+        "lag",
+        "name",
+        "own",
+        "pending",
+        "sending",
+        "status",
+        "window",
+        "window_id",
+    )
 
     def __init__(
-        self, name: str, window: float, status: Callable[[], tuple[int, bool]] = _alone
+        self,
+        name: str,
+        window: float,
+        status: Callable[[], tuple[int, bool]] = _alone,
+        lag: float = 0.0,
     ) -> None:
         self.status = status  # () -> (live peers, connected?): the link's
+        # Seconds another process's add may take to show in ``fleet`` here: its sync,
+        # then this one's (two sync intervals and a round trip).
+        self.lag = lag
         self.name = name
         self.window = window  # seconds
         self.window_id = -1  # the server-clock window the fleet total belongs to
@@ -71,10 +88,6 @@ class FleetCounter:
         self.own += sent
         self.window_id = window_id
         self.fleet = fleet
-
-    def unsynced(self) -> float:
-        """Added here and not yet confirmed by Redis (pending or in flight)."""
-        return self.pending + self.sending
 
     def lost(self, sent: float) -> None:
         """A sync failed: ``sent`` goes back to pending (sent again next time).  A

@@ -172,6 +172,7 @@ async def test_a_cost_policy_and_a_fallback_pool_together() -> None:
 
     assert await lb.call(fn, tokens=1000) == "http://own"  # 1.0 of 1.5 spent
     assert await lb.call(fn, tokens=1000) == "http://vendor"  # 1.0 more would pass it
+
     @lb.route(tokens=lambda: 1000)
     async def streamed(endpoint: lbclient.Endpoint) -> AsyncIterator[str]:
         lbclient.report_usage(1000, 0)
