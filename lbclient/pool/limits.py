@@ -181,7 +181,7 @@ class FleetShare:
 
     def free_at(self, now: float, mine: Window, need: float) -> float:
         """When ``need`` more could fit, from both windows' entries expiring (or about a
-        sync away, for a call held back only until then)."""
+        lag away, for a call held back by what the others may have sent unseen)."""
         limit = self.limit
         local = mine.expire(now)
         others = self.read(now)
