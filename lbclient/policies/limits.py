@@ -58,8 +58,11 @@ class Limits:
 
     The windows slide (every attempt is remembered for 60 s), so a burst at the end of
     one minute and the start of the next cannot double the rate, as fixed per-minute
-    buckets allow.  They count this process's calls: several processes sharing a
-    vendor account each need their share of its limits.
+    buckets allow.  Alone they count this process's calls.  With fleet-shared state
+    (``Balancer(shared=lbclient.RedisState(...))``) ``requests_per_minute`` and
+    ``tokens_per_minute`` count the whole fleet's (about a sync behind; Redis out of
+    reach: ``limit / live processes`` each -- see :mod:`lbclient.pool.limits`), while
+    ``max_in_flight`` stays per process: give each process its share of it.
     """
 
     max_in_flight: int | None = attrs.field(default=None, validator=_positive(int, "max_in_flight"))

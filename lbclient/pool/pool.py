@@ -122,6 +122,8 @@ class Pool:
         # it wins most comparisons) but not absurdly so (a zero estimate would flood it).
         cost, ttft = (DEFAULT_COST, DEFAULT_COST) if initial else self.typical(now)
         s = EndpointState(ep, now=now, decay=self.decay, cost=cost, ttft_cost=ttft)
+        if s.limit is not None and self.shared is not None:
+            s.limit.share(self.shared, s.url)
         if self.slow_start is not None and not initial:
             s.ramp_from = now
             s.weight = ep.weight * MIN_RAMP
@@ -213,7 +215,7 @@ class Pool:
                 ratio = s.weight / s.endpoint.weight
                 s.endpoint = ep
                 s.weight = ep.weight * ratio
-                s.configure(ep)
+                s.configure(ep, self.shared)
                 self._filters_changed()
                 self.invalidate()
         for url in [u for u in self.members if u not in wanted]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..policies.breaker import BreakerState
+    from ..shared.protocol import Shared
     from .limits import LimitState
 
 __all__ = ["PENALTY_DECAY", "EndpointState", "Latency"]
@@ -197,9 +198,10 @@ class EndpointState(Latency):
         self.max_context: float | None = None
         self.configure(endpoint)
 
-    def configure(self, endpoint: Endpoint) -> None:
+    def configure(self, endpoint: Endpoint, shared: Shared | None = None) -> None:
         """Take the limits and context window of ``endpoint`` (a new member, or a
-        survivor whose attributes changed: its windows are kept when the limits change)."""
+        survivor whose attributes changed: its windows are kept when the limits change).
+        With ``shared``, the per-minute limits count across the fleet."""
         self.max_context = max_context(endpoint)
         limits = endpoint.limits
         if limits is None:
@@ -209,6 +211,8 @@ class EndpointState(Latency):
 
             old = self.limit
             self.limit = LimitState(limits)
+            if shared is not None:
+                self.limit.share(shared, self.url)
             if old is not None:
                 self.limit.carry(old)
 

@@ -14,7 +14,9 @@ is unreachable, :meth:`total` assumes every other live process spends as this on
 (the last fleet total plus this process's unsynced spend times ``peers``): a ceiling
 errs on the safe side instead of letting N processes each spend up to it.  Windows are
 numbered on the Redis server's clock (estimated from ``TIME``), so every process rolls
-over at the same moment.
+over at the same moment.  :attr:`own` (what this process put in the synced window)
+lets a reader tell the others' part, ``fleet - own`` -- what per-endpoint
+:class:`~lbclient.Limits` need (:class:`lbclient.pool.limits.FleetShare`).
 """
 
 from __future__ import annotations
@@ -29,16 +31,34 @@ def _alone() -> tuple[int, bool]:
 
 
 class FleetCounter:
-    __slots__ = ("fleet", "name", "pending", "sending", "status", "window", "window_id")
+    __slots__ = (
+        "fleet",
+        "lag",
+        "name",
+        "own",
+        "pending",
+        "sending",
+        "status",
+        "window",
+        "window_id",
+    )
 
     def __init__(
-        self, name: str, window: float, status: Callable[[], tuple[int, bool]] = _alone
+        self,
+        name: str,
+        window: float,
+        status: Callable[[], tuple[int, bool]] = _alone,
+        lag: float = 0.0,
     ) -> None:
         self.status = status  # () -> (live peers, connected?): the link's
+        # Seconds another process's add may take to show in ``fleet`` here: its sync,
+        # then this one's (two sync intervals and a round trip).
+        self.lag = lag
         self.name = name
         self.window = window  # seconds
         self.window_id = -1  # the server-clock window the fleet total belongs to
         self.fleet = 0.0  # the fleet total of that window, as of the last sync
+        self.own = 0.0  # what this process put in that window (fleet - own: the others')
         self.pending = 0.0  # added here since the last sync
         self.sending = 0.0  # in flight to Redis
 
@@ -63,6 +83,9 @@ class FleetCounter:
     def synced(self, window_id: int, fleet: float, sent: float) -> None:
         """Redis took ``sent``; the fleet total of window ``window_id`` is ``fleet``."""
         self.sending = max(0.0, self.sending - sent)
+        if window_id != self.window_id:
+            self.own = 0.0
+        self.own += sent
         self.window_id = window_id
         self.fleet = fleet
 

@@ -172,7 +172,10 @@ class FleetLink:
         c = self.counters.get(name)
         if c is None:
             c = self.counters[name] = FleetCounter(
-                name, window, lambda: (self.peers, self.mode == CONNECTED)
+                name,
+                window,
+                lambda: (self.peers, self.mode == CONNECTED),
+                lag=2 * self.config.sync_interval + self.config.timeout,
             )
         return c
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..observe.events import BreakerEvent
     from ..observe.stats import SharedStats
     from ..pool.state import EndpointState
+    from .counter import FleetCounter
 
 __all__ = ["Shared"]
 
@@ -36,6 +37,10 @@ class Shared(Protocol):
 
     def quota(self, tenant: object, policy: Quota, now: float) -> TenantQuota:
         """The quota runtime of ``tenant`` under ``policy``: a slice of a fleet-wide one."""
+        ...
+
+    def counter(self, name: str, window: float) -> FleetCounter:
+        """A fleet-wide sum over ``window`` seconds (per-endpoint limits count in it)."""
         ...
 
     def stats(self) -> SharedStats:

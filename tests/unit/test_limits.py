@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from strategies import InOrder
 
 import lbclient
 from lbclient.pool.limits import LimitState, Window
+from lbclient.shared.counter import FleetCounter
 from lbclient.testing import FakeClock
 
 A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
@@ -125,6 +127,102 @@ def test_limit_state_full_and_free_at() -> None:
     assert lim.full(s, 2.0, None)
     assert lim.free_at(s, 2.0, None) == 60.0
     assert "3/3 requests in the last minute" in lim.describe(s, 2.0)
+
+
+class FakeShared:
+    """What :meth:`LimitState.share` asks of the fleet link: counters, whose syncs a
+    test plays by hand (``counter.synced``), and the link's (peers, connected?)."""
+
+    def __init__(self, peers: int = 1, lag: float = 0.5) -> None:
+        self.peers = peers
+        self.connected = True
+        self.lag = lag
+        self.counters: dict[str, FleetCounter] = {}
+
+    def counter(self, name: str, window: float) -> FleetCounter:
+        assert window == 60.0
+        c = FleetCounter(name, window, lambda: (self.peers, self.connected), lag=self.lag)
+        self.counters[name] = c
+        return c
+
+
+def fleet_limit(shared: FakeShared, **limits: Any) -> tuple[LimitState, Any]:
+    lim = LimitState(lbclient.Limits(**limits))
+    lim.share(shared, A)  # type: ignore[arg-type]
+    return lim, SimpleNamespace(inflight=0)
+
+
+def admit(lim: LimitState, s: Any, now: float, tokens: float | None = None) -> int:
+    """Charge calls at ``now`` while the limit lets them; how many it let."""
+    n = 0
+    while not lim.full(s, now, tokens) and n < 10_000:
+        lim.charge(now, tokens)
+        n += 1
+    return n
+
+
+def test_without_shared_state_a_limit_has_no_fleet_part() -> None:
+    lim = LimitState(lbclient.Limits(requests_per_minute=5, tokens_per_minute=10))
+    assert lim.fleet_requests is None and lim.fleet_tokens is None
+
+
+def test_fleet_requests_count_the_others_synced_usage_in_a_sliding_window() -> None:
+    shared = FakeShared()
+    lim, s = fleet_limit(shared, requests_per_minute=30)
+    c = shared.counters[f"limit:rpm:{A}"]
+    c.synced(7, 25.0, 0.0)  # the others sent 25 in server window 7
+    assert admit(lim, s, 1.0) == 5  # 25 + 5 = the limit
+    assert c.pending == 5  # sent with the next sync
+    sent = c.take()
+    c.synced(7, 30.0, sent)  # Redis took this process's 5: the others' part is still 25
+    assert lim.full(s, 2.0, None)
+    assert "30/30 requests in the last minute across the fleet (5 from this process)" in (
+        lim.describe(s, 2.0)
+    )
+    assert lim.free_at(s, 2.0, None) == 61.0  # the first 5 (local, t=1) and 25 (seen t=1)
+    c.synced(8, 4.0, 0.0)  # a new server window: the others' 4 are all new
+    assert lim.fleet_requests is not None
+    assert lim.fleet_requests.read(3.0) == 29.0
+    c.synced(8, 2.0, 0.0)  # a peer's settlement lowered it: taken back from the newest
+    assert lim.fleet_requests.read(4.0) == 27.0
+    # A minute after t=1 only the 2 seen at t=3 are left: 28 more fit here.
+    assert admit(lim, s, 61.5) == 28
+
+
+def test_fleet_tokens_settle_into_the_counter() -> None:
+    shared = FakeShared()
+    lim, s = fleet_limit(shared, tokens_per_minute=1000)
+    c = shared.counters[f"limit:tpm:{A}"]
+    charge = lim.charge(0.0, 600.0)
+    assert charge is not None and c.pending == 600
+    lim.settle(charge, 100.0, 1.0)
+    assert c.pending == 100  # the correction goes to the fleet too
+    c.synced(1, 800.0, c.take())  # the others used 700
+    assert lim.full(s, 2.0, 300.0) and not lim.full(s, 2.0, 200.0)
+
+
+def test_others_unsynced_usage_is_estimated_from_this_process_s_recent_usage() -> None:
+    shared = FakeShared(peers=3, lag=0.5)
+    lim, s = fleet_limit(shared, requests_per_minute=30)
+    # Nothing from the others yet: a burst here stops at a third, assuming each of the
+    # two others sent as much in the time a sync takes to tell.
+    assert admit(lim, s, 0.0) == 10
+    assert lim.free_at(s, 0.0, None) == 0.5
+    # Once that has passed (and still nothing seen from them), a third of what is left
+    # (20 / 3, the last call admitted while 10 + 6 + 2 x 6 + 1 fit).
+    assert admit(lim, s, 0.6) == 7
+
+
+def test_redis_unreachable_each_process_keeps_to_limit_over_peers() -> None:
+    shared = FakeShared(peers=3)
+    lim, s = fleet_limit(shared, requests_per_minute=30)
+    shared.connected = False
+    assert admit(lim, s, 0.0) == 10
+    assert lim.free_at(s, 0.0, None) == 60.0
+    c = shared.counters[f"limit:rpm:{A}"]
+    assert c.pending == 10
+    assert admit(lim, s, 61.0) == 10  # the window slid
+    assert c.pending == 10  # what left the window is not sent to Redis when it is back
 
 
 # =========================================================================================
