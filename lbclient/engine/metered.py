@@ -54,20 +54,22 @@ class Meter:
     def __init__(self, engine: Engine, policy: CostPolicy, book: PriceBook | None = None) -> None:
         self.engine = engine
         self.policy = policy
+        self.book = book or PriceBook()
         fleet = None
         budget = getattr(engine.pool.shared, "budget", None)  # shared state's link
         if budget is not None and policy.ceiling is not None:
             # One fleet-wide ceiling per balancer name in the Redis namespace.
             fleet = budget(f"cost:{engine.name or 'default'}", policy.ceiling, policy.period)
-            members = (s.endpoint for s in engine.pool.members.values())
-            typical = (book or PriceBook()).dearest(
-                members, policy.estimate_tokens, policy.estimate_seconds
-            )
-            fleet.largest = max(fleet.largest, typical)  # the first claim covers a call
+            # The first claim covers a call of the default estimate.
+            fleet.largest = max(fleet.largest, self.worst(policy.estimate_tokens))
         self.ledger = Ledger(policy, fleet)
-        self.book = book or PriceBook()
 
     # -- reserve / settle ---------------------------------------------------------------
+
+    def worst(self, tokens: float) -> float:
+        """A call's worst case: ``tokens`` at the dearest member's price."""
+        members = (s.endpoint for s in self.engine.pool.members.values())
+        return self.book.dearest(members, tokens, self.policy.estimate_seconds)
 
     def reserve(self, tokens: float | None, stream: bool = False) -> Charge:
         """Reserve a call's worst case now, or shed it (counted as the engine counts
@@ -76,9 +78,7 @@ class Meter:
         now = engine.now()
         policy = self.policy
         est = policy.estimate_tokens if tokens is None else tokens
-        amount = self.book.dearest(
-            (s.endpoint for s in engine.pool.members.values()), est, policy.estimate_seconds
-        )
+        amount = self.worst(est)
         try:
             return self.ledger.reserve(amount, est, now)
         except Overloaded as exc:

@@ -1,18 +1,19 @@
-"""`FleetCounter`: a sum over the whole fleet in fixed windows -- what a cost ceiling needs
-to compare the fleet's spend, not one process's, with its limit.
+"""`FleetCounter`: a sum over the whole fleet in fixed windows -- what per-endpoint
+:class:`~lbclient.Limits` need to count the fleet's requests and tokens, not one
+process's.  (A cost ceiling needs more -- never to grant past it -- and leases instead:
+:mod:`lbclient.shared.budget`.)
 
 ::
 
-    spend = lb._pool.shared.counter("cost_usd", window=3600.0)   # the internal API
-    spend.add(0.0042)             # sync, process memory: the hot path never waits
-    if spend.total() > ceiling:   # the fleet's spend this hour, as of the last sync
-        ...
+    sent = lb._pool.shared.counter("limit:rpm:http://a", window=60.0)   # internal API
+    sent.add(1.0)                 # sync, process memory: the hot path never waits
+    others = sent.fleet - sent.own  # the other processes' part, as of the last sync
 
 ``add`` accumulates locally; every sync the background task adds what accumulated to
 the window's key in Redis (``INCRBYFLOAT``) and reads the fleet total back.  While Redis
 is unreachable, :meth:`total` assumes every other live process spends as this one does
-(the last fleet total plus this process's unsynced spend times ``peers``): a ceiling
-errs on the safe side instead of letting N processes each spend up to it.  Windows are
+(the last fleet total plus this process's unsynced amount times ``peers``), erring on
+the safe side for a reader comparing it with a limit.  Windows are
 numbered on the Redis server's clock (estimated from ``TIME``), so every process rolls
 over at the same moment.  :attr:`own` (what this process put in the synced window)
 lets a reader tell the others' part, ``fleet - own`` -- what per-endpoint
