@@ -174,7 +174,7 @@ class Gate:
         throttle = self.throttle
         if throttle is not None and throttle.active and not throttle.admit(now):
             self._refund_quota(tenant, tokens)
-            raise self._shed(
+            raise self.shed(
                 "throttled",
                 tenant,
                 now,
@@ -273,7 +273,7 @@ class Gate:
             and not self._evict_for(tenant, now)
         ):
             self._refund_quota(tenant, tokens)
-            raise self._shed(
+            raise self.shed(
                 "queue full",
                 tenant,
                 now,
@@ -286,7 +286,7 @@ class Gate:
             # No completion rate yet (a cold start): queue one round of the limit -- the
             # callers likely served in time -- and shed the rest now, not after max_wait.
             self._refund_quota(tenant, tokens)
-            raise self._shed(
+            raise self.shed(
                 "wait exceeded",
                 tenant,
                 now,
@@ -299,7 +299,7 @@ class Gate:
         # keeps those that do wait from timing out).
         if expected is not None and expected > WAIT_MARGIN * budget:
             self._refund_quota(tenant, tokens)
-            raise self._shed(
+            raise self.shed(
                 "wait exceeded",
                 tenant,
                 now,
@@ -322,7 +322,7 @@ class Gate:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 return fut.result()  # type: ignore[no-any-return]  # granted as time ran out
             self._left_queue(w)
-            raise self._shed(
+            raise self.shed(
                 "wait exceeded",
                 tenant,
                 self.now(),
@@ -413,7 +413,7 @@ class Gate:
         victim = max(victims, key=lambda w: w.seq)
         self._left_queue(victim)
         victim.future.set_exception(
-            self._shed(
+            self.shed(
                 "queue full",
                 worst_key,
                 now,
@@ -545,20 +545,11 @@ class Gate:
         message: str,
         retry_after: float | None = None,
     ) -> Overloaded:
-        """Count a call shed for ``reason`` outside the gate itself (the engine sheds a
-        call that waited too long for an endpoint under its limits) and return the
-        error to raise."""
-        return self._shed(reason, tenant, now, message, retry_after)
-
-    def _shed(
-        self,
-        reason: str,
-        tenant: object,
-        now: float,
-        message: str,
-        retry_after: float | None = None,
-    ) -> Overloaded:
-        self.tenant(tenant).shed[reason] = self.tenant(tenant).shed.get(reason, 0) + 1
+        """Count a call shed for ``reason`` and return the error to raise (the gate's
+        own sheds, and the engine's: a call that waited too long for an endpoint under
+        its limits)."""
+        counts = self.tenant(tenant).shed
+        counts[reason] = counts.get(reason, 0) + 1
         self.shed_total[reason] = self.shed_total.get(reason, 0) + 1
         self._shed_event(reason, tenant, now)
         return Overloaded(
