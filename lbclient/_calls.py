@@ -39,17 +39,22 @@ def call_context(
     priority: int,
     eligible: Callable[[Endpoint], bool] | None,
     prefix: str | None = None,
+    timeout: float | None = None,
 ) -> Callable[[Engine], CallContext]:
     """How one call's context is made in a pool -- and made again in its fallback pool:
-    the values given (checked), the pool's ``Retry.timeout`` as its deadline."""
+    the values given (checked), ``timeout`` or else the pool's ``Retry.timeout`` as its
+    deadline."""
 
     def context(engine: Engine) -> CallContext:
         retry = engine.retry
+        seconds = timeout
+        if seconds is None and retry is not None:
+            seconds = retry.timeout
         call = CallContext(
             key=key,
             tenant=tenant,
             tokens=tokens,
-            timeout=retry.timeout if retry is not None else None,
+            timeout=seconds,
             priority=priority,
             prefix=prefix,
         )
@@ -246,20 +251,15 @@ class Calls:
         nothing can be picked (or admission sheds the call), the pick comes from the
         ``fallback=`` pool unless ``fallback=False``; a block already entered is not re-run
         anywhere."""
-        retry = self._engine.retry
-        seconds = check_timeout(timeout)
-        if seconds is None and retry is not None:
-            seconds = retry.timeout
-        call = CallContext(
-            key=key,
-            tenant=tenant,
-            tokens=check_tokens(tokens),
-            timeout=seconds,
-            priority=check_priority(priority),
-            prefix=check_prefix(prefix),
-        )
-        if eligible is not None:
-            call.eligible = check_eligible(eligible)
+        call = call_context(
+            key,
+            tenant,
+            check_tokens(tokens),
+            check_priority(priority),
+            check_eligible(eligible) if eligible is not None else None,
+            check_prefix(prefix),
+            check_timeout(timeout),
+        )(self._engine)
         if not isinstance(fallback, bool):
             raise ConfigError(f"fallback must be a bool, got {fallback!r}")
         if self._meter is not None:
