@@ -319,8 +319,12 @@ class Gate:
                 permit: Permit = await w.future
         except TimeoutError:
             fut = w.future
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                return fut.result()  # type: ignore[no-any-return]  # granted as time ran out
+            if fut.done() and not fut.cancelled():
+                err = fut.exception()
+                if err is None:
+                    return fut.result()  # type: ignore[no-any-return]  # granted as time ran out
+                # Pushed out of a full queue as time ran out: shed (and counted) once.
+                raise err from None
             self._left_queue(w)
             raise self.shed(
                 "wait exceeded",

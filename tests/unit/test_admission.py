@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lbclient
@@ -1162,6 +1162,24 @@ estimates_strategy = st.fixed_dictionaries(
 
 @settings(max_examples=250, deadline=None)
 @given(admission=admissions, ops=ops_strategy, estimates=estimates_strategy)
+# Was a defect: a waiter pushed out of the full queue just as its max_wait ran out was
+# shed twice ("queue full", then "wait exceeded"): counted twice, raised once
+@example(
+    admission=lbclient.Admission(
+        limit=1,
+        max_queue=1,
+        max_wait=0.0,
+        quotas={"*": lbclient.Quota(tokens_per_minute=0.001, requests_per_second=1e-06, burst=1e9)},
+        throttle=2.0,
+    ),
+    ops=[
+        ("start", "call", "a", 0, None),
+        ("start", "call", "a", 0, None),
+        ("start", "call", "b", 0, None),
+        ("tick", 1),
+    ],
+    estimates={"a": 1.0, "b": 5.0, "c": 0.0},
+)
 def test_accounting_holds_under_cancellation_timeouts_and_failures(
     admission: lbclient.Admission, ops: list[Any], estimates: dict[str, float]
 ) -> None:
