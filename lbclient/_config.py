@@ -205,8 +205,7 @@ def _fallback(value: object) -> Any:
         raise ConfigError(f"fallback must be an lbclient.Balancer or None, got {value!r}")
     if engine.pool.closed:
         raise ConfigError(f"fallback must be an open balancer, got a closed one: {value!r}")
-    chain_of(value)  # a cycle further down is refused here too
-    return value
+    return value  # (its chain is walked by Balancer: a cycle anywhere is refused there)
 
 
 def chain_of(first: object, start: object = None) -> list[object]:

@@ -14,8 +14,7 @@ How an attempt ended decides what its lease records, the same way on every path:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .._errors import Attempt
 from ..policies.classify import is_connection_error, status_of
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from .._context import CallContext
     from ..pool.lease import Lease
 
-__all__ = ["cut_error", "plain_try", "record", "settle", "start"]
+__all__ = ["cut_error", "record", "settle", "start"]
 
 R = TypeVar("R")
 
@@ -65,23 +64,3 @@ def settle(call: CallContext | None, lease: Lease, exc: BaseException, t: float)
         record(call, lease, cut_error(lease), t)
     else:
         lease.cancel()
-
-
-async def plain_try(
-    call: CallContext,
-    lease: Lease,
-    fn: Callable[..., Awaitable[R]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> R:
-    """One attempt, inline in the caller's task."""
-    start(call, lease)
-    try:
-        result = await fn(lease.endpoint, *args, **kwargs)
-    except BaseException as exc:
-        settle(call, lease, exc, lease.pool.now())
-        raise
-    t = lease.pool.now()
-    lease.ok(t)
-    call.sample = t - lease.t0
-    return result

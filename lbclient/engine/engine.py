@@ -97,10 +97,6 @@ class Engine:
             self.hedger = Hedger(hedge, clock)
             self._rebind.append(self.hedger.rebind)
 
-    def on_rebind(self, callback: Callable[[asyncio.AbstractEventLoop], None]) -> None:
-        """Call ``callback(loop)`` whenever the balancer moves to a new event loop."""
-        self._rebind.append(callback)
-
     def bind(self) -> asyncio.AbstractEventLoop:
         """The running loop, after making sure every loop-bound part belongs to it."""
         loop = asyncio.get_running_loop()
@@ -119,7 +115,3 @@ class Engine:
         self._loop = loop
         for callback in self._rebind:
             callback(loop)
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop

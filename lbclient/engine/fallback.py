@@ -27,7 +27,7 @@ is wrapped at decoration time, ``lb.call``/``lb.pick`` check one attribute), and
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .._errors import (
     AttemptsExhausted,
@@ -86,10 +86,7 @@ async def next_pool(engine: Engine, first: Exception, attempt: Callable[[Any], A
     try:
         return await attempt(fallback)
     except Exception as exc:
-        merged = _merged(engine, first, fallback._engine, exc)
-        if merged is exc:
-            raise
-        raise merged from _last(exc)
+        _reraise(engine, first, fallback._engine, exc)
 
 
 def _last(exc: BaseException) -> BaseException:
@@ -97,6 +94,15 @@ def _last(exc: BaseException) -> BaseException:
     if isinstance(exc, PoolsExhausted) and exc.__cause__ is not None:
         return exc.__cause__
     return exc
+
+
+def _reraise(engine: Engine, first: Exception, next_engine: Engine, exc: Exception) -> NoReturn:
+    """Raise :func:`_merged`: ``exc`` itself, or every pool's story chained to the last
+    pool's own error."""
+    merged = _merged(engine, first, next_engine, exc)
+    if merged is exc:
+        raise exc
+    raise merged from _last(exc)
 
 
 def _merged(engine: Engine, first: Exception, next_engine: Engine, exc: Exception) -> Exception:
@@ -144,13 +150,9 @@ def with_fallback(
     if not stream:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await primary(*args, **kwargs)
-            except Exception as exc:
-                if not falls_back(engine, exc):
-                    raise
-                first = exc
-            return await next_pool(engine, first, lambda fb: secondary()(*args, **kwargs))
+            return await with_fallback_call(
+                engine, primary(*args, **kwargs), lambda fb: secondary()(*args, **kwargs)
+            )
 
         return call
 
@@ -183,10 +185,7 @@ def with_fallback(
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                merged = _merged(engine, first, fallback._engine, exc)
-                if merged is exc:
-                    raise
-                raise merged from _last(exc)
+                _reraise(engine, first, fallback._engine, exc)
             yield item
             async for item in other:
                 yield item

@@ -309,7 +309,6 @@ def send_backup(engine: Engine, call: CallContext, delay: float, now: float) -> 
     if lease.state in call.tried:  # nowhere else to go: a backup there is pointless
         lease.abandon()
         return None
-    lease.hedge = True
     lease.stream = call.stream
     lease.sent_as_hedge()
     start(call, lease)

@@ -36,7 +36,6 @@ __all__ = [
     "avoid",
     "converted_cancel",
     "next_retry",
-    "retry_from",
     "rounds",
     "run",
     "wait_for_limits",
@@ -280,18 +279,6 @@ async def run(
                 attempts[-1].error if attempts else exc
             )
         raise
-
-
-async def retry_from(
-    engine: Engine,
-    call: CallContext,
-    fn: Callable[..., Awaitable[R]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    err: Exception,
-) -> R:
-    """Continue a call whose first attempt (made on the fast path) failed with ``err``."""
-    return await rounds(engine, call, fn, args, kwargs, err)
 
 
 def converted_cancel(call: CallContext | None, lease: Lease, err: Exception, t: float) -> None:

@@ -29,7 +29,7 @@ from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
 from .attempt import settle
-from .retrying import converted_cancel, retry_from, rounds, run
+from .retrying import converted_cancel, rounds, run
 
 if TYPE_CHECKING:
     from ..admission.gate import Permit
@@ -416,7 +416,7 @@ def _fast_then_retry(engine: Engine, fn: Callable[..., Awaitable[Any]]) -> Calla
             ctx.sent = 1
             ctx.add_tried(s)
             settle(ctx, Lease(pool, s, t0, 0), exc, t1)
-            return await _recorded(engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc))
+            return await _recorded(engine, ctx, rounds(engine, ctx, fn, args, kwargs, exc))
         except BaseException:
             Lease(pool, s, t0, 0).cancel()
             raise
@@ -520,9 +520,7 @@ def _fast_admitted(
                     engine.recorder.call(t1 - t0, False, s.url, error_type(exc), call=ctx)
                 raise
             try:
-                result = await _recorded(
-                    engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc)
-                )
+                result = await _recorded(engine, ctx, rounds(engine, ctx, fn, args, kwargs, exc))
             except BaseException:
                 release(permit, ctx, False)
                 raise
@@ -580,7 +578,7 @@ def _hedged(
         try:
             result = await hedged_try(engine, ctx, lease, fn, args, kwargs)
         except Exception as exc:
-            return await _recorded(engine, ctx, retry_from(engine, ctx, fn, args, kwargs, exc))
+            return await _recorded(engine, ctx, rounds(engine, ctx, fn, args, kwargs, exc))
         counters.ok += 1
         if engine.recorder is not None:
             engine.recorder.call(now() - t0, True, ctx.served_by, call=ctx)

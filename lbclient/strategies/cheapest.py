@@ -66,7 +66,7 @@ def expected_latency(s: EndpointState, now: float, stream: bool, slots: int = 1)
 
 
 class _CheapestPicker:
-    __slots__ = ("_book", "_inner", "_now", "_policy", "_prices", "_states")
+    __slots__ = ("_book", "_inner", "_now", "_policy", "_prices", "_states", "_uniform")
 
     def __init__(
         self,
@@ -82,14 +82,15 @@ class _CheapestPicker:
         self._now = ctx.clock.now
         self._book = book
         self._prices: tuple[Price | None, ...] = tuple(book.get(s.endpoint) for s in states)
+        first = self._prices[0] if self._prices else None
+        self._uniform = all(p == first for p in self._prices)  # nothing to choose on price
 
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
     ) -> EndpointState | None:
+        if self._uniform:
+            return self._inner.pick(call, exclude)
         prices = self._prices
-        first = prices[0] if prices else None
-        if all(p == first for p in prices):
-            return self._inner.pick(call, exclude)  # nothing to choose on price
         policy = self._policy
         factor = policy.latency_factor
         assert factor is not None
