@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from asyncio import current_task
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from .._context import CURRENT, CallContext
 from .._endpoint import Endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
+from .._numbers import is_number
 from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
@@ -74,12 +74,7 @@ __all__ = [
 def check_timeout(value: object, name: str = "timeout") -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value > 0
-        or value == float("inf")
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"{name} must be a finite number of seconds > 0 or None, got {value!r}")
     return float(value)
 
@@ -223,7 +218,7 @@ def check_tokens(value: object) -> float | None:
     caller's bug: TypeError/ValueError naming it, before anything is sent."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_number(value):
         raise TypeError(f"tokens= must give a finite number of tokens, got {value!r}")
     if value < 0:
         raise ValueError(f"tokens= must give a number of tokens >= 0, got {value!r}")

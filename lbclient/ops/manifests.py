@@ -53,6 +53,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 from .hpa import Behavior
 
 __all__ = ["Manifests", "manifests", "to_json", "to_yaml"]
@@ -88,12 +89,7 @@ def _int(low: int, high: int | None = None) -> Any:
 
 
 def _positive(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"{a.name} must be a finite number > 0, got {value!r}")
 
 

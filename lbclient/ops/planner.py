@@ -51,6 +51,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 from .recording import TrafficRecord
 
 __all__ = [
@@ -301,12 +302,10 @@ class CapacityPlan:
 
 
 def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
     if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or not math.isfinite(value)  # type: ignore[arg-type]
-        or (value < 0 if allow_zero else value <= 0)  # type: ignore[operator]
+        not is_number(value)
+        or (integer and not is_int(value))
+        or (value < 0 if allow_zero else value <= 0)
     ):
         what = "an int" if integer else "a finite number"
         raise ConfigError(f"{name} must be {what} {'>=' if allow_zero else '>'} 0, got {value!r}")

@@ -10,12 +10,12 @@ that sends them is :mod:`lbclient.engine.hedging`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 
 __all__ = ["Hedge"]
 
@@ -24,16 +24,10 @@ def _seconds_or_none(name: str, *, allow_zero: bool = False) -> Callable[[object
     def convert(value: object) -> float | None:
         if value is None:
             return None
-        ok = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and (value >= 0 if allow_zero else value > 0)
-        )
-        if not ok:
+        if not (is_number(value) and (value >= 0 if allow_zero else value > 0)):
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{name} must be a number of seconds {bound} or None, got {value!r}")
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
 
     return convert
 
@@ -58,13 +52,7 @@ def _initial_delay(value: object) -> float:
 
 def _fraction(name: str, lo_open: bool = True) -> Callable[[object, object, object], None]:
     def check(_i: object, _a: object, value: object) -> None:
-        ok = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and (0 < value < 1 if lo_open else 0 <= value < 1)
-        )
-        if not ok:
+        if not (is_number(value) and (0 < value < 1 if lo_open else 0 <= value < 1)):
             raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
 
     return check
@@ -81,12 +69,7 @@ def _warmup(_i: object, _a: object, value: object) -> None:
 
 
 def _fence(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_number(value) or value < 0:
         raise ConfigError(f"fence must be a finite number >= 0, got {value!r}")
     return float(value)
 

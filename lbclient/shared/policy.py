@@ -4,7 +4,6 @@ of its fleet (frozen configuration; the runtime is :mod:`lbclient.shared.link`).
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 
 __all__ = ["RedisState"]
 
@@ -46,12 +46,7 @@ def _namespace(_i: object, _a: object, value: object) -> None:
 
 def _seconds(low: float, high: float) -> Any:
     def check(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not low < value <= high
-        ):
+        if not is_number(value) or not low < value <= high:
             raise ConfigError(
                 f"RedisState {a.name} must be a number of seconds in ({low:g}, {high:g}], "
                 f"got {value!r}"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 from ..pool.load import peak_ewma_load, peak_ewma_ttft_load
 from ..pool.state import EndpointState
 from ._base import PickContext, Totals
@@ -93,12 +94,7 @@ class _RingPicker:
 def _balance(value: object) -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 1.0
-    ):
+    if not is_number(value) or value < 1.0:
         raise ConfigError(f"balance_factor must be a number >= 1.0 or None, got {value!r}")
     return float(value)
 
