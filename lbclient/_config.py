@@ -19,7 +19,7 @@ from . import strategies as _strategies
 from ._clock import MONOTONIC, Clock
 from ._endpoint import Endpoint, to_endpoint
 from ._errors import ConfigError
-from ._numbers import is_number
+from ._numbers import is_int, is_number
 from .admission.policy import Admission
 from .engine.engine import Engine
 from .observe.observer import EventHandler, to_listeners
@@ -171,7 +171,7 @@ def _clock(value: object) -> Clock:
 def _rng(value: object) -> random.Random:
     if isinstance(value, random.Random):
         return value
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    if value is None or is_int(value):
         return random.Random(value)
     raise ConfigError(f"rng must be a random.Random, an int seed or None, got {value!r}")
 

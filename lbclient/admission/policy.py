@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 
 __all__ = ["ADAPTIVE", "Admission", "Quota"]
 
@@ -69,14 +69,14 @@ class Quota:
 def _limit(value: object) -> int | str:
     if value == ADAPTIVE:
         return ADAPTIVE
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"Admission limit must be 'adaptive' or an int >= 1, got {value!r}")
     return value
 
 
 def _count(name: str, minimum: int) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ConfigError(f"Admission {name} must be an int >= {minimum}, got {value!r}")
 
     return check

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from .._context import CURRENT, CallContext
 from .._endpoint import Endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
@@ -133,11 +133,7 @@ class Extract:
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
         self.eligible = _callable_or_none(eligible, "eligible")
-        if (
-            priority is not None
-            and not callable(priority)
-            and (isinstance(priority, bool) or not isinstance(priority, int))
-        ):
+        if priority is not None and not callable(priority) and not is_int(priority):
             raise ConfigError(f"route priority must be an int or a callable, got {priority!r}")
         self.priority = priority
 
@@ -187,7 +183,7 @@ def check_eligible(value: object) -> Callable[[Endpoint], bool]:
 
 
 def check_priority(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ConfigError(f"priority must be an int, got {value!r}")
     return value
 
@@ -198,7 +194,7 @@ def _priority_of(
     if not callable(priority):
         return priority
     value = priority(*args, **kwargs)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"priority= must give an int, got {value!r}")
     return value
 

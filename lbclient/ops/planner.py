@@ -455,7 +455,7 @@ class CapacityPlanner:
             raise ConfigError(f"percentile must be in (0, 1), e.g. 0.95, got {percentile!r}")
         _positive("concurrency", concurrency, integer=True)
         _positive("headroom", headroom, allow_zero=True)
-        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 2:
+        if not is_int(min_replicas) or min_replicas < 2:
             raise ConfigError(
                 f"min_replicas must be an int >= 2 (one replica is no availability: a "
                 f"restart or a node drain takes the service down), got {min_replicas!r}"

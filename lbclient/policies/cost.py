@@ -31,7 +31,7 @@ import attrs
 
 from .._endpoint import Endpoint
 from .._errors import ConfigError
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 
 __all__ = ["PRICE_KEYS", "CostPolicy", "Price", "PriceBook"]
 
@@ -77,7 +77,7 @@ class Price:
         p_in = _number(meta, "price_per_1k_input", url)
         p_out = _number(meta, "price_per_1k_output", url)
         slots = meta.get("slots", 1)
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        if not is_int(slots) or slots < 1:
             raise ConfigError(
                 f"endpoint {url!r} metadata['slots'] must be an int >= 1, got {slots!r}"
             )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import attrs
 
 from .._errors import ConfigError
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 
 __all__ = ["Hedge"]
 
@@ -59,12 +59,12 @@ def _fraction(name: str, lo_open: bool = True) -> Callable[[object, object, obje
 
 
 def _max_hedges(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+    if not is_int(value) or not 1 <= value <= 4:
         raise ConfigError(f"max_hedges must be an int from 1 to 4, got {value!r}")
 
 
 def _warmup(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"warmup must be an int >= 1, got {value!r}")
 
 
@@ -138,7 +138,7 @@ class Hedge:
 
     @window.validator
     def _check_window(self, _a: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 65536:
+        if not is_int(value) or not 16 <= value <= 65536:
             raise ConfigError(f"window must be an int from 16 to 65536, got {value!r}")
 
     def __attrs_post_init__(self) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError, UnknownEndpoint
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 
 if TYPE_CHECKING:
     import aiohttp
@@ -54,7 +54,7 @@ def _timeout(value: object) -> float:
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"HealthCheck {name} must be an int >= 1, got {value!r}")
     return value
 

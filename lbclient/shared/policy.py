@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
-from .._numbers import is_number
+from .._numbers import is_int, is_number
 
 __all__ = ["RedisState"]
 
@@ -56,11 +56,11 @@ def _seconds(low: float, high: float) -> Any:
 
 
 def _to_float(value: object) -> object:
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return float(value) if is_int(value) else value
 
 
 def _peers(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"RedisState expected_peers must be an int >= 1, got {value!r}")
 
 
