@@ -9,7 +9,6 @@ same endpoint spelled twice (``HTTP://A:80`` and ``http://a``).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ from . import strategies as _strategies
 from ._clock import MONOTONIC, Clock
 from ._endpoint import Endpoint, to_endpoint
 from ._errors import ConfigError
+from ._numbers import is_int, is_number
 from .admission.policy import Admission
 from .engine.engine import Engine
 from .observe.observer import EventHandler, to_listeners
@@ -89,12 +89,7 @@ def _strategy(value: object) -> Strategy:
 def _seconds(value: object, name: str, *, optional: bool) -> float | None:
     if value is None and optional:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         more = " or None" if optional else ""
         raise ConfigError(f"{name} must be a finite number of seconds > 0{more}, got {value!r}")
     return float(value)
@@ -176,7 +171,7 @@ def _clock(value: object) -> Clock:
 def _rng(value: object) -> random.Random:
     if isinstance(value, random.Random):
         return value
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    if value is None or is_int(value):
         return random.Random(value)
     raise ConfigError(f"rng must be a random.Random, an int seed or None, got {value!r}")
 

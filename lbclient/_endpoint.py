@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import ConfigError
+from ._numbers import is_number
 from .policies.limits import Limits
 
 __all__ = ["Endpoint", "EndpointLike", "max_context", "normalize_url", "to_endpoint"]
@@ -128,12 +129,7 @@ def _metadata(value: object) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"endpoint metadata must be a mapping, got {value!r}")
     context = value.get("max_context")
-    if context is not None and (
-        isinstance(context, bool)
-        or not isinstance(context, int | float)
-        or not math.isfinite(context)
-        or context <= 0
-    ):
+    if context is not None and (not is_number(context) or context <= 0):
         raise ConfigError(
             f"endpoint metadata['max_context'] must be a number of tokens > 0, got {context!r}"
         )

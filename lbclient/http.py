@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -31,6 +30,7 @@ from ._balancer import Balancer
 from ._context import report_usage
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
+from ._numbers import is_number
 from ._prompt import prompt_text
 from ._wire import SSEDecoder, body_message, estimate_tokens, message_of
 from ._wire import usage_of as _usage_of
@@ -47,12 +47,7 @@ _SSEDecoder = SSEDecoder  # the shared decoder (lbclient._wire), under its old n
 def _check_timeout(value: object) -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(
             f"ChatClient timeout must be a finite number of seconds > 0 or None, got {value!r}"
         )

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._errors import ConfigError
+from ._numbers import is_number
 
 if TYPE_CHECKING:
     import aiohttp
@@ -65,12 +66,7 @@ def _names(value: object) -> tuple[str, ...]:
 
 def _positive(name: str) -> Any:
     def check(_inst: object, _attr: object, value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not is_number(value) or value <= 0:
             raise ConfigError(f"ServerMetrics.{name} must be a number > 0, got {value!r}")
 
     return check

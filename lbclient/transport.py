@@ -88,6 +88,7 @@ from ._calls import call_context
 from ._context import CallContext, report_usage
 from ._endpoint import Endpoint
 from ._errors import AttemptsExhausted, BalancerClosed, ConfigError, PoolsExhausted
+from ._numbers import is_int
 from ._prompt import prompt_text
 from ._wire import StreamUsage, body_message, estimate_body_tokens, usage_in_body
 
@@ -510,7 +511,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
             _callable(fallback, "fallback")
         if tokens is not ESTIMATE:
             _callable(tokens, "tokens")
-        if isinstance(buffer_limit, bool) or not isinstance(buffer_limit, int) or buffer_limit < 1:
+        if not is_int(buffer_limit) or buffer_limit < 1:
             raise ConfigError(
                 f"HTTPTransport buffer_limit must be an int >= 1 (bytes), got {buffer_limit!r}"
             )
@@ -636,7 +637,7 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         """How a plain request's call context is made (in each pool it goes to)."""
         request = r.request
         priority = self._priority(request) if self._priority is not None else 0
-        if isinstance(priority, bool) or not isinstance(priority, int):
+        if not is_int(priority):
             raise TypeError(f"HTTPTransport priority= must give an int, got {priority!r}")
         return call_context(
             self._key(request) if self._key is not None else None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 __all__ = ["ADAPTIVE", "Admission", "Quota"]
 
@@ -20,24 +20,14 @@ def _rate(name: str) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
         if value is None:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not is_number(value) or value <= 0:
             raise ConfigError(f"Quota {name} must be a finite number > 0 or None, got {value!r}")
 
     return check
 
 
 def _burst(_i: object, _a: object, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"Quota burst must be a finite number > 0, got {value!r}")
 
 
@@ -79,26 +69,21 @@ class Quota:
 def _limit(value: object) -> int | str:
     if value == ADAPTIVE:
         return ADAPTIVE
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"Admission limit must be 'adaptive' or an int >= 1, got {value!r}")
     return value
 
 
 def _count(name: str, minimum: int) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ConfigError(f"Admission {name} must be an int >= {minimum}, got {value!r}")
 
     return check
 
 
 def _seconds(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_number(value) or value < 0:
         raise ConfigError(
             f"Admission {a.name} must be a finite number of seconds >= 0, got {value!r}"
         )
@@ -123,12 +108,7 @@ def _weights(value: object) -> Mapping[object, float]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"Admission weights must be a mapping of tenant -> weight, got {value!r}")
     for tenant, w in value.items():
-        if (
-            isinstance(w, bool)
-            or not isinstance(w, int | float)
-            or not math.isfinite(w)
-            or not w > 0
-        ):
+        if not is_number(w) or w <= 0:
             raise ConfigError(f"Admission weights[{tenant!r}] must be a number > 0, got {w!r}")
     return types.MappingProxyType({k: float(v) for k, v in value.items()})
 
@@ -136,12 +116,7 @@ def _weights(value: object) -> Mapping[object, float]:
 def _throttle(value: object) -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 1
-    ):
+    if not is_number(value) or value < 1:
         raise ConfigError(f"Admission throttle must be a number >= 1 (K) or None, got {value!r}")
     return float(value)
 

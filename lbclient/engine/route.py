@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from asyncio import current_task
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from .._context import CURRENT, CallContext
 from .._endpoint import Endpoint
 from .._errors import BalancerClosed, ConfigError, NoEndpointAvailable, Overloaded
+from .._numbers import is_int, is_number
 from ..policies.classify import status_of
 from ..pool.lease import Lease
 from ..pool.pool import Handoff
@@ -74,12 +74,7 @@ __all__ = [
 def check_timeout(value: object, name: str = "timeout") -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value > 0
-        or value == float("inf")
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"{name} must be a finite number of seconds > 0 or None, got {value!r}")
     return float(value)
 
@@ -138,11 +133,7 @@ class Extract:
         self.tenant = _callable_or_none(tenant, "tenant")
         self.tokens = _callable_or_none(tokens, "tokens")
         self.eligible = _callable_or_none(eligible, "eligible")
-        if (
-            priority is not None
-            and not callable(priority)
-            and (isinstance(priority, bool) or not isinstance(priority, int))
-        ):
+        if priority is not None and not callable(priority) and not is_int(priority):
             raise ConfigError(f"route priority must be an int or a callable, got {priority!r}")
         self.priority = priority
 
@@ -192,7 +183,7 @@ def check_eligible(value: object) -> Callable[[Endpoint], bool]:
 
 
 def check_priority(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ConfigError(f"priority must be an int, got {value!r}")
     return value
 
@@ -203,7 +194,7 @@ def _priority_of(
     if not callable(priority):
         return priority
     value = priority(*args, **kwargs)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"priority= must give an int, got {value!r}")
     return value
 
@@ -223,7 +214,7 @@ def check_tokens(value: object) -> float | None:
     caller's bug: TypeError/ValueError naming it, before anything is sent."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_number(value):
         raise TypeError(f"tokens= must give a finite number of tokens, got {value!r}")
     if value < 0:
         raise ValueError(f"tokens= must give a number of tokens >= 0, got {value!r}")

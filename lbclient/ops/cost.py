@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 
 __all__ = ["DEFAULT_INSTANCES", "CostModel", "CostPlan", "InstanceType", "Option"]
 
@@ -49,12 +50,7 @@ def _price(optional: bool) -> Any:
     def check(_i: object, a: attrs.Attribute[Any], value: object) -> None:
         if value is None and optional:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not is_number(value) or value < 0:
             more = " or None" if optional else ""
             raise ConfigError(f"InstanceType {a.name} must be a price >= 0{more}, got {value!r}")
 
@@ -73,12 +69,7 @@ class InstanceType:
 
     @capacity.validator
     def _check_capacity(self, _a: object, value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not is_number(value) or value <= 0:
             raise ConfigError(f"InstanceType capacity must be calls/s > 0, got {value!r}")
 
     @classmethod
@@ -217,13 +208,7 @@ class CostPlan:
 
 
 def _share(name: str, value: object, *, below_one: bool) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value >= 1 if below_one else value > 1)
-    ):
+    if not is_number(value) or value < 0 or (value >= 1 if below_one else value > 1):
         bound = "[0, 1)" if below_one else "[0, 1]"
         raise ConfigError(f"CostModel {name} must be in {bound}, got {value!r}")
     return float(value)
@@ -266,10 +251,7 @@ class CostModel:
         if (rps is None) == (hourly is None):
             raise ConfigError("give the load as rps= (a constant) or hourly= (a profile), not both")
         load = [rps] if rps is not None else list(hourly or ())
-        if not load or any(
-            isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0
-            for x in load
-        ):
+        if not load or any(not is_number(x) or x < 0 for x in load):
             raise ConfigError(f"load must be calls/s >= 0, got {load!r}")
         load_f = tuple(float(x) for x in load)
         options: list[Option] = []

@@ -27,13 +27,14 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int
 
 __all__ = ["Behavior", "HpaSimulator", "Policy", "Rules"]
 
 
 def _pos_int(name: str, low: int, high: int) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        if not is_int(value) or not low <= value <= high:
             raise ConfigError(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
     return check

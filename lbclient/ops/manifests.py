@@ -53,6 +53,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 from .hpa import Behavior
 
 __all__ = ["Manifests", "manifests", "to_json", "to_yaml"]
@@ -75,12 +76,7 @@ def _text(_i: object, a: attrs.Attribute[Any], value: object) -> None:
 
 def _int(low: int, high: int | None = None) -> Any:
     def check(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
+        if not is_int(value) or value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ConfigError(f"{a.name} must be an int {bound}, got {value!r}")
 
@@ -88,12 +84,7 @@ def _int(low: int, high: int | None = None) -> Any:
 
 
 def _positive(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"{a.name} must be a finite number > 0, got {value!r}")
 
 

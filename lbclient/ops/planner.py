@@ -51,6 +51,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 from .recording import TrafficRecord
 
 __all__ = [
@@ -301,12 +302,10 @@ class CapacityPlan:
 
 
 def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
     if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or not math.isfinite(value)  # type: ignore[arg-type]
-        or (value < 0 if allow_zero else value <= 0)  # type: ignore[operator]
+        not is_number(value)
+        or (integer and not is_int(value))
+        or (value < 0 if allow_zero else value <= 0)
     ):
         what = "an int" if integer else "a finite number"
         raise ConfigError(f"{name} must be {what} {'>=' if allow_zero else '>'} 0, got {value!r}")
@@ -456,7 +455,7 @@ class CapacityPlanner:
             raise ConfigError(f"percentile must be in (0, 1), e.g. 0.95, got {percentile!r}")
         _positive("concurrency", concurrency, integer=True)
         _positive("headroom", headroom, allow_zero=True)
-        if isinstance(min_replicas, bool) or not isinstance(min_replicas, int) or min_replicas < 2:
+        if not is_int(min_replicas) or min_replicas < 2:
             raise ConfigError(
                 f"min_replicas must be an int >= 2 (one replica is no availability: a "
                 f"restart or a node drain takes the service down), got {min_replicas!r}"

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 if TYPE_CHECKING:
     from .._balancer import Balancer
@@ -193,15 +194,11 @@ class TrafficRecorder:
             raise ConfigError(f"TrafficRecorder format must be 'jsonl' or 'csv', got {fmt!r}")
         self.format = fmt
         for name, value, low in (("max_bytes", max_bytes, 1024), ("buffer", buffer, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ConfigError(f"TrafficRecorder {name} must be an int >= {low}, got {value!r}")
-        if isinstance(backups, bool) or not isinstance(backups, int) or backups < 0:
+        if not is_int(backups) or backups < 0:
             raise ConfigError(f"TrafficRecorder backups must be an int >= 0, got {backups!r}")
-        if (
-            isinstance(flush_interval, bool)
-            or not isinstance(flush_interval, int | float)
-            or not 0 < flush_interval < math.inf
-        ):
+        if not is_number(flush_interval) or flush_interval <= 0:
             raise ConfigError(
                 f"TrafficRecorder flush_interval must be a number of seconds > 0, "
                 f"got {flush_interval!r}"

@@ -31,6 +31,7 @@ from typing import Any, Final
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int
 from ..observe.events import BreakerEvent
 
 __all__ = [
@@ -71,7 +72,7 @@ def default_is_failure(exc: BaseException) -> bool:
 
 def _to_float(value: float) -> float:
     # Only normalises ints; anything else is left for the validator to reject by name.
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return float(value)
     return value
 
@@ -85,7 +86,7 @@ _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 def _int_at_least(minimum: int) -> _Validator:
     def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ConfigError(
                 f"Breaker {attribute.name} must be an int >= {minimum}, got {value!r}"
             )

@@ -42,6 +42,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from .._errors import ConfigError, LBError
+from .._numbers import is_int
 
 __all__ = [
     "DEFAULT_RETRY_ON",
@@ -98,7 +99,7 @@ def _getattr(obj: object, name: str) -> Any:
 
 
 def _http_status(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+    if is_int(value) and 100 <= value <= 599:
         return value
     return None
 

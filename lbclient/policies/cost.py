@@ -24,7 +24,6 @@ The currency is whatever your prices are in.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ import attrs
 
 from .._endpoint import Endpoint
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 __all__ = ["PRICE_KEYS", "CostPolicy", "Price", "PriceBook"]
 
@@ -51,12 +51,7 @@ def _number(meta: Mapping[str, Any], key: str, url: str) -> float | None:
     value = meta.get(key)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_number(value) or value < 0:
         raise ConfigError(f"endpoint {url!r} metadata[{key!r}] must be a price >= 0, got {value!r}")
     return float(value)
 
@@ -82,7 +77,7 @@ class Price:
         p_in = _number(meta, "price_per_1k_input", url)
         p_out = _number(meta, "price_per_1k_output", url)
         slots = meta.get("slots", 1)
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        if not is_int(slots) or slots < 1:
             raise ConfigError(
                 f"endpoint {url!r} metadata['slots'] must be an int >= 1, got {slots!r}"
             )
@@ -123,12 +118,7 @@ def _optional_positive(name: str) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
         if value is None:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not is_number(value) or value <= 0:
             raise ConfigError(
                 f"CostPolicy {name} must be a finite number > 0 or None, got {value!r}"
             )
@@ -138,12 +128,7 @@ def _optional_positive(name: str) -> Any:
 
 def _positive(name: str, *, allow_zero: bool = False) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or (value < 0 if allow_zero else value <= 0)
-        ):
+        if not is_number(value) or (value < 0 if allow_zero else value <= 0):
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"CostPolicy {name} must be a finite number {bound}, got {value!r}")
 
@@ -199,12 +184,7 @@ class CostPolicy:
     def _check_factor(self, _a: object, value: object) -> None:
         if value is None:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 1
-        ):
+        if not is_number(value) or value < 1:
             raise ConfigError(
                 f"CostPolicy latency_factor must be a number >= 1 (1.5: up to 50% slower) "
                 f"or None, got {value!r}"

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Callable, Mapping
 
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_number
 
 __all__ = ["DEFAULT_LATENCY_MS", "GeoTable"]
 
@@ -31,12 +31,7 @@ DEFAULT_LATENCY_MS: Mapping[frozenset[str], float] = types.MappingProxyType(
 
 def _ms(name: str) -> Callable[[object, object, object], None]:
     def check(_i: object, _a: object, value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not is_number(value) or value < 0:
             raise ConfigError(f"{name} must be a finite number of ms >= 0, got {value!r}")
 
     return check
@@ -54,12 +49,7 @@ def _pairs(value: object) -> Mapping[frozenset[str], float]:
             or not all(isinstance(r, str) for r in pair)
         ):
             raise ConfigError(f"latency_ms key must be a pair of two region names, got {pair!r}")
-        if (
-            isinstance(ms, bool)
-            or not isinstance(ms, int | float)
-            or not math.isfinite(ms)
-            or not ms >= 0
-        ):
+        if not is_number(ms) or ms < 0:
             raise ConfigError(
                 f"latency_ms[{pair!r}] must be a finite number of ms >= 0, got {ms!r}"
             )

@@ -10,12 +10,12 @@ that sends them is :mod:`lbclient.engine.hedging`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 __all__ = ["Hedge"]
 
@@ -24,16 +24,10 @@ def _seconds_or_none(name: str, *, allow_zero: bool = False) -> Callable[[object
     def convert(value: object) -> float | None:
         if value is None:
             return None
-        ok = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and (value >= 0 if allow_zero else value > 0)
-        )
-        if not ok:
+        if not (is_number(value) and (value >= 0 if allow_zero else value > 0)):
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{name} must be a number of seconds {bound} or None, got {value!r}")
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
 
     return convert
 
@@ -58,35 +52,24 @@ def _initial_delay(value: object) -> float:
 
 def _fraction(name: str, lo_open: bool = True) -> Callable[[object, object, object], None]:
     def check(_i: object, _a: object, value: object) -> None:
-        ok = (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and (0 < value < 1 if lo_open else 0 <= value < 1)
-        )
-        if not ok:
+        if not (is_number(value) and (0 < value < 1 if lo_open else 0 <= value < 1)):
             raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
 
     return check
 
 
 def _max_hedges(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+    if not is_int(value) or not 1 <= value <= 4:
         raise ConfigError(f"max_hedges must be an int from 1 to 4, got {value!r}")
 
 
 def _warmup(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"warmup must be an int >= 1, got {value!r}")
 
 
 def _fence(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_number(value) or value < 0:
         raise ConfigError(f"fence must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -155,7 +138,7 @@ class Hedge:
 
     @window.validator
     def _check_window(self, _a: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 65536:
+        if not is_int(value) or not 16 <= value <= 65536:
             raise ConfigError(f"window must be an int from 16 to 65536, got {value!r}")
 
     def __attrs_post_init__(self) -> None:

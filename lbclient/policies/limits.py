@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 __all__ = ["WINDOW", "Limits"]
 
@@ -16,17 +16,12 @@ WINDOW = 60.0
 """Seconds of the sliding window ``requests_per_minute`` and ``tokens_per_minute`` count."""
 
 
-def _positive(kind: type | tuple[type, ...], name: str) -> Any:
+def _positive(name: str, *, integer: bool = False) -> Any:
     def check(_i: object, _a: object, value: object) -> None:
         if value is None:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, kind)
-            or not math.isfinite(value)  # type: ignore[arg-type]
-            or value <= 0  # type: ignore[operator]
-        ):
-            what = "an int >= 1" if kind is int else "a finite number > 0"
+        if not is_number(value) or (integer and not is_int(value)) or value <= 0:
+            what = "an int >= 1" if integer else "a finite number > 0"
             raise ConfigError(f"Limits {name} must be {what} or None, got {value!r}")
 
     return check
@@ -65,12 +60,14 @@ class Limits:
     ``max_in_flight`` stays per process: give each process its share of it.
     """
 
-    max_in_flight: int | None = attrs.field(default=None, validator=_positive(int, "max_in_flight"))
+    max_in_flight: int | None = attrs.field(
+        default=None, validator=_positive("max_in_flight", integer=True)
+    )
     requests_per_minute: float | None = attrs.field(
-        default=None, validator=_positive((int, float), "requests_per_minute")
+        default=None, validator=_positive("requests_per_minute")
     )
     tokens_per_minute: float | None = attrs.field(
-        default=None, validator=_positive((int, float), "tokens_per_minute")
+        default=None, validator=_positive("tokens_per_minute")
     )
 
     def __attrs_post_init__(self) -> None:

@@ -17,6 +17,7 @@ import attrs
 
 from .._clock import MONOTONIC, Clock
 from .._errors import BalancerClosed, ConfigError, DeadlineExceeded
+from .._numbers import is_int
 from .budget import Budget, check_non_negative, check_positive, check_ratio
 from .classify import DEFAULT_RETRY_ON, Classifier, to_classifier
 
@@ -26,7 +27,7 @@ _BUDGET_TTL = 10.0  # seconds a deposit counts in the retry budget (Finagle's de
 
 
 def _attempts(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"Retry attempts must be an int >= 1, got {value!r}")
     return value
 

@@ -34,6 +34,7 @@ import attrs
 
 from .._endpoint import Endpoint, to_endpoint
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 if TYPE_CHECKING:
     from dns.asyncresolver import Resolver
@@ -99,18 +100,13 @@ def _check_interval(owner: str, value: object) -> float:
 
 
 def _check_positive(owner: str, name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(f"{owner} {name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _port_number(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+    if not is_int(value) or not 1 <= value <= 65535:
         raise ConfigError(f"{owner} {name} must be an int in 1..65535, got {value!r}")
     return value
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError, UnknownEndpoint
+from .._numbers import is_int, is_number
 
 if TYPE_CHECKING:
     import aiohttp
@@ -38,12 +38,7 @@ _WORD = {True: "healthy", False: "unhealthy"}
 
 
 def _seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(
             f"HealthCheck {name} must be a finite number of seconds > 0, got {value!r}"
         )
@@ -59,7 +54,7 @@ def _timeout(value: object) -> float:
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"HealthCheck {name} must be an int >= 1, got {value!r}")
     return value
 
@@ -73,12 +68,7 @@ def _healthy_threshold(value: object) -> int:
 
 
 def _jitter(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 <= value < 1
-    ):
+    if not is_number(value) or not 0 <= value < 1:
         raise ConfigError(f"HealthCheck jitter must be a fraction in [0, 1), got {value!r}")
     return float(value)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 from .load import outstanding
 from .state import EndpointState
 
@@ -33,19 +34,14 @@ __all__ = ["Locality", "LocalityPicker", "capacity", "nearest_tier"]
 
 
 def _share(_i: object, _a: object, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= 1
-    ):
+    if not is_number(value) or not 0 < value <= 1:
         raise ConfigError(f"min_healthy must be a number in (0, 1], got {value!r}")
 
 
 def _spill(_i: object, _a: object, value: object) -> None:
     if value is None or value == "auto":
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"spill_inflight must be 'auto', an int >= 1 or None, got {value!r}")
 
 

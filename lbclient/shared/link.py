@@ -33,6 +33,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from .._endpoint import normalize_url
+from .._numbers import is_int
 from ..observe.events import BreakerEvent, FleetEvent
 from ..observe.stats import FleetQuotaStats, SharedStats
 from .budget import GRACE, FleetBudget
@@ -375,7 +376,7 @@ class FleetLink:
         seconds = min(seconds, cap)
         if now + seconds <= s.cooldown_until:
             return
-        code = status if isinstance(status, int) and not isinstance(status, bool) else None
+        code = status if is_int(status) else None
         self.pool.cool(s, seconds, code, now, publish=False)
         self.cooldowns += 1
         self._event("cooldown", f"Retry-After {seconds:.3g} s seen by another process", s.url, now)

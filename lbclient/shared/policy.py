@@ -4,7 +4,6 @@ of its fleet (frozen configuration; the runtime is :mod:`lbclient.shared.link`).
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 
 __all__ = ["RedisState"]
 
@@ -46,12 +46,7 @@ def _namespace(_i: object, _a: object, value: object) -> None:
 
 def _seconds(low: float, high: float) -> Any:
     def check(_i: object, a: attrs.Attribute[Any], value: object) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not low < value <= high
-        ):
+        if not is_number(value) or not low < value <= high:
             raise ConfigError(
                 f"RedisState {a.name} must be a number of seconds in ({low:g}, {high:g}], "
                 f"got {value!r}"
@@ -61,11 +56,11 @@ def _seconds(low: float, high: float) -> Any:
 
 
 def _to_float(value: object) -> object:
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return float(value) if is_int(value) else value
 
 
 def _peers(_i: object, _a: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"RedisState expected_peers must be an int >= 1, got {value!r}")
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError
+from .._numbers import is_int, is_number
 from ..pool.load import peak_ewma_load, peak_ewma_ttft_load
 from ..pool.state import EndpointState
 from ._base import PickContext, Totals
@@ -93,19 +94,14 @@ class _RingPicker:
 def _balance(value: object) -> float | None:
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 1.0
-    ):
+    if not is_number(value) or value < 1.0:
         raise ConfigError(f"balance_factor must be a number >= 1.0 or None, got {value!r}")
     return float(value)
 
 
 def _positive_int(name: str) -> Callable[[object, object, object], None]:
     def check(_inst: object, _attr: object, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
 
     return check

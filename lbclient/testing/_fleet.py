@@ -91,6 +91,7 @@ import attrs
 from aiohttp import web
 
 from .._errors import ConfigError
+from .._numbers import is_int
 from .._prompt import prompt_text
 from ._kvcache import PrefixCache
 
@@ -139,7 +140,7 @@ def _number(
 
 def _integer(*, minimum: int) -> _Validator:
     def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ConfigError(f"ReplicaConfig.{attribute.name} must be an int, got {value!r}")
         if value < minimum:
             raise ConfigError(f"ReplicaConfig.{attribute.name} must be >= {minimum}, got {value!r}")
@@ -995,7 +996,7 @@ class ReplicaFleet:
         for i, cfg in enumerate(configs):
             if not isinstance(cfg, ReplicaConfig):
                 raise ConfigError(f"replica {i}: expected a ReplicaConfig, got {cfg!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and not is_int(seed):
             raise ConfigError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self._replicas = [
@@ -1013,7 +1014,7 @@ class ReplicaFleet:
     def uniform(cls, n: int, *, seed: int | None = 0, **fields: Any) -> ReplicaFleet:
         """``n`` replicas with the same configuration: ``ReplicaFleet.uniform(3,
         capacity=2)``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise ConfigError(f"replica count must be an int >= 0, got {n!r}")
         try:
             config = ReplicaConfig(**fields)
