@@ -290,7 +290,7 @@ def _collect_one(f: _Families, name: str, lb: Balancer, rec: Recorder, on_loop: 
     for reason, n in sorted(c.failed_by.items()):
         f.failed.add_metric([name, reason], n)
     for family, hist in ((f.duration, rec.duration), (f.ttft, rec.ttft)):
-        buckets = [(_le(bound), float(n)) for bound, n in hist.cumulative()]
+        buckets = [(_number(bound), float(n)) for bound, n in hist.cumulative()]
         family.add_metric([name], buckets, hist.sum)
     for reason, n in sorted(c.retries_by.items()):
         f.retries.add_metric([name, reason], n)
@@ -427,10 +427,6 @@ def demand(lb: Balancer) -> tuple[float, float]:
         return float(gate.in_flight + queue.size), gate.tokens_in_flight + queue.tokens
     totals = lb._pool.totals
     return float(totals.inflight), totals.tokens
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class OpenTelemetry:

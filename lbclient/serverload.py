@@ -205,8 +205,9 @@ class MetricsPoller:
             elif isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r  # cancellation
         # Forget endpoints that left the pool.
+        live = set(urls)
         for url in list(self.latest):
-            if url not in urls:
+            if url not in live:
                 del self.latest[url]
         return got
 

@@ -75,13 +75,6 @@ class FairQueue:
         weights = self._weights
         return 1.0 / weights.get(tenant, 1.0) if weights else 1.0
 
-    def backlogged(self, tenant: object) -> bool:
-        for band in self._bands.values():
-            q = band.queues.get(tenant)
-            if q and any(not w.gone for w in q):
-                return True
-        return False
-
     def _lift(self, tenant: object) -> None:
         """VTC: a tenant joining the backlog starts no lower than the least backlogged
         counter -- or, with nobody queued, than the tenant served last -- so time spent

@@ -239,9 +239,7 @@ class Gate:
 
     def _grant(self, tenant: object, tokens: float, waited: bool, now: float) -> Permit:
         self.in_flight += 1
-        c = self.tenants.get(tenant)
-        if c is None:
-            c = self.tenants[tenant] = TenantCounters()
+        c = self.tenant(tenant)
         c.admitted += 1
         c.in_flight += 1
         cost = 1.0
@@ -252,10 +250,8 @@ class Gate:
         if waited:
             c.waited += 1
         if self._fair:
-            queue = self.queue
-            counters = queue.counters
-            counters[tenant] = counters.get(tenant, 0.0) + cost / queue.weight(tenant)
-            queue.last = tenant
+            self.queue.charge(tenant, cost)
+            self.queue.last = tenant
         return Permit(self, tenant, tokens, cost, now)
 
     async def wait(
@@ -536,10 +532,7 @@ class Gate:
         """A call that never got a slot gives its quota charge back."""
         q = self._quotas.get(tenant)
         if q is not None:
-            if q.requests is not None:
-                q.requests.give(1.0)
-            if q.tokens is not None and tokens > 0:
-                q.tokens.give(tokens)
+            q.refund(tokens)
 
     def shed(
         self,

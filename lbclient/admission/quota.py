@@ -51,8 +51,14 @@ class TenantQuota:
         self.quota = quota
         b = quota.burst
         rps, tpm = quota.requests_per_second, quota.tokens_per_minute
-        self.requests = None if rps is None else Bucket(rps, max(1.0, rps * b), now)
-        self.tokens = None if tpm is None else Bucket(tpm / 60.0, tpm * b, now)
+        self.requests = (
+            None if rps is None else self._bucket("requests", rps, max(1.0, rps * b), now)
+        )
+        self.tokens = None if tpm is None else self._bucket("tokens", tpm / 60.0, tpm * b, now)
+
+    def _bucket(self, name: str, rate: float, capacity: float, now: float) -> Bucket:
+        """One dimension's bucket (a fleet-shared quota makes leased ones)."""
+        return Bucket(rate, capacity, now)
 
     def check(self, tokens: float, now: float) -> float:
         """Seconds until a call of ``tokens`` estimated tokens fits (0: it fits now)."""
@@ -68,6 +74,13 @@ class TenantQuota:
             self.requests.take(1.0)
         if self.tokens is not None and tokens > 0:
             self.tokens.take(tokens)
+
+    def refund(self, tokens: float) -> None:
+        """Undo :meth:`charge`: a call that never got a slot."""
+        if self.requests is not None:
+            self.requests.give(1.0)
+        if self.tokens is not None and tokens > 0:
+            self.tokens.give(tokens)
 
     def settle(self, estimated: float, used: float) -> None:
         """The call used ``used`` tokens where ``estimated`` were taken."""

@@ -66,13 +66,11 @@ class AttemptSpend:
         price = self.price
         if price is None:
             return 0.0
-        seconds = (self.end if self.end is not None else now) - self.start
+        seconds = max(0.0, (self.end if self.end is not None else now) - self.start)
         usage = self.usage
         if usage is None and self.ok and (price.per_1k_input or price.per_1k_output):
-            return price.worst(estimate_tokens, 0.0) + max(0.0, seconds) * (
-                price.per_second if price.per_hour else 0.0
-            )
-        return price.cost(max(0.0, seconds), usage)
+            return price.worst(estimate_tokens, seconds)
+        return price.cost(seconds, usage)
 
 
 class Charge:

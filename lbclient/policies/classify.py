@@ -153,6 +153,17 @@ def _header(headers: Mapping[str, str], name: str) -> object:
     return None
 
 
+def _header_text(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value as text (bytes decoded as latin-1), stripped; None if absent or
+    blank."""
+    value = _header(headers, name)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
 def retry_after(exc: BaseException, now_wall: float | None = None) -> float | None:
     """Seconds the server asked us to wait (``Retry-After``), or None.
 
@@ -168,22 +179,17 @@ def retry_after(exc: BaseException, now_wall: float | None = None) -> float | No
     headers = headers_of(exc)
     if headers is None:
         return None
-    ms = _header(headers, "retry-after-ms")
-    if isinstance(ms, bytes):
-        ms = ms.decode("latin-1")
-    if isinstance(ms, str):
+    ms = _header_text(headers, "retry-after-ms")
+    if ms is not None:
         try:
-            value = float(ms.strip()) / 1000.0
+            value = float(ms) / 1000.0
         except ValueError:
             value = math.nan
         if math.isfinite(value):
             return max(0.0, value)
-    raw = _header(headers, "Retry-After")
-    if isinstance(raw, bytes):
-        raw = raw.decode("latin-1")
-    if not isinstance(raw, str) or not raw.strip():
+    text = _header_text(headers, "Retry-After")
+    if text is None:
         return None
-    text = raw.strip()
     try:
         seconds = float(text)
     except ValueError:

@@ -95,7 +95,7 @@ class Price:
 
     def cost(self, seconds: float, usage: tuple[float, float] | None) -> float:
         """A call that ran ``seconds`` and used ``usage = (input, output)`` tokens."""
-        out = seconds * self.per_second if self.per_hour else 0.0
+        out = seconds * self.per_second
         if usage is not None:
             out += (usage[0] * self.per_1k_input + usage[1] * self.per_1k_output) / 1000.0
         return out

@@ -7,7 +7,8 @@
     link.py      FleetLink: the process side -- the outbox, the remote evidence applied
     evidence.py  Evidence: what other processes report, weighed (eject / suspect / none)
     lease.py     leased quota buckets: slices of fleet-wide token buckets
-    counter.py   FleetCounter: a fleet-wide sum per window (a cost ceiling's spend, endpoint limits)
+    counter.py   FleetCounter: a fleet-wide sum per window (endpoint limits)
+    budget.py    FleetBudget: a cost ceiling's allowance, leased (never granted past it)
     redis_io.py  Syncer: the background task -- scripts, pub/sub, heartbeats, breaker
 
 Only ``policy`` is imported by ``import lbclient``; the rest (and redis-py) load when a

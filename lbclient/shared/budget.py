@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .counter import alone
+
 __all__ = ["FleetBudget"]
 
 HORIZON = 2.0  # a claim covers this many sync intervals of reservations
@@ -43,10 +45,6 @@ FLOOR = 0.05  # ... and at least this share of the ceiling / peers (an idle proc
 GRACE = 1.0  # s after Redis returns: pay debts only, claim nothing new (see ``reconnected``)
 _RETURN_AT = 4.0  # give back what is held free beyond this many horizons' worth
 _SMOOTH = 0.5  # demand EWMA weight of the newest sync interval
-
-
-def _alone() -> tuple[int, bool]:
-    return 1, True
 
 
 class FleetBudget:
@@ -80,7 +78,7 @@ class FleetBudget:
         name: str,
         ceiling: float,
         period: float,
-        status: Callable[[], tuple[int, bool]] = _alone,
+        status: Callable[[], tuple[int, bool]] = alone,
     ) -> None:
         self.name = name
         self.ceiling = ceiling

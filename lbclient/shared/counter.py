@@ -27,7 +27,8 @@ from collections.abc import Callable
 __all__ = ["FleetCounter"]
 
 
-def _alone() -> tuple[int, bool]:
+def alone() -> tuple[int, bool]:
+    """The status of a process on its own (the default): one peer, connected."""
     return 1, True
 
 
@@ -48,7 +49,7 @@ class FleetCounter:
         self,
         name: str,
         window: float,
-        status: Callable[[], tuple[int, bool]] = _alone,
+        status: Callable[[], tuple[int, bool]] = alone,
         lag: float = 0.0,
     ) -> None:
         self.status = status  # () -> (live peers, connected?): the link's

@@ -156,21 +156,15 @@ class LeasedBucket(Bucket):
 class SharedTenantQuota(TenantQuota):
     """A tenant's quota whose buckets are slices of fleet-wide ones."""
 
-    __slots__ = ("tenant",)
+    __slots__ = ("_peers", "tenant")
 
     def __init__(self, quota: Quota, now: float, tenant: str, peers: int) -> None:
-        self.quota = quota
         self.tenant = tenant
-        b = quota.burst
-        rps, tpm = quota.requests_per_second, quota.tokens_per_minute
-        self.requests = (
-            None
-            if rps is None
-            else LeasedBucket("requests", rps, max(1.0, rps * b), now, peers, 1.0)
-        )
-        self.tokens = (
-            None if tpm is None else LeasedBucket("tokens", tpm / 60.0, tpm * b, now, peers, 1.0)
-        )
+        self._peers = peers
+        super().__init__(quota, now)
+
+    def _bucket(self, name: str, rate: float, capacity: float, now: float) -> LeasedBucket:
+        return LeasedBucket(name, rate, capacity, now, self._peers, 1.0)
 
     def buckets(self) -> list[LeasedBucket]:
         out = []
@@ -178,17 +172,6 @@ class SharedTenantQuota(TenantQuota):
             if isinstance(bucket, LeasedBucket):
                 out.append(bucket)
         return out
-
-    def settle(self, estimated: float, used: float) -> None:
-        """The call used ``used`` tokens where ``estimated`` were taken (the real usage
-        is charged to the local slice; the next leases make up the difference)."""
-        tokens = self.tokens
-        if tokens is None:
-            return
-        if used < estimated:
-            tokens.give(estimated - used)
-        elif used > estimated:
-            tokens.take(used - estimated)
 
 
 def plan(b: LeasedBucket, now: float, interval: float) -> tuple[float, float, float, float]:

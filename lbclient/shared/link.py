@@ -168,6 +168,11 @@ class FleetLink:
         self.quotas.append(q)
         return q
 
+    def status(self) -> tuple[int, bool]:
+        """``(live peers, connected?)``: what counters and budgets divide by, and whether
+        the fleet's view is current."""
+        return self.peers, self.mode == CONNECTED
+
     def counter(self, name: str, window: float) -> FleetCounter:
         """A fleet-wide sum over ``window`` seconds (see :mod:`lbclient.shared.counter`)."""
         c = self.counters.get(name)
@@ -175,7 +180,7 @@ class FleetLink:
             c = self.counters[name] = FleetCounter(
                 name,
                 window,
-                lambda: (self.peers, self.mode == CONNECTED),
+                self.status,
                 lag=2 * self.config.sync_interval + self.config.timeout,
             )
         return c
@@ -184,9 +189,7 @@ class FleetLink:
         """A fleet-wide ceiling leased to this process (see :mod:`lbclient.shared.budget`)."""
         b = self.budgets.get(name)
         if b is None:
-            b = self.budgets[name] = FleetBudget(
-                name, ceiling, period, lambda: (self.peers, self.mode == CONNECTED)
-            )
+            b = self.budgets[name] = FleetBudget(name, ceiling, period, self.status)
         return b
 
     # -- the outbox -----------------------------------------------------------------------

@@ -42,6 +42,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .lease import LeasedBucket, busy, plan
 
 if TYPE_CHECKING:
+    from .budget import FleetBudget
     from .link import FleetLink
 
 __all__ = ["LEASE_SCRIPT", "LEASE_SHA", "Syncer"]
@@ -183,6 +184,7 @@ class Syncer:
         self.offset = time.time() - time.monotonic()  # server clock - monotonic (s)
         self.failures = 0
         self.next_full = 0.0
+        self.stale_ms = int(max(3 * cfg.sync_interval, 0.5) * 1000)  # a share this old is gone
         self.budgets_at: float | None = None  # when budgets were last planned (monotonic)
 
     # -- the task ---------------------------------------------------------------------------
@@ -487,7 +489,7 @@ class Syncer:
         demand: float,
     ) -> None:
         bucket_key, shares_key, ttl_ms = self._keys(tenant, b)
-        stale_ms = int(max(3 * self.cfg.sync_interval, 0.5) * 1000)
+        stale_ms = self.stale_ms
         b.level -= give  # sent back now; lost if the round fails (under-admits, never twice)
 
         def granted(reply: Any) -> None:
@@ -543,7 +545,7 @@ class Syncer:
         claim = min(ask, max(0.0, limit * b.fb_share - b.fb_claimed))
         _, shares_key, ttl_ms = self._keys(tenant, b)
         key = f"{prefix}:qw:{b.name}:{window}:{tenant}"
-        stale_ms = int(max(3 * self.cfg.sync_interval, 0.5) * 1000)
+        stale_ms = self.stale_ms
 
         def counted(reply: Any) -> None:
             total = _float(reply)
@@ -595,12 +597,11 @@ class Syncer:
         now = time.monotonic()
         elapsed = now - self.budgets_at if self.budgets_at is not None else 0.0
         self.budgets_at = now
-        prefix = self.cfg.prefix
         server_s = self.server_ms() / 1000
         for b in budgets.values():
             b.roll(int(server_s // b.period))
             owed, give, ask = b.plan(elapsed, self.cfg.sync_interval)
-            key = f"{prefix}:b:{b.name}:{b.window_id}"
+            key = self._budget_key(b)
             ttl = max(1, int(2 * b.period))
             if not (owed or give or ask > 0):
                 continue
@@ -648,13 +649,17 @@ class Syncer:
                 round_.add(answered).incrbyfloat(key, ask)
             round_.add().expire(key, ttl)
 
+    def _budget_key(self, b: FleetBudget) -> str:
+        """The key of a budget's current window."""
+        return f"{self.cfg.prefix}:b:{b.name}:{b.window_id}"
+
     def _budget_returns(self, round_: _Round) -> None:
         """Without scripts: what a claim took beyond the ceiling goes back at once (it
         inflates the key, refusing the others, until it does)."""
         for b in self.link.budgets.values():
             give, b.returning = b.returning, 0.0
             if give and b.window_id >= 0:
-                round_.add().incrbyfloat(f"{self.cfg.prefix}:b:{b.name}:{b.window_id}", -give)
+                round_.add().incrbyfloat(self._budget_key(b), -give)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -685,14 +690,14 @@ class Syncer:
                             repr(give),
                             "0.0",
                             ttl_ms,
-                            int(max(3 * self.cfg.sync_interval, 0.5) * 1000),
+                            self.stale_ms,
                             link.peers,
                         )
         for fb in link.budgets.values():  # what is held free goes back to the fleet
             free = fb.granted - fb.used
             if fb.leased and free > 0 and fb.window_id >= 0:
                 fb.granted -= free
-                round_.add().incrbyfloat(f"{self.cfg.prefix}:b:{fb.name}:{fb.window_id}", -free)
+                round_.add().incrbyfloat(self._budget_key(fb), -free)
         with contextlib.suppress(*_IO_ERRORS):
             await self._execute(round_)
 
