@@ -276,16 +276,10 @@ def prefer_elsewhere(pool: Pool, tried: AbstractSet[EndpointState]) -> AbstractS
     regions = {s.endpoint.region for s in tried if s.endpoint.region is not None}
     if not zones and not regions:
         return tried
-    pickable = pool.pickable
-    out = set(tried)
-    for s in pickable:
-        e = s.endpoint
-        if (e.zone is not None and e.zone in zones) or (
-            not zones and e.region is not None and e.region in regions
-        ):
-            out.add(s)
-    # Everything left is in a tried zone/region: any untried endpoint will do.
-    return tried if all(s in out for s in pickable) else out
+    if zones:
+        return pool.widen(tried, lambda s: s.endpoint.zone in zones)
+    # Everything left in a tried region: any untried endpoint will do.
+    return pool.widen(tried, lambda s: s.endpoint.region in regions)
 
 
 def send_backup(engine: Engine, call: CallContext, delay: float, now: float) -> Lease | None:

@@ -52,14 +52,7 @@ def avoid(engine: Engine, call: CallContext, now: float) -> AbstractSet[Endpoint
     remain -- those that failed for anyone in the last second.  When a replica crashes,
     the calls already in flight learn it first; the retry should not bet on a peer that
     is failing the same way."""
-    tried = call.tried
-    pickable = engine.pool.pickable
-    out = set(tried)
-    for s in pickable:
-        if now - s.last_failure < RECENT_FAILURE:
-            out.add(s)
-    # Every pickable endpoint tried or failing: avoid only the tried ones.
-    return tried if all(s in out for s in pickable) else out
+    return engine.pool.widen(call.tried, lambda s: now - s.last_failure < RECENT_FAILURE)
 
 
 async def acquire(engine: Engine, call: CallContext, err: BaseException | None) -> Lease:

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
 from .._clock import Clock
@@ -343,6 +344,16 @@ class Pool:
     @property
     def pickable(self) -> tuple[EndpointState, ...]:
         return self.snap.pickable
+
+    def widen(
+        self, tried: AbstractSet[EndpointState], test: Callable[[EndpointState], bool]
+    ) -> AbstractSet[EndpointState]:
+        """What a new attempt should avoid: ``tried``, and the pickable endpoints that
+        pass ``test`` -- unless that leaves nothing untried to pick, then ``tried`` alone."""
+        pickable = self.snap.pickable
+        out = set(tried)
+        out.update(s for s in pickable if test(s))
+        return tried if all(s in out for s in pickable) else out
 
     # -- picking ----------------------------------------------------------------------------
 
