@@ -633,20 +633,24 @@ class HTTPTransport(httpx.AsyncBaseTransport):
                 raise
             return answer
 
-    def _context(self, r: _Request) -> Callable[[Engine], CallContext]:
-        """How a plain request's call context is made (in each pool it goes to)."""
+    def _values(self, r: _Request) -> tuple[object, object, float | None, object, str | None]:
+        """The request's ``(key, tenant, tokens, priority, prefix)``, from the callables
+        the transport was given."""
         request = r.request
-        priority = self._priority(request) if self._priority is not None else 0
-        if not is_int(priority):
-            raise TypeError(f"HTTPTransport priority= must give an int, got {priority!r}")
-        return call_context(
+        return (
             self._key(request) if self._key is not None else None,
             self._tenant(request) if self._tenant is not None else None,
             self._estimate_of(r),
-            priority,
-            r.eligible,
+            self._priority(request) if self._priority is not None else 0,
             self._prefix(request) if self._prefix is not None else None,
         )
+
+    def _context(self, r: _Request) -> Callable[[Engine], CallContext]:
+        """How a plain request's call context is made (in each pool it goes to)."""
+        key, tenant, tokens, priority, prefix = self._values(r)
+        if not is_int(priority):
+            raise TypeError(f"HTTPTransport priority= must give an int, got {priority!r}")
+        return call_context(key, tenant, tokens, priority, r.eligible, prefix)
 
     async def _stream(self, r: _Request, fallback: bool) -> httpx.Response:
         agen = self._stream_routes[fallback](r)
@@ -662,14 +666,15 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         """A body that cannot be sent twice: one attempt, under ``lb.pick()``, committed
         at the answer's head."""
         request = r.request
+        key, tenant, tokens, priority, prefix = self._values(r)
         async with self._lb.pick(
-            key=self._key(request) if self._key is not None else None,
-            tenant=self._tenant(request) if self._tenant is not None else None,
-            tokens=self._estimate_of(r),
-            priority=self._priority(request) if self._priority is not None else 0,
+            key=key,
+            tenant=tenant,
+            tokens=tokens,
+            priority=priority,  # type: ignore[arg-type]  # lb.pick checks it
             eligible=r.eligible,
             fallback=fallback,
-            prefix=self._prefix(request) if self._prefix is not None else None,
+            prefix=prefix,
         ) as endpoint:
             conn = self._conn(endpoint, r.flavour)
             inner = await self._send(conn, r)
