@@ -84,7 +84,6 @@ import math
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -106,10 +105,16 @@ except ImportError:  # pragma: no cover
 
 import aiohttp
 import vtime
+from _fleet_process import (
+    FLEET_SERVER,
+    FLEET_START_TIMEOUT,
+    hard_deadline,
+    kill_live,
+    live_pids,
+)
 
 import lbclient
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 BURST_CHILD = HERE / "_admission_burst.py"
 CHAT_PATH = "/v1/chat/completions"
 PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
@@ -130,12 +135,9 @@ REQUEST_TIMEOUT = 10.0  # aiohttp total timeout per request
 BURST_REQUEST_TIMEOUT = 120.0  # long enough for plain aiohttp to finish 10,000 at 200/s
 CONNECTOR_LIMIT = 100  # aiohttp's default
 SAMPLE_PERIOD = 0.1
-FLEET_START_TIMEOUT = 30.0
 RUN_SLACK = REQUEST_TIMEOUT + MAX_WAIT + 10.0  # last arrival + this: the run's watchdog
 TENANT = "default"
 SHED_FAST = 0.010  # s: "shed calls fail in <= 10 ms"
-
-_live_pids: set[int] = set()
 
 
 def lbclient_fingerprint() -> str:
@@ -379,7 +381,7 @@ class FleetProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        _live_pids.add(self.proc.pid)
+        live_pids.add(self.proc.pid)
         hello = self._line(FLEET_START_TIMEOUT)
         self.urls = list(hello["urls"])
         return self.urls
@@ -426,7 +428,7 @@ class FleetProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        _live_pids.discard(proc.pid)
+        live_pids.discard(proc.pid)
 
 
 def _sum_counters(st: dict[str, Any]) -> dict[str, int]:
@@ -1413,7 +1415,7 @@ async def _burst_mode(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _live_pids.add(proc.pid)
+    live_pids.add(proc.pid)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), watchdog + 10)
     except TimeoutError:
@@ -1422,7 +1424,7 @@ async def _burst_mode(
         await proc.wait()
         return {"mode": mode, "error": "the burst child outlived its timeout (killed)"}
     finally:
-        _live_pids.discard(proc.pid)
+        live_pids.discard(proc.pid)
     lines = out.decode().strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"mode": mode, "error": f"exit {proc.returncode}: {err.decode()[-2000:]}"}
@@ -1551,21 +1553,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]admission.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Admission control under overload (see the module docstring).",
@@ -1637,7 +1624,7 @@ def main(argv: list[str] | None = None) -> int:
     info = _report.machine_info()
     estimate = _estimate(args)
     deadline = args.max_minutes * 60 if args.max_minutes else 3 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "admission.py")
     console.print(
         f"[b]lbclient admission[/b] ({mode}{', quick' if args.quick else ''}) -- fleet "
         f"{N_REPLICAS} x {SLOTS} slots x {BASE * 1000:.0f} ms = {CAPACITY:.0f} req/s; "
@@ -1825,6 +1812,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_live()

@@ -67,19 +67,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import contextlib
 import gc
 import hashlib
 import itertools
-import json
 import math
-import os
 import random
 import re
-import signal
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -109,15 +104,14 @@ import aiohttp
 import attrs
 
 import _report
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 from lbclient.testing import ReplicaConfig
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 CHAT_PATH = "/v1/chat/completions"
 PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 REQUEST_TIMEOUT = 10.0  # seconds per aiohttp request: nothing hangs
 RUN_SLACK = 2 * REQUEST_TIMEOUT + 15.0  # watchdog: last arrival + this, then cancel
-FLEET_START_TIMEOUT = 30.0
 N_REPLICAS = 6
 STRAGGLER_FACTOR = 20.0
 SIGMA = ReplicaConfig().sigma  # the fleet's default lognormal shape
@@ -129,8 +123,6 @@ _HEDGE_DEFAULTS = lbclient.Hedge()
 WARMUP = _HEDGE_DEFAULTS.warmup
 INITIAL_DELAY = _HEDGE_DEFAULTS.initial_delay
 OVERHEAD_S = 1.5  # per run: fleet process start + drain (for the time estimates)
-
-_live_pids: set[int] = set()  # fleet processes, for the hard watchdog
 
 
 # ------------------------------------------------------------------------------ cells
@@ -364,61 +356,6 @@ POLICIES = {
 }
 
 
-# ------------------------------------------------------------------------ fleet process
-
-
-class FleetProcess:
-    """``_fleet_server.py`` in a child process: start, ``stats()``, ``close()``."""
-
-    def __init__(self, cell: Cell, seed: int, max_seconds: float) -> None:
-        self.spec = {"replicas": cell.replicas(), "seed": seed, "max_seconds": max_seconds}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def start(self) -> list[str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        _live_pids.add(self.proc.pid)
-        hello = await self._line(FLEET_START_TIMEOUT)
-        self.urls = list(hello["urls"])
-        return self.urls
-
-    async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"fleet process exited (code {self.proc.returncode})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def stats(self) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return await self._line(10.0)
-
-    async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        _live_pids.discard(proc.pid)
-
-
 # --------------------------------------------------------------------------- metrics
 
 
@@ -647,7 +584,7 @@ async def run_policy(
     gc.collect()  # start each run without garbage from the previous ones
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
-    fleet = FleetProcess(cell, seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
+    fleet = FleetProcess(cell.replicas(), seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
     try:
         await fleet.start()
         before = await fleet.stats()
@@ -1077,23 +1014,6 @@ def source_fingerprint() -> dict[str, Any]:
     }
 
 
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    """Whatever happens, stop: kill the fleet processes and exit with code 124."""
-
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]hedging.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 async def main_async(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
@@ -1113,7 +1033,7 @@ async def main_async(args: argparse.Namespace) -> int:
         console.print(grid_table(cells, args))
         return 0
     deadline = args.max_minutes * 60 if args.max_minutes else 2 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "hedging.py")
     started = time.perf_counter()
     out: dict[str, Any] = {
         "machine": info,
@@ -1204,9 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(main_async(args))
     finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_live()
 
 
 if __name__ == "__main__":

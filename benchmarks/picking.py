@@ -61,19 +61,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import hashlib
 import itertools
-import json
 import math
 import os
 import random
-import signal
 import statistics
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,23 +97,20 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 import sim
 from lbclient.testing import ReplicaConfig
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 CHAT_PATH = "/v1/chat/completions"
 PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 SIGMA = ReplicaConfig().sigma  # 0.25, the fleet's default lognormal shape
-FLEET_START_TIMEOUT = 30.0
 RUN_SLACK = 15.0  # watchdog: last arrival + request timeout + this
 RUN_OVERHEAD_S = 1.5  # per run: fleet process start and close (for the estimate)
 TARGET = 1.2  # the issue's target: p99 <= 1.2x the oracle's
 BASELINE = "baseline_rr"
 DEFAULT_STRATEGIES = ("peak_ewma", "power_of_two", "least_response_time", "round_robin")
 DEFAULT_LOADS = (0.5, 0.6, 0.7, 0.8, 0.85)
-
-_live_pids: set[int] = set()  # fleet processes, for the hard deadline
 
 
 # ----------------------------------------------------------------------------- fleets
@@ -209,61 +202,6 @@ QUICK = {
 }
 
 
-# ---------------------------------------------------------------------- fleet process
-
-
-class FleetProcess:
-    """``_fleet_server.py`` in a child process: ``start()``, ``stats()``, ``close()``."""
-
-    def __init__(self, fleet: Fleet, seed: int, max_seconds: float) -> None:
-        self.spec = {"replicas": fleet.replicas(), "seed": seed, "max_seconds": max_seconds}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def start(self) -> list[str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        _live_pids.add(self.proc.pid)
-        hello = await self._line(FLEET_START_TIMEOUT)
-        self.urls = list(hello["urls"])
-        return self.urls
-
-    async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"fleet process exited (code {self.proc.returncode})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def stats(self) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return await self._line(10.0)
-
-    async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        _live_pids.discard(proc.pid)
-
-
 # --------------------------------------------------------------------------- metrics
 
 
@@ -310,7 +248,7 @@ async def measure_overhead(fleet: Fleet, n: int, seed: int) -> dict[str, Any]:
     request per replica to open the connections): latency, and latency minus the service
     time the replica drew (``x-service-time``)."""
     loop = asyncio.get_running_loop()
-    proc = FleetProcess(fleet, seed, max_seconds=FLEET_START_TIMEOUT + 60 + n)
+    proc = FleetProcess(fleet.replicas(), seed, max_seconds=FLEET_START_TIMEOUT + 60 + n)
     lat: list[float] = []
     extra: list[float] = []
     try:
@@ -378,7 +316,7 @@ async def run_one(
     gc.collect()
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
-    proc = FleetProcess(fleet, seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
+    proc = FleetProcess(fleet.replicas(), seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
     try:
         urls = await proc.start()
         before = await proc.stats()
@@ -789,21 +727,6 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]picking.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def plan_table(args: argparse.Namespace) -> Table:
     t = Table(title="[b]plan[/b]", title_justify="left")
     for col in ("fleet", "title", "loads -> req/s", "schedule s per run"):
@@ -858,7 +781,7 @@ async def main_async(args: argparse.Namespace) -> int:
         console.print(plan_table(args))
         return 0
     deadline = args.max_minutes * 60 if args.max_minutes else 2 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "picking.py")
     started = time.perf_counter()
     out: dict[str, Any] = {
         "machine": info,
@@ -1029,9 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(main_async(args))
     finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_live()
 
 
 if __name__ == "__main__":
