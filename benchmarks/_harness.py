@@ -112,14 +112,18 @@ def parse_policy(name: str) -> Policy:
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
+    """Linear interpolation between closest ranks (numpy's default); ``inf`` allowed (a
+    failed call counted as infinitely slow): it is the answer only where it is weighed."""
     n = len(sorted_values)
     if n == 0:
         return None
     pos = q * (n - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    a, b = sorted_values[lo], sorted_values[hi]
+    if math.isinf(b):
+        return b if pos > lo else a
+    return a + (b - a) * (pos - lo)
 
 
 def summarize(values_s: Sequence[float]) -> dict[str, float]:

@@ -104,6 +104,7 @@ import aiohttp
 import attrs
 
 import _report
+from _harness import quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 from lbclient.testing import ReplicaConfig
@@ -357,17 +358,6 @@ POLICIES = {
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def summarize_ms(values_s: Sequence[float]) -> dict[str, float]:

@@ -97,6 +97,7 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
+from _harness import quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 import sim
@@ -203,20 +204,6 @@ QUICK = {
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); ``inf`` allowed."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    a, b = sorted_values[lo], sorted_values[hi]
-    if math.isinf(b):
-        return b if pos > lo else a
-    return a + (b - a) * (pos - lo)
 
 
 def summarize_ms(values_s: Sequence[float]) -> dict[str, float | None]:

@@ -90,6 +90,7 @@ SELF = str(Path(__file__).resolve())
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbclient, wherever we run from
 
 import lbclient
+from _harness import quantile
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
 PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
@@ -341,30 +342,20 @@ async def drive(
     return Run(outs, late * 1000.0, loop.time() - t0)
 
 
-def q(values: Sequence[float], p: float) -> float | None:
-    v = sorted(values)
-    if not v:
-        return None
-    pos = p * (len(v) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000.0, 1)
 
 
 def stats(outs: Sequence[Outcome]) -> dict[str, Any]:
-    ok = [o.latency for o in outs if o.latency is not None]
+    ok = sorted(o.latency for o in outs if o.latency is not None)
     errors = Counter(o.error for o in outs if o.error is not None)
     return {
         "n": len(outs),
         "ok": len(ok),
         "success_pct": 100.0 * len(ok) / len(outs) if outs else None,
-        "p50_ms": ms(q(ok, 0.5)),
-        "p95_ms": ms(q(ok, 0.95)),
-        "p99_ms": ms(q(ok, 0.99)),
+        "p50_ms": ms(quantile(ok, 0.5)),
+        "p95_ms": ms(quantile(ok, 0.95)),
+        "p99_ms": ms(quantile(ok, 0.99)),
         "errors": dict(errors.most_common()),
     }
 
