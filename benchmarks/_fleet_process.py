@@ -54,13 +54,20 @@ def hard_deadline(seconds: float, console: _Console, script: str) -> threading.T
 
 class FleetProcess:
     """``_fleet_server.py`` in a child process: ``start()``, ``stats()`` (or any other
-    ``command()``), ``close()``.  ``replicas`` are ``ReplicaConfig`` fields, one dict a
+    ``command()``), ``close()`` -- or ``async with``, which starts and closes it.  ``replicas`` are ``ReplicaConfig`` fields, one dict a
     replica; the child exits on its own after ``max_seconds`` (its watchdog)."""
 
     def __init__(self, replicas: list[dict[str, Any]], seed: int, max_seconds: float) -> None:
         self.spec = {"replicas": replicas, "seed": seed, "max_seconds": max_seconds}
         self.proc: asyncio.subprocess.Process | None = None
         self.urls: list[str] = []
+
+    async def __aenter__(self) -> FleetProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def start(self) -> list[str]:
         self.proc = await asyncio.create_subprocess_exec(
