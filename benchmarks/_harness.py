@@ -29,7 +29,14 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -221,6 +228,61 @@ def arrivals(scenario: Scenario, duration: float, rng: random.Random) -> list[fl
         t += dt
         out.append(t)
     return out
+
+
+# ------------------------------------------------------------------------ open loop
+
+
+@dataclass
+class OpenLoop:
+    """Open-loop launching: each call is started as its own task at its scheduled time,
+    whatever the earlier ones do (no coordinated omission)."""
+
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    late: float = 0.0  # seconds: how late the latest launch was
+    timed_out: bool = False
+
+    async def launch(
+        self,
+        times: Sequence[float],
+        origin: float,
+        start: Callable[[int, float], Coroutine[Any, Any, None]],
+    ) -> None:
+        """``start(i, when)`` as a task at loop time ``when = origin + times[i]``."""
+        loop = asyncio.get_running_loop()
+        for i, at in enumerate(times):
+            when = origin + at
+            delay = when - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.late = max(self.late, loop.time() - when)
+            self.tasks.append(loop.create_task(start(i, when)))
+
+    async def run(
+        self,
+        times: Sequence[float],
+        origin: float,
+        start: Callable[[int, float], Coroutine[Any, Any, None]],
+        *,
+        budget: float,
+        side: Sequence[asyncio.Task[Any]] = (),
+    ) -> None:
+        """:meth:`launch`, then wait for every call; a watchdog of ``budget`` seconds
+        cancels whatever is left (``timed_out``).  On the way out the ``side`` tasks and
+        any unfinished call are cancelled and awaited."""
+        try:
+            async with asyncio.timeout(budget):
+                await self.launch(times, origin, start)
+                if self.tasks:
+                    await asyncio.wait(self.tasks)
+        except TimeoutError:
+            self.timed_out = True
+        finally:
+            for s in side:
+                s.cancel()
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*side, *self.tasks, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------- clients
@@ -435,23 +497,10 @@ async def run_one(
                         if record:
                             error[i] = _error_name(exc)
 
-                async def launch(
-                    times: Sequence[float], origin: float, record: bool
-                ) -> tuple[list[asyncio.Task[None]], float]:
-                    tasks: list[asyncio.Task[None]] = []
-                    late = 0.0
-                    for i, at in enumerate(times):
-                        when = origin + at
-                        delay = when - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i, when, record)))
-                    return tasks, late
-
                 # 1. warm-up (not measured)
-                warm_tasks, _ = await launch(warm, loop.time(), False)
-                await asyncio.wait(warm_tasks, timeout=DRAIN_TIMEOUT)
+                warm_up = OpenLoop()
+                await warm_up.launch(warm, loop.time(), lambda i, when: one(i, when, False))
+                await asyncio.wait(warm_up.tasks, timeout=DRAIN_TIMEOUT)
                 lb_before = client.lb.stats() if client.lb is not None else None
 
                 # 2. the measured window
@@ -503,7 +552,9 @@ async def run_one(
                 side += [loop.create_task(checkpoint(b)) for b in sorted(bounds) if 0 < b < 1]
                 tick = loop.create_task(ticker())
                 try:
-                    tasks, late = await launch(schedule, t0, True)
+                    measured = OpenLoop()
+                    await measured.launch(schedule, t0, lambda i, when: one(i, when, True))
+                    tasks, late = measured.tasks, measured.late
                     await asyncio.gather(*side)
                     if tasks:
                         _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)

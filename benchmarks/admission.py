@@ -105,6 +105,7 @@ except ImportError:  # pragma: no cover
 
 import aiohttp
 import vtime
+from _harness import OpenLoop
 from _fleet_process import (
     FLEET_SERVER,
     FLEET_START_TIMEOUT,
@@ -524,8 +525,7 @@ async def run_policy(
     outcome: list[str | None] = [None] * n
     samples: list[tuple[float, float | None, int, int, int]] = []
     lags: list[float] = []
-    late = 0.0
-    timed_out = False
+    calls = OpenLoop()
     lb_out: dict[str, Any] = {}
     budget = sc.duration + RUN_SLACK
     gc.collect()
@@ -572,24 +572,9 @@ async def run_policy(
                 lags.append(max(0.0, loop.time() - t - SAMPLE_PERIOD))
 
         side = loop.create_task(sampler())
-        tasks: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.timeout(budget):
-                for i, at in enumerate(arrival):
-                    wait = origin + at - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    late = max(late, loop.time() - origin - at)
-                    tasks.append(loop.create_task(one(i)))
-                if tasks:
-                    await asyncio.wait(tasks)
-        except TimeoutError:
-            timed_out = True
+            await calls.run(arrival, origin, lambda i, _when: one(i), budget=budget, side=[side])
         finally:
-            side.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(side, *tasks, return_exceptions=True)
             st = lb.stats()
             lb_out = {
                 "calls": st.calls,
@@ -625,8 +610,8 @@ async def run_policy(
         outcome=outcome,
         samples=samples,
         lags=lags,
-        late_launch_s=late,
-        timed_out=timed_out,
+        late_launch_s=calls.late,
+        timed_out=calls.timed_out,
         lb=lb_out,
         fleet={k: v - before.get(k, 0) for k, v in after.items()},
         wall_s=time.perf_counter() - wall0,

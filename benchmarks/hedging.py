@@ -104,7 +104,7 @@ import aiohttp
 import attrs
 
 import _report
-from _harness import quantile
+from _harness import OpenLoop, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 from lbclient.testing import ReplicaConfig
@@ -566,10 +566,8 @@ async def run_policy(
     attempts: list[list[float]] = [[] for _ in range(n)]
     samples: list[tuple[float, float]] = []
     lags: list[float] = []
-    tasks: list[asyncio.Task[None]] = []
+    calls = OpenLoop()
     budget = (schedule[-1] if schedule else 0.0) + RUN_SLACK
-    timed_out = False
-    late = 0.0
     lb_out: dict[str, Any] = {}
     gc.collect()  # start each run without garbage from the previous ones
     wall0 = time.perf_counter()
@@ -617,22 +615,10 @@ async def run_policy(
 
             side = loop.create_task(sampler())
             try:
-                async with asyncio.timeout(budget):
-                    for i, when in enumerate(scheduled):
-                        wait = when - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i)))
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                timed_out = True
+                await calls.run(
+                    schedule, origin, lambda i, _when: one(i), budget=budget, side=[side]
+                )
             finally:
-                side.cancel()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(side, *tasks, return_exceptions=True)
                 st = lb.stats()
                 lb_out = {
                     "calls": st.calls,
@@ -663,12 +649,12 @@ async def run_policy(
         lb=lb_out,
         received=[c["received"] for c in counters],
         fleet_counters=counters,
-        late_launch_s=late,
+        late_launch_s=calls.late,
         client_cpu_s=time.process_time() - cpu0,
         fleet_cpu_s=after["cpu_s"] - before["cpu_s"],
         wall_s=time.perf_counter() - wall0,
-        timed_out=timed_out,
-        launched=len(tasks),
+        timed_out=calls.timed_out,
+        launched=len(calls.tasks),
         fixed_delay=cell.envoy_delay() if policy.hedge == "fixed" else None,
     )
 

@@ -97,7 +97,7 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
-from _harness import quantile
+from _harness import OpenLoop, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 import sim
@@ -294,10 +294,8 @@ async def run_one(
     latency: list[float | None] = [None] * n
     errors: dict[str, int] = {}
     lags: list[float] = []
-    tasks: list[asyncio.Task[None]] = []
+    calls = OpenLoop()
     budget = (schedule[-1] if schedule else 0.0) + request_timeout + RUN_SLACK
-    timed_out = False
-    late = 0.0
     lb_out: dict[str, Any] = {}
     load0 = loadavg()
     gc.collect()
@@ -360,22 +358,10 @@ async def run_one(
 
             side = loop.create_task(lag_sampler())
             try:
-                async with asyncio.timeout(budget):
-                    for i, when in enumerate(scheduled):
-                        wait = when - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i)))
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                timed_out = True
+                await calls.run(
+                    schedule, origin, lambda i, _when: one(i), budget=budget, side=[side]
+                )
             finally:
-                side.cancel()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(side, *tasks, return_exceptions=True)
                 if lb is not None:
                     st = lb.stats()
                     lb_out = {
@@ -401,7 +387,7 @@ async def run_one(
     return {
         "strategy": strategy,
         "calls": n,
-        "launched": len(tasks),
+        "launched": len(calls.tasks),
         "ok": ok,
         "success_pct": 100.0 * ok / n if n else 0.0,
         "errors": errors,
@@ -413,11 +399,11 @@ async def run_one(
             "p99": (quantile(lags, 0.99) or 0.0) * 1000 if lags else None,
             "max": lags[-1] * 1000 if lags else None,
         },
-        "late_launch_ms_max": late * 1000,
+        "late_launch_ms_max": calls.late * 1000,
         "client_cpu_s": time.process_time() - cpu0,
         "fleet_cpu_s": after["cpu_s"] - before["cpu_s"],
         "wall_s": time.perf_counter() - wall0,
-        "timed_out": timed_out,
+        "timed_out": calls.timed_out,
         "loadavg_at_start": load0,
         "loadavg_at_end": loadavg(),
     }
