@@ -199,6 +199,11 @@ class RunResult:
 # ------------------------------------------------------------------------- arrivals
 
 
+def poisson_arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
+    """``n`` arrival times (s from 0) of a Poisson process of ``rate``/s."""
+    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
+
+
 def arrivals(scenario: Scenario, duration: float, rng: random.Random) -> list[float]:
     """Poisson arrival times in ``[0, duration)``, piecewise-constant rate (bursts).
 
@@ -424,9 +429,7 @@ async def run_one(
     # Warm up at the scenario's rate, or faster for slow scenarios (at most 100 req/s and
     # 70% of capacity), so a run does not spend seconds on requests it does not measure.
     warm_rate = max(scenario.rate, min(100.0, 0.7 * scenario.capacity))
-    warm = list(
-        itertools.accumulate(warm_rng.expovariate(warm_rate) for _ in range(scenario.warmup))
-    )
+    warm = poisson_arrivals(warm_rate, scenario.warmup, warm_rng)
     payload = dict(PAYLOAD, stream=True) if scenario.stream else dict(PAYLOAD)
 
     n = len(schedule)

@@ -105,7 +105,7 @@ except ImportError:  # pragma: no cover
 
 import aiohttp
 import vtime
-from _harness import OpenLoop
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop
 from _fleet_process import (
     FLEET_SERVER,
     FLEET_START_TIMEOUT,
@@ -117,8 +117,6 @@ from _fleet_process import (
 import lbclient
 
 BURST_CHILD = HERE / "_admission_burst.py"
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 
 N_REPLICAS = 4
 SLOTS = 5

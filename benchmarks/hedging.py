@@ -104,13 +104,11 @@ import aiohttp
 import attrs
 
 import _report
-from _harness import OpenLoop, quantile
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 from lbclient.testing import ReplicaConfig
 
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 REQUEST_TIMEOUT = 10.0  # seconds per aiohttp request: nothing hangs
 RUN_SLACK = 2 * REQUEST_TIMEOUT + 15.0  # watchdog: last arrival + this, then cancel
 N_REPLICAS = 6
@@ -659,10 +657,6 @@ async def run_policy(
     )
 
 
-def arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
-    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
-
-
 async def run_cell(
     cell: Cell,
     policies: Sequence[Policy],
@@ -671,7 +665,9 @@ async def run_cell(
     on_start: Callable[[str], None],
 ) -> dict[str, Any]:
     rate = cell.rate(args.nominal_load)
-    schedule = arrivals(rate, args.calls, random.Random(f"{args.seed}:{cell.name}:arrivals"))
+    schedule = poisson_arrivals(
+        rate, args.calls, random.Random(f"{args.seed}:{cell.name}:arrivals")
+    )
     parallel = rate <= args.parallel_max_rate
     runs: dict[str, RunData] = {}
     failures: dict[str, str] = {}

@@ -97,14 +97,12 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
-from _harness import OpenLoop, quantile
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
 import sim
 from lbclient.testing import ReplicaConfig
 
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 SIGMA = ReplicaConfig().sigma  # 0.25, the fleet's default lognormal shape
 RUN_SLACK = 15.0  # watchdog: last arrival + request timeout + this
 RUN_OVERHEAD_S = 1.5  # per run: fleet process start and close (for the estimate)
@@ -221,10 +219,6 @@ def summarize_ms(values_s: Sequence[float]) -> dict[str, float | None]:
 
 def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
-    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
 
 
 # ------------------------------------------------------------------------- overhead
@@ -426,7 +420,8 @@ def schedule_for(fleet: Fleet, load: float, calls: int, seed: int) -> tuple[list
     except Exception:  # a private helper: may change under us
         pass
     rng = random.Random(f"{seed}:{fleet.name}:{load}:arrivals")
-    return arrivals(load * fleet.capacity, calls, rng), "own Poisson draw (oracle not paired)"
+    schedule = poisson_arrivals(load * fleet.capacity, calls, rng)
+    return schedule, "own Poisson draw (oracle not paired)"
 
 
 def oracle_point(fleet: Fleet, load: float, calls: int, seeds: int, seed: int) -> dict[str, Any]:

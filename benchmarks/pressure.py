@@ -90,10 +90,9 @@ SELF = str(Path(__file__).resolve())
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbclient, wherever we run from
 
 import lbclient
-from _harness import quantile
+from _harness import PAYLOAD, quantile
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 REQUEST_TIMEOUT = 10.0
 SCENARIOS = (
     "spike",

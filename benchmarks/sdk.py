@@ -77,7 +77,7 @@ except ImportError:  # pragma: no cover
     sys.exit("benchmarks/sdk.py needs httpx, openai and rich: pip install 'lbclient[test]'")
 
 from _fleet_process import FleetProcess
-from _harness import summarize
+from _harness import poisson_arrivals, summarize
 from _report import machine_info, write_json
 
 import lbclient
@@ -149,12 +149,7 @@ async def open_loop(
     scheduled arrival, added to ``tally``.  ``call`` returns (the time its first token
     came, or None; an error, or None)."""
     tally = Tally() if tally is None else tally
-    rng = random.Random(seed)
-    t = 0.0
-    schedule = []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        schedule.append(t)
+    schedule = poisson_arrivals(rate, n, random.Random(seed))
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
 
