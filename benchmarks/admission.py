@@ -850,10 +850,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+TargetFn = Callable[[dict[str, Any]], tuple[float | None, str]]
+
+
 @dataclass
 class Target:
     text: str
-    fn: Callable[[dict[str, Any]], tuple[float | None, str]]  # policy summary -> (value, shown)
+    fn: TargetFn  # policy summary -> (value, shown)
     ok: Callable[[float], bool] | None  # None: reported, not judged
     ours: bool = False
 
@@ -865,6 +868,30 @@ def _by(summary: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
+def _growth(key: str, before: str, after: str) -> TargetFn:
+    """Window ``after``'s ``key`` (a latency, ms) over window ``before``'s."""
+
+    def fn(s: dict[str, Any]) -> tuple[float | None, str]:
+        a = _by(s, before)[key]
+        b = _by(s, after)[key]
+        r = _ratio(b, a)
+        return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+
+    return fn
+
+
+def _goodput(window: str) -> TargetFn:
+    """Window ``window``'s goodput, % of capacity."""
+
+    def fn(s: dict[str, Any]) -> tuple[float | None, str]:
+        w = _by(s, window)
+        return w["goodput_pct_capacity"], (
+            f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
+        )
+
+    return fn
+
+
 def scenario_targets(name: str) -> list[Target]:
     if name == "noisy":
 
@@ -872,17 +899,11 @@ def scenario_targets(name: str) -> list[Target]:
             v = _by(s, "noisy phase: 9 quiet tenants")["success_pct"]
             return v, f"{_fmt(v, '{:.2f}')}%"
 
-        def quiet_p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "quiet phase: 9 quiet tenants")["p99_ms"]
-            b = _by(s, "noisy phase: 9 quiet tenants")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        quiet_p99 = _growth(
+            "p99_ms", "quiet phase: 9 quiet tenants", "noisy phase: 9 quiet tenants"
+        )
 
-        def goodput(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "noisy phase: all")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
-            )
+        goodput = _goodput("noisy phase: all")
 
         def leftover(s: dict[str, Any]) -> tuple[float | None, str]:
             q = _by(s, "noisy phase: 9 quiet tenants")["goodput_rps"]
@@ -911,18 +932,9 @@ def scenario_targets(name: str) -> list[Target]:
             Target("the noisy tenant gets the capacity left over", leftover, None),
         ]
     if name == "spike":
+        good = _goodput("overload (300%)")
 
-        def good(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "overload (300%)")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
-            )
-
-        def p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "pre-spike (20%)")["p99_ms"]
-            b = _by(s, "overload (300%)")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        p99 = _growth("p99_ms", "pre-spike (20%)", "overload (300%)")
 
         def shed_fast(s: dict[str, Any]) -> tuple[float | None, str]:
             sh = s["shed_all"]
@@ -955,12 +967,7 @@ def scenario_targets(name: str) -> list[Target]:
             ),
         ]
     if name == "sustained":
-
-        def sla(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "unloaded (10%)")["p95_ms"]
-            b = _by(s, "loaded (90%)")["p95_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        sla = _growth("p95_ms", "unloaded (10%)", "loaded (90%)")
 
         def succ(s: dict[str, Any]) -> tuple[float | None, str]:
             w = _by(s, "loaded (90%)")
@@ -975,17 +982,10 @@ def scenario_targets(name: str) -> list[Target]:
     if name == "oscillation":
 
         def good(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "130% phases")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s); worst phase "
-                f"{s['worst_high_goodput_pct']:.1f}%"
-            )
+            v, shown = _goodput("130% phases")(s)
+            return v, f"{shown}; worst phase {s['worst_high_goodput_pct']:.1f}%"
 
-        def p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "first 30% phase (before any overload)")["p99_ms"]
-            b = _by(s, "130% phases")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        p99 = _growth("p99_ms", "first 30% phase (before any overload)", "130% phases")
 
         def thrash(s: dict[str, Any]) -> tuple[float | None, str]:
             th = s.get("thrash_high")
