@@ -263,6 +263,19 @@ class OpenLoop:
             self.late = max(self.late, loop.time() - when)
             self.tasks.append(loop.create_task(start(i, when)))
 
+    async def drain(self, timeout: float) -> set[asyncio.Task[None]]:
+        """Wait up to ``timeout`` seconds for every call, then cancel those still running
+        and wait for them; return those."""
+        if not self.tasks:
+            return set()
+        _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        return pending
+
     async def run(
         self,
         times: Sequence[float],
@@ -557,15 +570,9 @@ async def run_one(
                 try:
                     measured = OpenLoop()
                     await measured.launch(schedule, t0, lambda i, when: one(i, when, True))
-                    tasks, late = measured.tasks, measured.late
+                    late = measured.late
                     await asyncio.gather(*side)
-                    if tasks:
-                        _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)
-                        for t in pending:
-                            t.cancel()
-                        for t in pending:
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await t
+                    await measured.drain(DRAIN_TIMEOUT)
                 finally:
                     tick.cancel()
                     for t in side:

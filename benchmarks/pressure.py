@@ -90,7 +90,7 @@ SELF = str(Path(__file__).resolve())
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbclient, wherever we run from
 
 import lbclient
-from _harness import PAYLOAD, quantile
+from _harness import PAYLOAD, OpenLoop, quantile
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
 REQUEST_TIMEOUT = 10.0
@@ -309,7 +309,6 @@ async def drive(
     outs = [
         Outcome(at=t, tenant=None if tenants is None else tenants[i]) for i, t in enumerate(times)
     ]
-    late = 0.0
 
     async def one(i: int, when: float) -> None:
         o = outs[i]
@@ -320,25 +319,12 @@ async def drive(
             o.error = _error_name(exc)
         o.done_at = loop.time() - t0
 
-    tasks = []
-    for i, at in enumerate(times):
-        when = t0 + at
-        delay = when - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        late = max(late, loop.time() - when)
-        tasks.append(loop.create_task(one(i, when)))
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=drain)
-        for t in pending:
-            t.cancel()
-        for t in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        for t in pending:
-            i = tasks.index(t)
-            outs[i].error = outs[i].error or "Hung"
-    return Run(outs, late * 1000.0, loop.time() - t0)
+    calls = OpenLoop()
+    await calls.launch(times, t0, one)
+    for t in await calls.drain(drain):
+        i = calls.tasks.index(t)
+        outs[i].error = outs[i].error or "Hung"
+    return Run(outs, calls.late * 1000.0, loop.time() - t0)
 
 
 def ms(x: float | None) -> float | None:
