@@ -1207,16 +1207,32 @@ def _shade(ax: Any, sc: Scenario) -> None:
             )
 
 
-def plot_spike(
-    path: Path, sc: Scenario, runs: dict[str, RunData], s: dict[str, Any], mode: str
-) -> None:
+POLICY_COLORS = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
+
+
+def _panels() -> tuple[Any, Any]:
+    """A figure of three panels sharing the time axis (12 x 10 in, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    return plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_spike(
+    path: Path, sc: Scenario, runs: dict[str, RunData], s: dict[str, Any], mode: str
+) -> None:
+    fig, axes = _panels()
     ax0, ax1, ax2 = axes
     first = next(iter(runs.values()))
     ser0 = series(first, sc.duration)
@@ -1225,7 +1241,7 @@ def plot_spike(
     ax0.axhline(0.9 * CAPACITY, color="grey", ls=":", lw=0.8, label="90% of capacity")
     for pol, d in runs.items():
         ser = series(d, sc.duration)
-        c = colors.get(pol)
+        c = POLICY_COLORS.get(pol)
         ax0.plot(ser["t"], ser["goodput_rps"], color=c, lw=1.4, label=f"goodput: {pol}")
         if any(ser["shed_rps"]):
             ax0.plot(ser["t"], ser["shed_rps"], color=c, lw=0.8, ls="--", label=f"shed/s: {pol}")
@@ -1273,26 +1289,17 @@ def plot_spike(
         _shade(ax, sc)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, ncol=3, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_oscillation(path: Path, sc: Scenario, runs: dict[str, RunData], mode: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    fig, axes = _panels()
     ax0, ax1, ax2 = axes
     first = next(iter(runs.values()))
     ser0 = series(first, sc.duration)
     ts = [i * 0.05 for i in range(int(sc.duration / 0.05) + 1)]
     for pol, d in runs.items():
-        c = colors.get(pol)
+        c = POLICY_COLORS.get(pol)
         lim = [(x[0], x[1]) for x in d.samples if x[1] is not None]
         if lim:
             ax0.plot(
@@ -1354,10 +1361,7 @@ def plot_oscillation(path: Path, sc: Scenario, runs: dict[str, RunData], mode: s
         _shade(ax, sc)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, ncol=3, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ burst
