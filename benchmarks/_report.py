@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -9,16 +11,62 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from _harness import RunResult
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from scenarios import Scenario
 
 import lbclient
+
+
+@dataclass
+class Progressor:
+    """Calls finished so far, counted by the runs, shown by :func:`call_progress`."""
+
+    done: int = 0
+
+
+@contextlib.asynccontextmanager
+async def call_progress(
+    console: Console, total: int
+) -> AsyncIterator[tuple[Progress, TaskID, Progressor]]:
+    """A progress bar of ``total`` calls that follows a :class:`Progressor` (4 times a
+    second) while the block runs: yields the ``Progress``, its bar and the counter."""
+    prog = Progressor()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("starting", total=total)
+
+        async def ticker() -> None:
+            while True:
+                progress.update(bar, completed=prog.done)
+                await asyncio.sleep(0.25)
+
+        tick = asyncio.get_running_loop().create_task(ticker())
+        try:
+            yield progress, bar, prog
+        finally:
+            tick.cancel()
 
 
 def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:

@@ -88,14 +88,6 @@ if str(HERE) not in sys.path:
 
 try:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 except ImportError:  # pragma: no cover
     sys.exit("benchmarks need rich: pip install 'lbclient[bench]'")
@@ -104,6 +96,7 @@ import aiohttp
 import attrs
 
 import _report
+from _report import Progressor
 from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
@@ -546,11 +539,6 @@ def result_dict(d: RunData) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------- run
-
-
-@dataclass
-class Progressor:
-    done: int = 0
 
 
 async def run_policy(
@@ -1039,39 +1027,20 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     path = args.out / "hedging.json"
     total = len(cells) * len(args.policy_list) * args.calls
-    prog = Progressor()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("starting", total=total)
+    async with _report.call_progress(console, total) as (progress, bar, prog):
+        for k, (i, cell) in enumerate(cells):
+            base_done = k * len(args.policy_list) * args.calls
 
-        async def ticker() -> None:
-            while True:
-                progress.update(bar, completed=prog.done)
-                await asyncio.sleep(0.25)
+            def on_start(what: str, k: int = k) -> None:
+                progress.update(bar, description=f"[{k + 1}/{len(cells)}] {what}")
 
-        tick = asyncio.get_running_loop().create_task(ticker())
-        try:
-            for k, (i, cell) in enumerate(cells):
-                base_done = k * len(args.policy_list) * args.calls
-
-                def on_start(what: str, k: int = k) -> None:
-                    progress.update(bar, description=f"[{k + 1}/{len(cells)}] {what}")
-
-                res = await run_cell(cell, args.policy_list, args, prog, on_start)
-                prog.done = base_done + len(args.policy_list) * args.calls
-                res["index"] = i
-                out["cells"].append(res)
-                out["wall_seconds"] = time.perf_counter() - started
-                _report.write_json(path, out)
-                progress.console.print(cell_table(res))
-        finally:
-            tick.cancel()
+            res = await run_cell(cell, args.policy_list, args, prog, on_start)
+            prog.done = base_done + len(args.policy_list) * args.calls
+            res["index"] = i
+            out["cells"].append(res)
+            out["wall_seconds"] = time.perf_counter() - started
+            _report.write_json(path, out)
+            progress.console.print(cell_table(res))
     timer.cancel()
     console.print(summary_table(out["cells"]))
     met = [c["summary"].get("target_met") for c in out["cells"]]

@@ -82,14 +82,6 @@ if str(HERE) not in sys.path:
 
 try:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 except ImportError:  # pragma: no cover
     sys.exit("benchmarks need rich: pip install 'lbclient[bench]'")
@@ -97,6 +89,7 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
+from _report import Progressor
 from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
 from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
 import lbclient
@@ -266,11 +259,6 @@ async def measure_overhead(fleet: Fleet, n: int, seed: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Progressor:
-    done: int = 0
 
 
 async def run_one(
@@ -795,106 +783,87 @@ async def main_async(args: argparse.Namespace) -> int:
         "fleets": [],
     }
     path = args.out / "picking.json"
-    prog = Progressor()
     per_fleet = len(args.load_list) * len(args.strategy_list) * args.calls
     total = len(args.fleet_list) * per_fleet
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("starting", total=total)
-
-        async def ticker() -> None:
-            while True:
-                progress.update(bar, completed=prog.done)
-                await asyncio.sleep(0.25)
-
-        tick = asyncio.get_running_loop().create_task(ticker())
-        try:
-            for fi, fleet in enumerate(args.fleet_list):
-                progress.update(bar, description=f"{fleet.name}: overhead at idle")
-                overhead = await measure_overhead(fleet, args.overhead_requests, args.seed)
-                fr: dict[str, Any] = {
-                    "name": fleet.name,
-                    "title": fleet.title,
-                    "note": fleet.note,
-                    "config": {
-                        "base_latency_s": fleet.base,
-                        "slots": fleet.slots,
-                        "speeds": list(fleet.speeds),
-                        "sigma": SIGMA,
-                        "replicas": fleet.replicas(),
-                    },
-                    "capacity_rps": fleet.capacity,
-                    "overhead": overhead,
-                    "loads": [],
+    async with _report.call_progress(console, total) as (progress, bar, prog):
+        for fi, fleet in enumerate(args.fleet_list):
+            progress.update(bar, description=f"{fleet.name}: overhead at idle")
+            overhead = await measure_overhead(fleet, args.overhead_requests, args.seed)
+            fr: dict[str, Any] = {
+                "name": fleet.name,
+                "title": fleet.title,
+                "note": fleet.note,
+                "config": {
+                    "base_latency_s": fleet.base,
+                    "slots": fleet.slots,
+                    "speeds": list(fleet.speeds),
+                    "sigma": SIGMA,
+                    "replicas": fleet.replicas(),
+                },
+                "capacity_rps": fleet.capacity,
+                "overhead": overhead,
+                "loads": [],
+            }
+            out["fleets"].append(fr)
+            ovh = overhead["overhead_ms"]
+            for load in args.load_list:
+                rate = load * fleet.capacity
+                progress.update(bar, description=f"{fleet.name} {load:.0%}: oracle")
+                oracle = oracle_point(fleet, load, args.calls, args.oracle_seeds, args.seed)
+                oracle["p99_adjusted_ms"] = oracle["p99_ms"] + ovh
+                sims: dict[str, Any] = {}
+                for s in args.strategy_list:
+                    try:
+                        sims[s] = sim_point(fleet, load, args.calls, oracle, s)
+                    except Exception as exc:  # the reference only: the run goes on
+                        sims[s] = {"error": f"{type(exc).__name__}: {exc}"}
+                        continue
+                schedule, schedule_source = schedule_for(fleet, load, args.calls, args.seed)
+                pt: dict[str, Any] = {
+                    "load": load,
+                    "rate_rps": rate,
+                    "schedule_s": schedule[-1],
+                    "schedule_source": schedule_source,
+                    "oracle": oracle,
+                    "sim": sims,
+                    "runs": {},
+                    "failures": {},
+                    "loadavg_at_start": loadavg(),
                 }
-                out["fleets"].append(fr)
-                ovh = overhead["overhead_ms"]
-                for load in args.load_list:
-                    rate = load * fleet.capacity
-                    progress.update(bar, description=f"{fleet.name} {load:.0%}: oracle")
-                    oracle = oracle_point(fleet, load, args.calls, args.oracle_seeds, args.seed)
-                    oracle["p99_adjusted_ms"] = oracle["p99_ms"] + ovh
-                    sims: dict[str, Any] = {}
-                    for s in args.strategy_list:
-                        try:
-                            sims[s] = sim_point(fleet, load, args.calls, oracle, s)
-                        except Exception as exc:  # the reference only: the run goes on
-                            sims[s] = {"error": f"{type(exc).__name__}: {exc}"}
-                            continue
-                    schedule, schedule_source = schedule_for(fleet, load, args.calls, args.seed)
-                    pt: dict[str, Any] = {
-                        "load": load,
-                        "rate_rps": rate,
-                        "schedule_s": schedule[-1],
-                        "schedule_source": schedule_source,
-                        "oracle": oracle,
-                        "sim": sims,
-                        "runs": {},
-                        "failures": {},
-                        "loadavg_at_start": loadavg(),
-                    }
-                    fr["loads"].append(pt)
-                    for s in args.strategy_list:
-                        progress.update(
-                            bar,
-                            description=f"[{fi + 1}/{len(args.fleet_list)}] "
-                            f"{fleet.name} {load:.0%}: {s}",
+                fr["loads"].append(pt)
+                for s in args.strategy_list:
+                    progress.update(
+                        bar,
+                        description=f"[{fi + 1}/{len(args.fleet_list)}] "
+                        f"{fleet.name} {load:.0%}: {s}",
+                    )
+                    done0 = prog.done
+                    try:
+                        r = await run_one(
+                            fleet,
+                            s,
+                            schedule,
+                            seed=args.seed,
+                            request_timeout=args.request_timeout,
+                            prog=prog,
                         )
-                        done0 = prog.done
-                        try:
-                            r = await run_one(
-                                fleet,
-                                s,
-                                schedule,
-                                seed=args.seed,
-                                request_timeout=args.request_timeout,
-                                prog=prog,
-                            )
-                        except Exception as exc:  # a broken run is reported, the rest goes on
-                            pt["failures"][s] = f"{type(exc).__name__}: {exc}"
-                            prog.done = done0 + args.calls
-                            continue
-                        p99 = r["latency_ms"]["p99"]
-                        r["ratio"] = None if p99 is None else p99 / oracle["p99_adjusted_ms"]
-                        r["ratio_raw_oracle"] = None if p99 is None else p99 / oracle["p99_ms"]
-                        r["ratio_oracle_median_of_seeds"] = (
-                            None if p99 is None else p99 / (oracle["p99_ms_median_of_seeds"] + ovh)
-                        )
-                        pt["runs"][s] = r
-                    pt["loadavg_at_end"] = loadavg()
-                    fr["summary"] = summarize_fleet(fr, args.strategy_list)
-                    out["wall_seconds"] = time.perf_counter() - started
-                    out["loadavg_at_end"] = loadavg()
-                    _report.write_json(path, out)
-                progress.console.print(fleet_table(fr, args.strategy_list))
-        finally:
-            tick.cancel()
+                    except Exception as exc:  # a broken run is reported, the rest goes on
+                        pt["failures"][s] = f"{type(exc).__name__}: {exc}"
+                        prog.done = done0 + args.calls
+                        continue
+                    p99 = r["latency_ms"]["p99"]
+                    r["ratio"] = None if p99 is None else p99 / oracle["p99_adjusted_ms"]
+                    r["ratio_raw_oracle"] = None if p99 is None else p99 / oracle["p99_ms"]
+                    r["ratio_oracle_median_of_seeds"] = (
+                        None if p99 is None else p99 / (oracle["p99_ms_median_of_seeds"] + ovh)
+                    )
+                    pt["runs"][s] = r
+                pt["loadavg_at_end"] = loadavg()
+                fr["summary"] = summarize_fleet(fr, args.strategy_list)
+                out["wall_seconds"] = time.perf_counter() - started
+                out["loadavg_at_end"] = loadavg()
+                _report.write_json(path, out)
+            progress.console.print(fleet_table(fr, args.strategy_list))
     timer.cancel()
     console.print(summary_table(out["fleets"], args.strategy_list))
     out["wall_seconds"] = time.perf_counter() - started
