@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 FLEET_SERVER = Path(__file__).resolve().parent / "_fleet_server.py"
@@ -30,6 +31,14 @@ def kill_live() -> None:
     for pid in list(live_pids):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(main)``, then -- whatever happened -- kill the children left."""
+    try:
+        return asyncio.run(main)
+    finally:
+        kill_live()
 
 
 class _Console(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -170,6 +171,17 @@ def targets_table(outcomes: Sequence[Mapping[str, Any]]) -> Table:
             "python benchmarks/run.py judges it"
         )
     return table
+
+
+def lbclient_sources_sha256() -> str:
+    """A hash (16 hex) of the lbclient sources on disk, as imported: the tree may hold
+    uncommitted edits, and others may commit while a long run goes on (the client keeps
+    what it imported)."""
+    root = Path(lbclient.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def machine_info() -> dict[str, Any]:

@@ -68,7 +68,6 @@ import argparse
 import asyncio
 import bisect
 import gc
-import hashlib
 import itertools
 import math
 import random
@@ -98,7 +97,7 @@ import attrs
 import _report
 from _report import Progressor
 from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
-from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, run_main
 import lbclient
 from lbclient.testing import ReplicaConfig
 
@@ -961,12 +960,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def source_fingerprint() -> dict[str, Any]:
     """Which lbclient was measured: a hash of its sources (the working tree may hold
     uncommitted changes) and the ``Hedge()`` defaults."""
-    root = Path(lbclient.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return {
-        "lbclient_sources_sha256": h.hexdigest()[:16],
+        "lbclient_sources_sha256": _report.lbclient_sources_sha256(),
         "hedge_defaults": repr(_HEDGE_DEFAULTS),
         "hedge_fields": {
             f.name: getattr(_HEDGE_DEFAULTS, f.name) for f in attrs.fields(lbclient.Hedge)
@@ -1062,10 +1057,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    finally:
-        kill_live()
+    return run_main(main_async(args))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
 import itertools
 import math
 import os
@@ -91,7 +90,7 @@ import aiohttp
 import _report
 from _report import Progressor
 from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
-from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, kill_live
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, run_main
 import lbclient
 import sim
 from lbclient.testing import ReplicaConfig
@@ -673,16 +672,6 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     return total
 
 
-def source_fingerprint() -> str:
-    """A hash of lbclient's sources as imported (the tree may hold uncommitted edits,
-    and others may commit while a long run goes on: the client keeps what it imported)."""
-    root = Path(lbclient.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def plan_table(args: argparse.Namespace) -> Table:
     t = Table(title="[b]plan[/b]", title_justify="left")
     for col in ("fleet", "title", "loads -> req/s", "schedule s per run"):
@@ -726,7 +715,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 200))
     estimate = estimate_seconds(args)
-    info = _report.machine_info() | {"lbclient_sources_sha256": source_fingerprint()}
+    info = _report.machine_info() | {"lbclient_sources_sha256": _report.lbclient_sources_sha256()}
     console.print(
         f"[b]lbclient picking vs the oracle[/b] -- {len(args.fleet_list)} fleet(s) x "
         f"{len(args.load_list)} load(s) x {len(args.strategy_list)} strategies, {args.calls} "
@@ -886,10 +875,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    finally:
-        kill_live()
+    return run_main(main_async(args))
 
 
 if __name__ == "__main__":
