@@ -16,8 +16,8 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, Protocol
 
 FLEET_SERVER = Path(__file__).resolve().parent / "_fleet_server.py"
