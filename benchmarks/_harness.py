@@ -29,7 +29,14 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -112,14 +119,18 @@ def parse_policy(name: str) -> Policy:
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
+    """Linear interpolation between closest ranks (numpy's default); ``inf`` allowed (a
+    failed call counted as infinitely slow): it is the answer only where it is weighed."""
     n = len(sorted_values)
     if n == 0:
         return None
     pos = q * (n - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    a, b = sorted_values[lo], sorted_values[hi]
+    if math.isinf(b):
+        return b if pos > lo else a
+    return a + (b - a) * (pos - lo)
 
 
 def summarize(values_s: Sequence[float]) -> dict[str, float]:
@@ -188,6 +199,11 @@ class RunResult:
 # ------------------------------------------------------------------------- arrivals
 
 
+def poisson_arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
+    """``n`` arrival times (s from 0) of a Poisson process of ``rate``/s."""
+    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
+
+
 def arrivals(scenario: Scenario, duration: float, rng: random.Random) -> list[float]:
     """Poisson arrival times in ``[0, duration)``, piecewise-constant rate (bursts).
 
@@ -217,6 +233,74 @@ def arrivals(scenario: Scenario, duration: float, rng: random.Random) -> list[fl
         t += dt
         out.append(t)
     return out
+
+
+# ------------------------------------------------------------------------ open loop
+
+
+@dataclass
+class OpenLoop:
+    """Open-loop launching: each call is started as its own task at its scheduled time,
+    whatever the earlier ones do (no coordinated omission)."""
+
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    late: float = 0.0  # seconds: how late the latest launch was
+    timed_out: bool = False
+
+    async def launch(
+        self,
+        times: Sequence[float],
+        origin: float,
+        start: Callable[[int, float], Coroutine[Any, Any, None]],
+    ) -> None:
+        """``start(i, when)`` as a task at loop time ``when = origin + times[i]``."""
+        loop = asyncio.get_running_loop()
+        for i, at in enumerate(times):
+            when = origin + at
+            delay = when - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.late = max(self.late, loop.time() - when)
+            self.tasks.append(loop.create_task(start(i, when)))
+
+    async def drain(self, timeout: float) -> set[asyncio.Task[None]]:
+        """Wait up to ``timeout`` seconds for every call, then cancel those still running
+        and wait for them; return those."""
+        if not self.tasks:
+            return set()
+        _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        return pending
+
+    async def run(
+        self,
+        times: Sequence[float],
+        origin: float,
+        start: Callable[[int, float], Coroutine[Any, Any, None]],
+        *,
+        budget: float,
+        side: Sequence[asyncio.Task[Any]] = (),
+    ) -> None:
+        """:meth:`launch`, then wait for every call; a watchdog of ``budget`` seconds
+        cancels whatever is left (``timed_out``).  On the way out the ``side`` tasks and
+        any unfinished call are cancelled and awaited."""
+        try:
+            async with asyncio.timeout(budget):
+                await self.launch(times, origin, start)
+                if self.tasks:
+                    await asyncio.wait(self.tasks)
+        except TimeoutError:
+            self.timed_out = True
+        finally:
+            for s in side:
+                s.cancel()
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*side, *self.tasks, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------- clients
@@ -358,9 +442,7 @@ async def run_one(
     # Warm up at the scenario's rate, or faster for slow scenarios (at most 100 req/s and
     # 70% of capacity), so a run does not spend seconds on requests it does not measure.
     warm_rate = max(scenario.rate, min(100.0, 0.7 * scenario.capacity))
-    warm = list(
-        itertools.accumulate(warm_rng.expovariate(warm_rate) for _ in range(scenario.warmup))
-    )
+    warm = poisson_arrivals(warm_rate, scenario.warmup, warm_rng)
     payload = dict(PAYLOAD, stream=True) if scenario.stream else dict(PAYLOAD)
 
     n = len(schedule)
@@ -431,23 +513,10 @@ async def run_one(
                         if record:
                             error[i] = _error_name(exc)
 
-                async def launch(
-                    times: Sequence[float], origin: float, record: bool
-                ) -> tuple[list[asyncio.Task[None]], float]:
-                    tasks: list[asyncio.Task[None]] = []
-                    late = 0.0
-                    for i, at in enumerate(times):
-                        when = origin + at
-                        delay = when - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i, when, record)))
-                    return tasks, late
-
                 # 1. warm-up (not measured)
-                warm_tasks, _ = await launch(warm, loop.time(), False)
-                await asyncio.wait(warm_tasks, timeout=DRAIN_TIMEOUT)
+                warm_up = OpenLoop()
+                await warm_up.launch(warm, loop.time(), lambda i, when: one(i, when, False))
+                await asyncio.wait(warm_up.tasks, timeout=DRAIN_TIMEOUT)
                 lb_before = client.lb.stats() if client.lb is not None else None
 
                 # 2. the measured window
@@ -499,15 +568,11 @@ async def run_one(
                 side += [loop.create_task(checkpoint(b)) for b in sorted(bounds) if 0 < b < 1]
                 tick = loop.create_task(ticker())
                 try:
-                    tasks, late = await launch(schedule, t0, True)
+                    measured = OpenLoop()
+                    await measured.launch(schedule, t0, lambda i, when: one(i, when, True))
+                    late = measured.late
                     await asyncio.gather(*side)
-                    if tasks:
-                        _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)
-                        for t in pending:
-                            t.cancel()
-                        for t in pending:
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await t
+                    await measured.drain(DRAIN_TIMEOUT)
                 finally:
                     tick.cancel()
                     for t in side:

@@ -2,23 +2,72 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from _harness import RunResult
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from scenarios import Scenario
 
 import lbclient
+
+
+@dataclass
+class Progressor:
+    """Calls finished so far, counted by the runs, shown by :func:`call_progress`."""
+
+    done: int = 0
+
+
+@contextlib.asynccontextmanager
+async def call_progress(
+    console: Console, total: int
+) -> AsyncIterator[tuple[Progress, TaskID, Progressor]]:
+    """A progress bar of ``total`` calls that follows a :class:`Progressor` (4 times a
+    second) while the block runs: yields the ``Progress``, its bar and the counter."""
+    prog = Progressor()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("starting", total=total)
+
+        async def ticker() -> None:
+            while True:
+                progress.update(bar, completed=prog.done)
+                await asyncio.sleep(0.25)
+
+        tick = asyncio.get_running_loop().create_task(ticker())
+        try:
+            yield progress, bar, prog
+        finally:
+            tick.cancel()
 
 
 def _fmt(value: float | None, fmt: str = "{:.1f}") -> str:
@@ -122,6 +171,17 @@ def targets_table(outcomes: Sequence[Mapping[str, Any]]) -> Table:
             "python benchmarks/run.py judges it"
         )
     return table
+
+
+def lbclient_sources_sha256() -> str:
+    """A hash (16 hex) of the lbclient sources on disk, as imported: the tree may hold
+    uncommitted edits, and others may commit while a long run goes on (the client keeps
+    what it imported)."""
+    root = Path(lbclient.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def machine_info() -> dict[str, Any]:

@@ -84,7 +84,6 @@ import math
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -106,13 +105,18 @@ except ImportError:  # pragma: no cover
 
 import aiohttp
 import vtime
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop
+from _fleet_process import (
+    FLEET_SERVER,
+    FLEET_START_TIMEOUT,
+    hard_deadline,
+    kill_live,
+    live_pids,
+)
 
 import lbclient
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 BURST_CHILD = HERE / "_admission_burst.py"
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 
 N_REPLICAS = 4
 SLOTS = 5
@@ -130,12 +134,9 @@ REQUEST_TIMEOUT = 10.0  # aiohttp total timeout per request
 BURST_REQUEST_TIMEOUT = 120.0  # long enough for plain aiohttp to finish 10,000 at 200/s
 CONNECTOR_LIMIT = 100  # aiohttp's default
 SAMPLE_PERIOD = 0.1
-FLEET_START_TIMEOUT = 30.0
 RUN_SLACK = REQUEST_TIMEOUT + MAX_WAIT + 10.0  # last arrival + this: the run's watchdog
 TENANT = "default"
 SHED_FAST = 0.010  # s: "shed calls fail in <= 10 ms"
-
-_live_pids: set[int] = set()
 
 
 def lbclient_fingerprint() -> str:
@@ -379,7 +380,7 @@ class FleetProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        _live_pids.add(self.proc.pid)
+        live_pids.add(self.proc.pid)
         hello = self._line(FLEET_START_TIMEOUT)
         self.urls = list(hello["urls"])
         return self.urls
@@ -426,7 +427,7 @@ class FleetProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        _live_pids.discard(proc.pid)
+        live_pids.discard(proc.pid)
 
 
 def _sum_counters(st: dict[str, Any]) -> dict[str, int]:
@@ -522,8 +523,7 @@ async def run_policy(
     outcome: list[str | None] = [None] * n
     samples: list[tuple[float, float | None, int, int, int]] = []
     lags: list[float] = []
-    late = 0.0
-    timed_out = False
+    calls = OpenLoop()
     lb_out: dict[str, Any] = {}
     budget = sc.duration + RUN_SLACK
     gc.collect()
@@ -570,24 +570,9 @@ async def run_policy(
                 lags.append(max(0.0, loop.time() - t - SAMPLE_PERIOD))
 
         side = loop.create_task(sampler())
-        tasks: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.timeout(budget):
-                for i, at in enumerate(arrival):
-                    wait = origin + at - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    late = max(late, loop.time() - origin - at)
-                    tasks.append(loop.create_task(one(i)))
-                if tasks:
-                    await asyncio.wait(tasks)
-        except TimeoutError:
-            timed_out = True
+            await calls.run(arrival, origin, lambda i, _when: one(i), budget=budget, side=[side])
         finally:
-            side.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(side, *tasks, return_exceptions=True)
             st = lb.stats()
             lb_out = {
                 "calls": st.calls,
@@ -623,8 +608,8 @@ async def run_policy(
         outcome=outcome,
         samples=samples,
         lags=lags,
-        late_launch_s=late,
-        timed_out=timed_out,
+        late_launch_s=calls.late,
+        timed_out=calls.timed_out,
         lb=lb_out,
         fleet={k: v - before.get(k, 0) for k, v in after.items()},
         wall_s=time.perf_counter() - wall0,
@@ -865,10 +850,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+TargetFn = Callable[[dict[str, Any]], tuple[float | None, str]]
+
+
 @dataclass
 class Target:
     text: str
-    fn: Callable[[dict[str, Any]], tuple[float | None, str]]  # policy summary -> (value, shown)
+    fn: TargetFn  # policy summary -> (value, shown)
     ok: Callable[[float], bool] | None  # None: reported, not judged
     ours: bool = False
 
@@ -880,6 +868,30 @@ def _by(summary: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
+def _growth(key: str, before: str, after: str) -> TargetFn:
+    """Window ``after``'s ``key`` (a latency, ms) over window ``before``'s."""
+
+    def fn(s: dict[str, Any]) -> tuple[float | None, str]:
+        a = _by(s, before)[key]
+        b = _by(s, after)[key]
+        r = _ratio(b, a)
+        return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+
+    return fn
+
+
+def _goodput(window: str) -> TargetFn:
+    """Window ``window``'s goodput, % of capacity."""
+
+    def fn(s: dict[str, Any]) -> tuple[float | None, str]:
+        w = _by(s, window)
+        return w["goodput_pct_capacity"], (
+            f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
+        )
+
+    return fn
+
+
 def scenario_targets(name: str) -> list[Target]:
     if name == "noisy":
 
@@ -887,17 +899,11 @@ def scenario_targets(name: str) -> list[Target]:
             v = _by(s, "noisy phase: 9 quiet tenants")["success_pct"]
             return v, f"{_fmt(v, '{:.2f}')}%"
 
-        def quiet_p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "quiet phase: 9 quiet tenants")["p99_ms"]
-            b = _by(s, "noisy phase: 9 quiet tenants")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        quiet_p99 = _growth(
+            "p99_ms", "quiet phase: 9 quiet tenants", "noisy phase: 9 quiet tenants"
+        )
 
-        def goodput(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "noisy phase: all")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
-            )
+        goodput = _goodput("noisy phase: all")
 
         def leftover(s: dict[str, Any]) -> tuple[float | None, str]:
             q = _by(s, "noisy phase: 9 quiet tenants")["goodput_rps"]
@@ -926,18 +932,9 @@ def scenario_targets(name: str) -> list[Target]:
             Target("the noisy tenant gets the capacity left over", leftover, None),
         ]
     if name == "spike":
+        good = _goodput("overload (300%)")
 
-        def good(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "overload (300%)")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s)"
-            )
-
-        def p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "pre-spike (20%)")["p99_ms"]
-            b = _by(s, "overload (300%)")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        p99 = _growth("p99_ms", "pre-spike (20%)", "overload (300%)")
 
         def shed_fast(s: dict[str, Any]) -> tuple[float | None, str]:
             sh = s["shed_all"]
@@ -970,12 +967,7 @@ def scenario_targets(name: str) -> list[Target]:
             ),
         ]
     if name == "sustained":
-
-        def sla(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "unloaded (10%)")["p95_ms"]
-            b = _by(s, "loaded (90%)")["p95_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        sla = _growth("p95_ms", "unloaded (10%)", "loaded (90%)")
 
         def succ(s: dict[str, Any]) -> tuple[float | None, str]:
             w = _by(s, "loaded (90%)")
@@ -990,17 +982,10 @@ def scenario_targets(name: str) -> list[Target]:
     if name == "oscillation":
 
         def good(s: dict[str, Any]) -> tuple[float | None, str]:
-            w = _by(s, "130% phases")
-            return w["goodput_pct_capacity"], (
-                f"{w['goodput_pct_capacity']:.1f}% ({w['goodput_rps']:.0f} req/s); worst phase "
-                f"{s['worst_high_goodput_pct']:.1f}%"
-            )
+            v, shown = _goodput("130% phases")(s)
+            return v, f"{shown}; worst phase {s['worst_high_goodput_pct']:.1f}%"
 
-        def p99(s: dict[str, Any]) -> tuple[float | None, str]:
-            a = _by(s, "first 30% phase (before any overload)")["p99_ms"]
-            b = _by(s, "130% phases")["p99_ms"]
-            r = _ratio(b, a)
-            return r, f"{_fmt(r, '{:.2f}')}x ({_fmt(b)} vs {_fmt(a)} ms)"
+        p99 = _growth("p99_ms", "first 30% phase (before any overload)", "130% phases")
 
         def thrash(s: dict[str, Any]) -> tuple[float | None, str]:
             th = s.get("thrash_high")
@@ -1222,16 +1207,32 @@ def _shade(ax: Any, sc: Scenario) -> None:
             )
 
 
-def plot_spike(
-    path: Path, sc: Scenario, runs: dict[str, RunData], s: dict[str, Any], mode: str
-) -> None:
+POLICY_COLORS = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
+
+
+def _panels() -> tuple[Any, Any]:
+    """A figure of three panels sharing the time axis (12 x 10 in, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    return plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_spike(
+    path: Path, sc: Scenario, runs: dict[str, RunData], s: dict[str, Any], mode: str
+) -> None:
+    fig, axes = _panels()
     ax0, ax1, ax2 = axes
     first = next(iter(runs.values()))
     ser0 = series(first, sc.duration)
@@ -1240,7 +1241,7 @@ def plot_spike(
     ax0.axhline(0.9 * CAPACITY, color="grey", ls=":", lw=0.8, label="90% of capacity")
     for pol, d in runs.items():
         ser = series(d, sc.duration)
-        c = colors.get(pol)
+        c = POLICY_COLORS.get(pol)
         ax0.plot(ser["t"], ser["goodput_rps"], color=c, lw=1.4, label=f"goodput: {pol}")
         if any(ser["shed_rps"]):
             ax0.plot(ser["t"], ser["shed_rps"], color=c, lw=0.8, ls="--", label=f"shed/s: {pol}")
@@ -1288,26 +1289,17 @@ def plot_spike(
         _shade(ax, sc)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, ncol=3, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_oscillation(path: Path, sc: Scenario, runs: dict[str, RunData], mode: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"none": "#C44E52", "admission": "#4C72B0", "fifo": "#55A868"}
-    fig, axes = plt.subplots(3, 1, figsize=(12, 10), sharex=True)
+    fig, axes = _panels()
     ax0, ax1, ax2 = axes
     first = next(iter(runs.values()))
     ser0 = series(first, sc.duration)
     ts = [i * 0.05 for i in range(int(sc.duration / 0.05) + 1)]
     for pol, d in runs.items():
-        c = colors.get(pol)
+        c = POLICY_COLORS.get(pol)
         lim = [(x[0], x[1]) for x in d.samples if x[1] is not None]
         if lim:
             ax0.plot(
@@ -1369,10 +1361,7 @@ def plot_oscillation(path: Path, sc: Scenario, runs: dict[str, RunData], mode: s
         _shade(ax, sc)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, ncol=3, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ------------------------------------------------------------------------------ burst
@@ -1413,7 +1402,7 @@ async def _burst_mode(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _live_pids.add(proc.pid)
+    live_pids.add(proc.pid)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), watchdog + 10)
     except TimeoutError:
@@ -1422,7 +1411,7 @@ async def _burst_mode(
         await proc.wait()
         return {"mode": mode, "error": "the burst child outlived its timeout (killed)"}
     finally:
-        _live_pids.discard(proc.pid)
+        live_pids.discard(proc.pid)
     lines = out.decode().strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"mode": mode, "error": f"exit {proc.returncode}: {err.decode()[-2000:]}"}
@@ -1551,21 +1540,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]admission.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Admission control under overload (see the module docstring).",
@@ -1637,7 +1611,7 @@ def main(argv: list[str] | None = None) -> int:
     info = _report.machine_info()
     estimate = _estimate(args)
     deadline = args.max_minutes * 60 if args.max_minutes else 3 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "admission.py")
     console.print(
         f"[b]lbclient admission[/b] ({mode}{', quick' if args.quick else ''}) -- fleet "
         f"{N_REPLICAS} x {SLOTS} slots x {BASE * 1000:.0f} ms = {CAPACITY:.0f} req/s; "
@@ -1825,6 +1799,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_live()

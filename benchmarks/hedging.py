@@ -67,19 +67,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import contextlib
 import gc
-import hashlib
 import itertools
-import json
 import math
-import os
 import random
 import re
-import signal
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -93,14 +87,6 @@ if str(HERE) not in sys.path:
 
 try:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 except ImportError:  # pragma: no cover
     sys.exit("benchmarks need rich: pip install 'lbclient[bench]'")
@@ -109,15 +95,14 @@ import aiohttp
 import attrs
 
 import _report
+from _report import Progressor
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, run_main
 import lbclient
 from lbclient.testing import ReplicaConfig
 
-FLEET_SERVER = HERE / "_fleet_server.py"
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 REQUEST_TIMEOUT = 10.0  # seconds per aiohttp request: nothing hangs
 RUN_SLACK = 2 * REQUEST_TIMEOUT + 15.0  # watchdog: last arrival + this, then cancel
-FLEET_START_TIMEOUT = 30.0
 N_REPLICAS = 6
 STRAGGLER_FACTOR = 20.0
 SIGMA = ReplicaConfig().sigma  # the fleet's default lognormal shape
@@ -129,8 +114,6 @@ _HEDGE_DEFAULTS = lbclient.Hedge()
 WARMUP = _HEDGE_DEFAULTS.warmup
 INITIAL_DELAY = _HEDGE_DEFAULTS.initial_delay
 OVERHEAD_S = 1.5  # per run: fleet process start + drain (for the time estimates)
-
-_live_pids: set[int] = set()  # fleet processes, for the hard watchdog
 
 
 # ------------------------------------------------------------------------------ cells
@@ -364,73 +347,7 @@ POLICIES = {
 }
 
 
-# ------------------------------------------------------------------------ fleet process
-
-
-class FleetProcess:
-    """``_fleet_server.py`` in a child process: start, ``stats()``, ``close()``."""
-
-    def __init__(self, cell: Cell, seed: int, max_seconds: float) -> None:
-        self.spec = {"replicas": cell.replicas(), "seed": seed, "max_seconds": max_seconds}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def start(self) -> list[str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        _live_pids.add(self.proc.pid)
-        hello = await self._line(FLEET_START_TIMEOUT)
-        self.urls = list(hello["urls"])
-        return self.urls
-
-    async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"fleet process exited (code {self.proc.returncode})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def stats(self) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return await self._line(10.0)
-
-    async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        _live_pids.discard(proc.pid)
-
-
 # --------------------------------------------------------------------------- metrics
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def summarize_ms(values_s: Sequence[float]) -> dict[str, float]:
@@ -623,11 +540,6 @@ def result_dict(d: RunData) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- run
 
 
-@dataclass
-class Progressor:
-    done: int = 0
-
-
 async def run_policy(
     cell: Cell, policy: Policy, schedule: list[float], *, seed: int, prog: Progressor
 ) -> RunData:
@@ -639,15 +551,13 @@ async def run_policy(
     attempts: list[list[float]] = [[] for _ in range(n)]
     samples: list[tuple[float, float]] = []
     lags: list[float] = []
-    tasks: list[asyncio.Task[None]] = []
+    calls = OpenLoop()
     budget = (schedule[-1] if schedule else 0.0) + RUN_SLACK
-    timed_out = False
-    late = 0.0
     lb_out: dict[str, Any] = {}
     gc.collect()  # start each run without garbage from the previous ones
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
-    fleet = FleetProcess(cell, seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
+    fleet = FleetProcess(cell.replicas(), seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
     try:
         await fleet.start()
         before = await fleet.stats()
@@ -690,22 +600,10 @@ async def run_policy(
 
             side = loop.create_task(sampler())
             try:
-                async with asyncio.timeout(budget):
-                    for i, when in enumerate(scheduled):
-                        wait = when - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i)))
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                timed_out = True
+                await calls.run(
+                    schedule, origin, lambda i, _when: one(i), budget=budget, side=[side]
+                )
             finally:
-                side.cancel()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(side, *tasks, return_exceptions=True)
                 st = lb.stats()
                 lb_out = {
                     "calls": st.calls,
@@ -736,18 +634,14 @@ async def run_policy(
         lb=lb_out,
         received=[c["received"] for c in counters],
         fleet_counters=counters,
-        late_launch_s=late,
+        late_launch_s=calls.late,
         client_cpu_s=time.process_time() - cpu0,
         fleet_cpu_s=after["cpu_s"] - before["cpu_s"],
         wall_s=time.perf_counter() - wall0,
-        timed_out=timed_out,
-        launched=len(tasks),
+        timed_out=calls.timed_out,
+        launched=len(calls.tasks),
         fixed_delay=cell.envoy_delay() if policy.hedge == "fixed" else None,
     )
-
-
-def arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
-    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
 
 
 async def run_cell(
@@ -758,7 +652,9 @@ async def run_cell(
     on_start: Callable[[str], None],
 ) -> dict[str, Any]:
     rate = cell.rate(args.nominal_load)
-    schedule = arrivals(rate, args.calls, random.Random(f"{args.seed}:{cell.name}:arrivals"))
+    schedule = poisson_arrivals(
+        rate, args.calls, random.Random(f"{args.seed}:{cell.name}:arrivals")
+    )
     parallel = rate <= args.parallel_max_rate
     runs: dict[str, RunData] = {}
     failures: dict[str, str] = {}
@@ -1064,34 +960,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def source_fingerprint() -> dict[str, Any]:
     """Which lbclient was measured: a hash of its sources (the working tree may hold
     uncommitted changes) and the ``Hedge()`` defaults."""
-    root = Path(lbclient.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return {
-        "lbclient_sources_sha256": h.hexdigest()[:16],
+        "lbclient_sources_sha256": _report.lbclient_sources_sha256(),
         "hedge_defaults": repr(_HEDGE_DEFAULTS),
         "hedge_fields": {
             f.name: getattr(_HEDGE_DEFAULTS, f.name) for f in attrs.fields(lbclient.Hedge)
         },
     }
-
-
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    """Whatever happens, stop: kill the fleet processes and exit with code 124."""
-
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]hedging.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -1113,7 +988,7 @@ async def main_async(args: argparse.Namespace) -> int:
         console.print(grid_table(cells, args))
         return 0
     deadline = args.max_minutes * 60 if args.max_minutes else 2 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "hedging.py")
     started = time.perf_counter()
     out: dict[str, Any] = {
         "machine": info,
@@ -1147,39 +1022,20 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     path = args.out / "hedging.json"
     total = len(cells) * len(args.policy_list) * args.calls
-    prog = Progressor()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("starting", total=total)
+    async with _report.call_progress(console, total) as (progress, bar, prog):
+        for k, (i, cell) in enumerate(cells):
+            base_done = k * len(args.policy_list) * args.calls
 
-        async def ticker() -> None:
-            while True:
-                progress.update(bar, completed=prog.done)
-                await asyncio.sleep(0.25)
+            def on_start(what: str, k: int = k) -> None:
+                progress.update(bar, description=f"[{k + 1}/{len(cells)}] {what}")
 
-        tick = asyncio.get_running_loop().create_task(ticker())
-        try:
-            for k, (i, cell) in enumerate(cells):
-                base_done = k * len(args.policy_list) * args.calls
-
-                def on_start(what: str, k: int = k) -> None:
-                    progress.update(bar, description=f"[{k + 1}/{len(cells)}] {what}")
-
-                res = await run_cell(cell, args.policy_list, args, prog, on_start)
-                prog.done = base_done + len(args.policy_list) * args.calls
-                res["index"] = i
-                out["cells"].append(res)
-                out["wall_seconds"] = time.perf_counter() - started
-                _report.write_json(path, out)
-                progress.console.print(cell_table(res))
-        finally:
-            tick.cancel()
+            res = await run_cell(cell, args.policy_list, args, prog, on_start)
+            prog.done = base_done + len(args.policy_list) * args.calls
+            res["index"] = i
+            out["cells"].append(res)
+            out["wall_seconds"] = time.perf_counter() - started
+            _report.write_json(path, out)
+            progress.console.print(cell_table(res))
     timer.cancel()
     console.print(summary_table(out["cells"]))
     met = [c["summary"].get("target_met") for c in out["cells"]]
@@ -1201,12 +1057,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    return run_main(main_async(args))
 
 
 if __name__ == "__main__":

@@ -61,19 +61,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
-import hashlib
 import itertools
-import json
 import math
 import os
 import random
-import signal
 import statistics
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,14 +81,6 @@ if str(HERE) not in sys.path:
 
 try:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 except ImportError:  # pragma: no cover
     sys.exit("benchmarks need rich: pip install 'lbclient[bench]'")
@@ -101,23 +88,20 @@ except ImportError:  # pragma: no cover
 import aiohttp
 
 import _report
+from _report import Progressor
+from _harness import CHAT_PATH, PAYLOAD, OpenLoop, poisson_arrivals, quantile
+from _fleet_process import FLEET_START_TIMEOUT, FleetProcess, hard_deadline, run_main
 import lbclient
 import sim
 from lbclient.testing import ReplicaConfig
 
-FLEET_SERVER = HERE / "_fleet_server.py"
-CHAT_PATH = "/v1/chat/completions"
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 SIGMA = ReplicaConfig().sigma  # 0.25, the fleet's default lognormal shape
-FLEET_START_TIMEOUT = 30.0
 RUN_SLACK = 15.0  # watchdog: last arrival + request timeout + this
 RUN_OVERHEAD_S = 1.5  # per run: fleet process start and close (for the estimate)
 TARGET = 1.2  # the issue's target: p99 <= 1.2x the oracle's
 BASELINE = "baseline_rr"
 DEFAULT_STRATEGIES = ("peak_ewma", "power_of_two", "least_response_time", "round_robin")
 DEFAULT_LOADS = (0.5, 0.6, 0.7, 0.8, 0.85)
-
-_live_pids: set[int] = set()  # fleet processes, for the hard deadline
 
 
 # ----------------------------------------------------------------------------- fleets
@@ -209,76 +193,7 @@ QUICK = {
 }
 
 
-# ---------------------------------------------------------------------- fleet process
-
-
-class FleetProcess:
-    """``_fleet_server.py`` in a child process: ``start()``, ``stats()``, ``close()``."""
-
-    def __init__(self, fleet: Fleet, seed: int, max_seconds: float) -> None:
-        self.spec = {"replicas": fleet.replicas(), "seed": seed, "max_seconds": max_seconds}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def start(self) -> list[str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        _live_pids.add(self.proc.pid)
-        hello = await self._line(FLEET_START_TIMEOUT)
-        self.urls = list(hello["urls"])
-        return self.urls
-
-    async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"fleet process exited (code {self.proc.returncode})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def stats(self) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return await self._line(10.0)
-
-    async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        _live_pids.discard(proc.pid)
-
-
 # --------------------------------------------------------------------------- metrics
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); ``inf`` allowed."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    a, b = sorted_values[lo], sorted_values[hi]
-    if math.isinf(b):
-        return b if pos > lo else a
-    return a + (b - a) * (pos - lo)
 
 
 def summarize_ms(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -298,10 +213,6 @@ def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def arrivals(rate: float, n: int, rng: random.Random) -> list[float]:
-    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(n)))
-
-
 # ------------------------------------------------------------------------- overhead
 
 
@@ -310,7 +221,7 @@ async def measure_overhead(fleet: Fleet, n: int, seed: int) -> dict[str, Any]:
     request per replica to open the connections): latency, and latency minus the service
     time the replica drew (``x-service-time``)."""
     loop = asyncio.get_running_loop()
-    proc = FleetProcess(fleet, seed, max_seconds=FLEET_START_TIMEOUT + 60 + n)
+    proc = FleetProcess(fleet.replicas(), seed, max_seconds=FLEET_START_TIMEOUT + 60 + n)
     lat: list[float] = []
     extra: list[float] = []
     try:
@@ -349,11 +260,6 @@ async def measure_overhead(fleet: Fleet, n: int, seed: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- runs
 
 
-@dataclass
-class Progressor:
-    done: int = 0
-
-
 async def run_one(
     fleet: Fleet,
     strategy: str,
@@ -369,16 +275,14 @@ async def run_one(
     latency: list[float | None] = [None] * n
     errors: dict[str, int] = {}
     lags: list[float] = []
-    tasks: list[asyncio.Task[None]] = []
+    calls = OpenLoop()
     budget = (schedule[-1] if schedule else 0.0) + request_timeout + RUN_SLACK
-    timed_out = False
-    late = 0.0
     lb_out: dict[str, Any] = {}
     load0 = loadavg()
     gc.collect()
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
-    proc = FleetProcess(fleet, seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
+    proc = FleetProcess(fleet.replicas(), seed, max_seconds=budget + FLEET_START_TIMEOUT + 60)
     try:
         urls = await proc.start()
         before = await proc.stats()
@@ -435,22 +339,10 @@ async def run_one(
 
             side = loop.create_task(lag_sampler())
             try:
-                async with asyncio.timeout(budget):
-                    for i, when in enumerate(scheduled):
-                        wait = when - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                        late = max(late, loop.time() - when)
-                        tasks.append(loop.create_task(one(i)))
-                    if tasks:
-                        await asyncio.wait(tasks)
-            except TimeoutError:
-                timed_out = True
+                await calls.run(
+                    schedule, origin, lambda i, _when: one(i), budget=budget, side=[side]
+                )
             finally:
-                side.cancel()
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(side, *tasks, return_exceptions=True)
                 if lb is not None:
                     st = lb.stats()
                     lb_out = {
@@ -476,7 +368,7 @@ async def run_one(
     return {
         "strategy": strategy,
         "calls": n,
-        "launched": len(tasks),
+        "launched": len(calls.tasks),
         "ok": ok,
         "success_pct": 100.0 * ok / n if n else 0.0,
         "errors": errors,
@@ -488,11 +380,11 @@ async def run_one(
             "p99": (quantile(lags, 0.99) or 0.0) * 1000 if lags else None,
             "max": lags[-1] * 1000 if lags else None,
         },
-        "late_launch_ms_max": late * 1000,
+        "late_launch_ms_max": calls.late * 1000,
         "client_cpu_s": time.process_time() - cpu0,
         "fleet_cpu_s": after["cpu_s"] - before["cpu_s"],
         "wall_s": time.perf_counter() - wall0,
-        "timed_out": timed_out,
+        "timed_out": calls.timed_out,
         "loadavg_at_start": load0,
         "loadavg_at_end": loadavg(),
     }
@@ -515,7 +407,8 @@ def schedule_for(fleet: Fleet, load: float, calls: int, seed: int) -> tuple[list
     except Exception:  # a private helper: may change under us
         pass
     rng = random.Random(f"{seed}:{fleet.name}:{load}:arrivals")
-    return arrivals(load * fleet.capacity, calls, rng), "own Poisson draw (oracle not paired)"
+    schedule = poisson_arrivals(load * fleet.capacity, calls, rng)
+    return schedule, "own Poisson draw (oracle not paired)"
 
 
 def oracle_point(fleet: Fleet, load: float, calls: int, seeds: int, seed: int) -> dict[str, Any]:
@@ -779,31 +672,6 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     return total
 
 
-def source_fingerprint() -> str:
-    """A hash of lbclient's sources as imported (the tree may hold uncommitted edits,
-    and others may commit while a long run goes on: the client keeps what it imported)."""
-    root = Path(lbclient.__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _hard_deadline(seconds: float, console: Console) -> threading.Timer:
-    def fire() -> None:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        console.print(f"[red]picking.py: hard deadline of {seconds:.0f} s reached, exiting[/red]")
-        sys.stdout.flush()
-        os._exit(124)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def plan_table(args: argparse.Namespace) -> Table:
     t = Table(title="[b]plan[/b]", title_justify="left")
     for col in ("fleet", "title", "loads -> req/s", "schedule s per run"):
@@ -847,7 +715,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=max(console.width, 200))
     estimate = estimate_seconds(args)
-    info = _report.machine_info() | {"lbclient_sources_sha256": source_fingerprint()}
+    info = _report.machine_info() | {"lbclient_sources_sha256": _report.lbclient_sources_sha256()}
     console.print(
         f"[b]lbclient picking vs the oracle[/b] -- {len(args.fleet_list)} fleet(s) x "
         f"{len(args.load_list)} load(s) x {len(args.strategy_list)} strategies, {args.calls} "
@@ -858,7 +726,7 @@ async def main_async(args: argparse.Namespace) -> int:
         console.print(plan_table(args))
         return 0
     deadline = args.max_minutes * 60 if args.max_minutes else 2 * estimate + 300
-    timer = _hard_deadline(deadline, console)
+    timer = hard_deadline(deadline, console, "picking.py")
     started = time.perf_counter()
     out: dict[str, Any] = {
         "machine": info,
@@ -904,106 +772,87 @@ async def main_async(args: argparse.Namespace) -> int:
         "fleets": [],
     }
     path = args.out / "picking.json"
-    prog = Progressor()
     per_fleet = len(args.load_list) * len(args.strategy_list) * args.calls
     total = len(args.fleet_list) * per_fleet
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("starting", total=total)
-
-        async def ticker() -> None:
-            while True:
-                progress.update(bar, completed=prog.done)
-                await asyncio.sleep(0.25)
-
-        tick = asyncio.get_running_loop().create_task(ticker())
-        try:
-            for fi, fleet in enumerate(args.fleet_list):
-                progress.update(bar, description=f"{fleet.name}: overhead at idle")
-                overhead = await measure_overhead(fleet, args.overhead_requests, args.seed)
-                fr: dict[str, Any] = {
-                    "name": fleet.name,
-                    "title": fleet.title,
-                    "note": fleet.note,
-                    "config": {
-                        "base_latency_s": fleet.base,
-                        "slots": fleet.slots,
-                        "speeds": list(fleet.speeds),
-                        "sigma": SIGMA,
-                        "replicas": fleet.replicas(),
-                    },
-                    "capacity_rps": fleet.capacity,
-                    "overhead": overhead,
-                    "loads": [],
+    async with _report.call_progress(console, total) as (progress, bar, prog):
+        for fi, fleet in enumerate(args.fleet_list):
+            progress.update(bar, description=f"{fleet.name}: overhead at idle")
+            overhead = await measure_overhead(fleet, args.overhead_requests, args.seed)
+            fr: dict[str, Any] = {
+                "name": fleet.name,
+                "title": fleet.title,
+                "note": fleet.note,
+                "config": {
+                    "base_latency_s": fleet.base,
+                    "slots": fleet.slots,
+                    "speeds": list(fleet.speeds),
+                    "sigma": SIGMA,
+                    "replicas": fleet.replicas(),
+                },
+                "capacity_rps": fleet.capacity,
+                "overhead": overhead,
+                "loads": [],
+            }
+            out["fleets"].append(fr)
+            ovh = overhead["overhead_ms"]
+            for load in args.load_list:
+                rate = load * fleet.capacity
+                progress.update(bar, description=f"{fleet.name} {load:.0%}: oracle")
+                oracle = oracle_point(fleet, load, args.calls, args.oracle_seeds, args.seed)
+                oracle["p99_adjusted_ms"] = oracle["p99_ms"] + ovh
+                sims: dict[str, Any] = {}
+                for s in args.strategy_list:
+                    try:
+                        sims[s] = sim_point(fleet, load, args.calls, oracle, s)
+                    except Exception as exc:  # the reference only: the run goes on
+                        sims[s] = {"error": f"{type(exc).__name__}: {exc}"}
+                        continue
+                schedule, schedule_source = schedule_for(fleet, load, args.calls, args.seed)
+                pt: dict[str, Any] = {
+                    "load": load,
+                    "rate_rps": rate,
+                    "schedule_s": schedule[-1],
+                    "schedule_source": schedule_source,
+                    "oracle": oracle,
+                    "sim": sims,
+                    "runs": {},
+                    "failures": {},
+                    "loadavg_at_start": loadavg(),
                 }
-                out["fleets"].append(fr)
-                ovh = overhead["overhead_ms"]
-                for load in args.load_list:
-                    rate = load * fleet.capacity
-                    progress.update(bar, description=f"{fleet.name} {load:.0%}: oracle")
-                    oracle = oracle_point(fleet, load, args.calls, args.oracle_seeds, args.seed)
-                    oracle["p99_adjusted_ms"] = oracle["p99_ms"] + ovh
-                    sims: dict[str, Any] = {}
-                    for s in args.strategy_list:
-                        try:
-                            sims[s] = sim_point(fleet, load, args.calls, oracle, s)
-                        except Exception as exc:  # the reference only: the run goes on
-                            sims[s] = {"error": f"{type(exc).__name__}: {exc}"}
-                            continue
-                    schedule, schedule_source = schedule_for(fleet, load, args.calls, args.seed)
-                    pt: dict[str, Any] = {
-                        "load": load,
-                        "rate_rps": rate,
-                        "schedule_s": schedule[-1],
-                        "schedule_source": schedule_source,
-                        "oracle": oracle,
-                        "sim": sims,
-                        "runs": {},
-                        "failures": {},
-                        "loadavg_at_start": loadavg(),
-                    }
-                    fr["loads"].append(pt)
-                    for s in args.strategy_list:
-                        progress.update(
-                            bar,
-                            description=f"[{fi + 1}/{len(args.fleet_list)}] "
-                            f"{fleet.name} {load:.0%}: {s}",
+                fr["loads"].append(pt)
+                for s in args.strategy_list:
+                    progress.update(
+                        bar,
+                        description=f"[{fi + 1}/{len(args.fleet_list)}] "
+                        f"{fleet.name} {load:.0%}: {s}",
+                    )
+                    done0 = prog.done
+                    try:
+                        r = await run_one(
+                            fleet,
+                            s,
+                            schedule,
+                            seed=args.seed,
+                            request_timeout=args.request_timeout,
+                            prog=prog,
                         )
-                        done0 = prog.done
-                        try:
-                            r = await run_one(
-                                fleet,
-                                s,
-                                schedule,
-                                seed=args.seed,
-                                request_timeout=args.request_timeout,
-                                prog=prog,
-                            )
-                        except Exception as exc:  # a broken run is reported, the rest goes on
-                            pt["failures"][s] = f"{type(exc).__name__}: {exc}"
-                            prog.done = done0 + args.calls
-                            continue
-                        p99 = r["latency_ms"]["p99"]
-                        r["ratio"] = None if p99 is None else p99 / oracle["p99_adjusted_ms"]
-                        r["ratio_raw_oracle"] = None if p99 is None else p99 / oracle["p99_ms"]
-                        r["ratio_oracle_median_of_seeds"] = (
-                            None if p99 is None else p99 / (oracle["p99_ms_median_of_seeds"] + ovh)
-                        )
-                        pt["runs"][s] = r
-                    pt["loadavg_at_end"] = loadavg()
-                    fr["summary"] = summarize_fleet(fr, args.strategy_list)
-                    out["wall_seconds"] = time.perf_counter() - started
-                    out["loadavg_at_end"] = loadavg()
-                    _report.write_json(path, out)
-                progress.console.print(fleet_table(fr, args.strategy_list))
-        finally:
-            tick.cancel()
+                    except Exception as exc:  # a broken run is reported, the rest goes on
+                        pt["failures"][s] = f"{type(exc).__name__}: {exc}"
+                        prog.done = done0 + args.calls
+                        continue
+                    p99 = r["latency_ms"]["p99"]
+                    r["ratio"] = None if p99 is None else p99 / oracle["p99_adjusted_ms"]
+                    r["ratio_raw_oracle"] = None if p99 is None else p99 / oracle["p99_ms"]
+                    r["ratio_oracle_median_of_seeds"] = (
+                        None if p99 is None else p99 / (oracle["p99_ms_median_of_seeds"] + ovh)
+                    )
+                    pt["runs"][s] = r
+                pt["loadavg_at_end"] = loadavg()
+                fr["summary"] = summarize_fleet(fr, args.strategy_list)
+                out["wall_seconds"] = time.perf_counter() - started
+                out["loadavg_at_end"] = loadavg()
+                _report.write_json(path, out)
+            progress.console.print(fleet_table(fr, args.strategy_list))
     timer.cancel()
     console.print(summary_table(out["fleets"], args.strategy_list))
     out["wall_seconds"] = time.perf_counter() - started
@@ -1026,12 +875,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    finally:
-        for pid in list(_live_pids):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    return run_main(main_async(args))
 
 
 if __name__ == "__main__":

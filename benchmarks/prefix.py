@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -58,10 +57,10 @@ sys.path.insert(0, str(HERE))
 
 import lbclient
 from _chat import FLEET, RATE, WORKLOAD, Workload, make
+from _fleet_process import FleetProcess, kill_live
 from lbclient.http import ChatClient
 from prefix_sim import SGLang
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 REQUEST_TIMEOUT = 20.0
 REPLICAS = int(FLEET["replicas"])
 REPLICA = {
@@ -73,58 +72,6 @@ REPLICA = {
     "prefill_per_block": FLEET["prefill"],
     "tokens": 8,
 }
-_live: set[int] = set()
-
-
-class FleetProcess:
-    """``_fleet_server.py`` in a child process."""
-
-    def __init__(self, replicas: list[dict[str, Any]], seed: int, max_seconds: float) -> None:
-        self.spec = {"replicas": replicas, "seed": seed, "max_seconds": max_seconds}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def start(self) -> list[str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        _live.add(self.proc.pid)
-        self.urls = list((await self._line(30.0))["urls"])
-        return self.urls
-
-    async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"fleet process exited (code {self.proc.returncode})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def command(self, cmd: str) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(cmd.encode() + b"\n")
-        await self.proc.stdin.drain()
-        return await self._line(10.0)
-
-    async def close(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.write(b"quit\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        _live.discard(proc.pid)
 
 
 def _strategy(name: str) -> object:
@@ -496,9 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = asyncio.run(main_async(args))
     finally:
-        for pid in list(_live):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        kill_live()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "prefix.json").write_text(json.dumps(result, indent=1))
     for c in result["checks"]:

@@ -80,7 +80,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +90,9 @@ SELF = str(Path(__file__).resolve())
 sys.path.insert(0, str(HERE.parent))  # this checkout's lbclient, wherever we run from
 
 import lbclient
+from _harness import PAYLOAD, OpenLoop, quantile
 from lbclient.testing import ReplicaConfig, ReplicaFleet
 
-PAYLOAD = {"model": "fake-model", "messages": [{"role": "user", "content": "Say hi."}]}
 REQUEST_TIMEOUT = 10.0
 SCENARIOS = (
     "spike",
@@ -309,7 +309,6 @@ async def drive(
     outs = [
         Outcome(at=t, tenant=None if tenants is None else tenants[i]) for i, t in enumerate(times)
     ]
-    late = 0.0
 
     async def one(i: int, when: float) -> None:
         o = outs[i]
@@ -320,35 +319,12 @@ async def drive(
             o.error = _error_name(exc)
         o.done_at = loop.time() - t0
 
-    tasks = []
-    for i, at in enumerate(times):
-        when = t0 + at
-        delay = when - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        late = max(late, loop.time() - when)
-        tasks.append(loop.create_task(one(i, when)))
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=drain)
-        for t in pending:
-            t.cancel()
-        for t in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        for t in pending:
-            i = tasks.index(t)
-            outs[i].error = outs[i].error or "Hung"
-    return Run(outs, late * 1000.0, loop.time() - t0)
-
-
-def q(values: Sequence[float], p: float) -> float | None:
-    v = sorted(values)
-    if not v:
-        return None
-    pos = p * (len(v) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    calls = OpenLoop()
+    await calls.launch(times, t0, one)
+    for t in await calls.drain(drain):
+        i = calls.tasks.index(t)
+        outs[i].error = outs[i].error or "Hung"
+    return Run(outs, calls.late * 1000.0, loop.time() - t0)
 
 
 def ms(x: float | None) -> float | None:
@@ -356,15 +332,15 @@ def ms(x: float | None) -> float | None:
 
 
 def stats(outs: Sequence[Outcome]) -> dict[str, Any]:
-    ok = [o.latency for o in outs if o.latency is not None]
+    ok = sorted(o.latency for o in outs if o.latency is not None)
     errors = Counter(o.error for o in outs if o.error is not None)
     return {
         "n": len(outs),
         "ok": len(ok),
         "success_pct": 100.0 * len(ok) / len(outs) if outs else None,
-        "p50_ms": ms(q(ok, 0.5)),
-        "p95_ms": ms(q(ok, 0.95)),
-        "p99_ms": ms(q(ok, 0.99)),
+        "p50_ms": ms(quantile(ok, 0.5)),
+        "p95_ms": ms(quantile(ok, 0.95)),
+        "p99_ms": ms(quantile(ok, 0.99)),
         "errors": dict(errors.most_common()),
     }
 
@@ -438,6 +414,25 @@ def policies(**kw: Any) -> dict[str, Any]:
     return {"retry": lbclient.Retry(attempts=3), "breaker": lbclient.Breaker(), **kw}
 
 
+@contextlib.asynccontextmanager
+async def routed(
+    endpoints: Iterable[str | lbclient.Endpoint], seed: int, *, limit: int = 0, **kw: Any
+) -> AsyncIterator[tuple[lbclient.Balancer, Callable[[], Awaitable[str]]]]:
+    """The set-up most scenarios share: a :class:`Client` (``limit`` connections), a
+    Balancer over ``endpoints`` with :func:`policies` (``kw`` on top), and ``call()``, one
+    request through it.  Both are closed at the end of the block."""
+    client = Client(limit)
+    lb = lbclient.Balancer(endpoints, **policies(**kw), rng=seed)
+
+    @lb.route
+    async def call(endpoint: lbclient.Endpoint) -> str:
+        return await client.post(endpoint.url)
+
+    yield lb, call
+    await lb.aclose()
+    await client.aclose()
+
+
 # ====================================================================== the scenarios
 
 
@@ -460,17 +455,11 @@ async def spike(cfg: Config) -> Result:
         return peak * min(1.0, t / ramp)
 
     times = arrivals(rate, duration, peak, random.Random(f"{cfg.seed}:spike"))
-    async with Fleet([replica(capacity=16)] * 8, cfg.seed, 300) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
+    async with (
+        Fleet([replica(capacity=16)] * 8, cfg.seed, 300) as fleet,
+        routed(fleet.urls, cfg.seed) as (_, call),
+    ):
         run = await drive(times, lambda i: call())
-        await lb.aclose()
-        await client.aclose()
     outs = run.outcomes
     low = stats(between(outs, 0.1 * ramp, 0.3 * ramp))  # 100-300 req/s
     top = stats(between(outs, ramp - 2.0, duration))  # the last of the ramp and the hold
@@ -494,13 +483,10 @@ async def half_fail(cfg: Config) -> Result:
     fail_at = duration * 0.4
     rate_ = 300.0
     times = arrivals(lambda t: rate_, duration, rate_, random.Random(f"{cfg.seed}:half"))
-    async with Fleet([replica()] * 8, cfg.seed, 300) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
+    async with (
+        Fleet([replica()] * 8, cfg.seed, 300) as fleet,
+        routed(fleet.urls, cfg.seed) as (lb, call),
+    ):
 
         async def fault() -> None:
             await asyncio.sleep(fail_at + 0.05)
@@ -510,8 +496,6 @@ async def half_fail(cfg: Config) -> Result:
         run = await drive(times, lambda i: call())
         await side
         lb_stats = lb.stats()
-        await lb.aclose()
-        await client.aclose()
     outs = run.outcomes
     total = stats(outs)
     before = stats(between(outs, 1.0, fail_at))
@@ -619,14 +603,15 @@ async def region_failure(cfg: Config) -> Result:
     distance = {"us-east-1": 0.01, "us-west-2": 0.035, "eu-west-1": 0.045}
     reps = [replica(region=r, network_latency=distance[r]) for r in regions]
     times = arrivals(lambda t: rate_, duration, rate_, random.Random(f"{cfg.seed}:region"))
-    async with Fleet(reps, cfg.seed, 300) as fleet:
-        client = Client()
-        eps = [lbclient.Endpoint(u, region=r) for u, r in zip(fleet.urls, regions, strict=True)]
-        lb = lbclient.Balancer(eps, **policies(), region="us-east-1", locality=True, rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
+    async with (
+        Fleet(reps, cfg.seed, 300) as fleet,
+        routed(
+            [lbclient.Endpoint(u, region=r) for u, r in zip(fleet.urls, regions, strict=True)],
+            cfg.seed,
+            region="us-east-1",
+            locality=True,
+        ) as (_, call),
+    ):
 
         async def fault() -> None:
             await asyncio.sleep(fail_at + 0.05)
@@ -635,8 +620,6 @@ async def region_failure(cfg: Config) -> Result:
         side = asyncio.create_task(fault())
         run = await drive(times, lambda i: call())
         await side
-        await lb.aclose()
-        await client.aclose()
     outs = run.outcomes
     region_of = {f"replica-{i}": r for i, r in enumerate(regions)}
     before = between(outs, 1.0, fail_at)
@@ -673,13 +656,10 @@ async def cold_start(cfg: Config) -> Result:
     runs: dict[str, Run] = {}
     variants = [("slow_start", warm_s)] + ([] if cfg.quick else [("no slow start", None)])
     for name, slow in variants:
-        async with Fleet([replica()] * 4, cfg.seed, 300) as fleet:
-            client = Client()
-            lb = lbclient.Balancer(fleet.urls[:2], **policies(), slow_start=slow, rng=cfg.seed)
-
-            @lb.route
-            async def call(endpoint: lbclient.Endpoint) -> str:
-                return await client.post(endpoint.url)
+        async with (
+            Fleet([replica()] * 4, cfg.seed, 300) as fleet,
+            routed(fleet.urls[:2], cfg.seed, slow_start=slow) as (lb, call),
+        ):
 
             async def join() -> None:
                 await asyncio.sleep(before_s + 0.05)
@@ -690,8 +670,6 @@ async def cold_start(cfg: Config) -> Result:
             side = asyncio.create_task(join())
             run = await drive(times, lambda i: call())
             await side
-            await lb.aclose()
-            await client.aclose()
         runs[name] = run
         o = run.outcomes
         b = stats(between(o, 1.0, before_s))
@@ -727,14 +705,10 @@ async def spot_storm(cfg: Config) -> Result:
     rate_ = 200.0  # 33% of the 6 replicas left
     spot = [5, 6, 7, 8]  # 4 of the 5 spot replicas (5..9): 80% of spot capacity
     times = arrivals(lambda t: rate_, duration, rate_, random.Random(f"{cfg.seed}:spot"))
-    async with Fleet([replica()] * 10, cfg.seed, 600) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
+    async with (
+        Fleet([replica()] * 10, cfg.seed, 600) as fleet,
+        routed(fleet.urls, cfg.seed) as (lb, call),
+    ):
         drained: list[int] = []
 
         async def interrupt(i: int, at: float) -> None:
@@ -750,8 +724,6 @@ async def spot_storm(cfg: Config) -> Result:
         side = [asyncio.create_task(interrupt(i, start + k * step)) for k, i in enumerate(spot)]
         run = await drive(times, lambda i: call())
         await asyncio.gather(*side)
-        await lb.aclose()
-        await client.aclose()
     outs = run.outcomes
     total = stats(outs)
     failed = total["n"] - total["ok"]
@@ -782,14 +754,10 @@ async def oscillation(cfg: Config) -> Result:
 
     times = arrivals(rate, duration, high, random.Random(f"{cfg.seed}:osc"))
     samples: list[tuple[float, float]] = []
-    async with Fleet([replica()] * 4, cfg.seed, 300) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
+    async with (
+        Fleet([replica()] * 4, cfg.seed, 300) as fleet,
+        routed(fleet.urls, cfg.seed) as (lb, call),
+    ):
         loop = asyncio.get_running_loop()
         origin = loop.time() + 0.05
 
@@ -801,8 +769,6 @@ async def oscillation(cfg: Config) -> Result:
         side = asyncio.create_task(sampler())
         run = await drive(times, lambda i: call(), origin=origin)
         side.cancel()
-        await lb.aclose()
-        await client.aclose()
     # Replay the demand through the HPA on a clock where one cycle lasts 4 minutes: load
     # that swings every 2 minutes, shorter than the 5-minute scale-down window.
     scale = 240.0 / period
@@ -842,22 +808,17 @@ async def oscillation(cfg: Config) -> Result:
 async def burst_10k(cfg: Config) -> Result:
     n = 10_000
     reps = [replica(capacity=64, base_latency=0.005, sigma=0.0)] * 4
-    async with Fleet(reps, cfg.seed, 300) as fleet:
-        client = Client(limit=100)  # aiohttp's default connection limit
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
+    async with (
+        Fleet(reps, cfg.seed, 300) as fleet,
+        # limit=100: aiohttp's default connection limit
+        routed(fleet.urls, cfg.seed, limit=100) as (lb, call),
+    ):
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         run = await drive([0.0] * n, lambda i: call(), drain=120.0)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         st = lb.stats()
-        await lb.aclose()
-        await client.aclose()
     total = stats(run.outcomes)
     hung = total["errors"].get("Hung", 0)
     passed = total["success_pct"] == 100.0 and hung == 0 and wall <= 60.0
@@ -884,19 +845,13 @@ async def sustained_sla(cfg: Config) -> Result:
     duration = cfg.pick(60.0, 10.0)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"lbclient-pressure-{os.getpid()}.jsonl"
     # 1. record traffic at low load on a fleet big enough not to queue
-    async with Fleet([replica()] * 8, cfg.seed, 300) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
+    async with (
+        Fleet([replica()] * 8, cfg.seed, 300) as fleet,
+        routed(fleet.urls, cfg.seed) as (lb, call),
+    ):
         times = arrivals(lambda t: 40.0, calib_s, 40.0, random.Random(f"{cfg.seed}:calib"))
         with TrafficRecorder(lb, tmp, flush_interval=0.2):
             await drive(times, lambda i: call())
-        await lb.aclose()
-        await client.aclose()
     records = load_trace(tmp)
     for f in tmp.parent.glob(tmp.name + "*"):
         f.unlink()
@@ -906,17 +861,11 @@ async def sustained_sla(cfg: Config) -> Result:
     replicas = plan.replicas
     # 3. run the sustained load on that fleet
     times = arrivals(lambda t: rate_, duration, rate_, random.Random(f"{cfg.seed}:sustained"))
-    async with Fleet([replica(capacity=slots)] * replicas, cfg.seed, 300) as fleet:
-        client = Client()
-        lb = lbclient.Balancer(fleet.urls, **policies(), rng=cfg.seed)
-
-        @lb.route
-        async def call2(endpoint: lbclient.Endpoint) -> str:
-            return await client.post(endpoint.url)
-
-        run = await drive(times, lambda i: call2())
-        await lb.aclose()
-        await client.aclose()
+    async with (
+        Fleet([replica(capacity=slots)] * replicas, cfg.seed, 300) as fleet,
+        routed(fleet.urls, cfg.seed) as (_, call),
+    ):
+        run = await drive(times, lambda i: call())
     total = stats(run.outcomes)
     measured = total["p95_ms"] or math.inf
     passed = measured <= sla * 1000.0 and total["success_pct"] >= 99.9

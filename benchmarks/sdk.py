@@ -76,12 +76,12 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("benchmarks/sdk.py needs httpx, openai and rich: pip install 'lbclient[test]'")
 
-from _harness import summarize
+from _fleet_process import FleetProcess
+from _harness import poisson_arrivals, summarize
 from _report import machine_info, write_json
 
 import lbclient
 
-FLEET_SERVER = HERE / "_fleet_server.py"
 MESSAGES = [{"role": "user", "content": "Say hi in one short sentence, please."}]
 TOKENS = 8  # each fake answer: "tok0 " ... "tok7 "
 TARGET_RATIO = 5.0  # lbclient's p99.9 at most 1/5 of the SDK's own retries'
@@ -90,54 +90,6 @@ console = Console()
 
 
 # -------------------------------------------------------------------------- the fleets
-
-
-class Fleet:
-    """``_fleet_server.py`` in a child process."""
-
-    def __init__(self, replicas: Sequence[dict[str, Any]], seed: int) -> None:
-        self.spec = {"replicas": list(replicas), "seed": seed, "max_seconds": 600}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.urls: list[str] = []
-
-    async def __aenter__(self) -> Fleet:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(FLEET_SERVER),
-            json.dumps(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self.urls = list((await self._line())["urls"])
-        return self
-
-    async def _line(self) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 30.0)
-        if not line:
-            raise RuntimeError("the fleet process exited")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    async def counters(self) -> list[dict[str, int]]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return list((await self._line())["counters"])
-
-    async def __aexit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(Exception):
-            assert proc.stdin is not None
-            proc.stdin.write(b"quit\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 FAULTS = [
@@ -197,12 +149,7 @@ async def open_loop(
     scheduled arrival, added to ``tally``.  ``call`` returns (the time its first token
     came, or None; an error, or None)."""
     tally = Tally() if tally is None else tally
-    rng = random.Random(seed)
-    t = 0.0
-    schedule = []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        schedule.append(t)
+    schedule = poisson_arrivals(rate, n, random.Random(seed))
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
 
@@ -263,7 +210,7 @@ async def part_faults(args: argparse.Namespace, stream: bool) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         # A fresh fleet per policy (the same seed: the same draws for the same arrivals),
         # started together.
-        fleets = [Fleet(FAULTS, args.seed) for _ in policies]
+        fleets = [FleetProcess(FAULTS, args.seed, 600) for _ in policies]
         await asyncio.gather(*(stack.enter_async_context(f) for f in fleets))
         calls: dict[str, Callable[[], Awaitable[tuple[float | None, str | None]]]] = {}
         lb = balancer(fleets[1].urls)
@@ -281,7 +228,7 @@ async def part_faults(args: argparse.Namespace, stream: bool) -> dict[str, Any]:
         warm = args.warmup if args.warmup is not None else max(100, args.calls // 10)
         for policy in policies:
             await open_loop(calls[policy], warm, rate, args.seed + 1)
-        before = [await f.counters() for f in fleets]
+        before = [(await f.stats())["counters"] for f in fleets]
         stats_before = lb.stats()
         tallies = {policy: Tally() for policy in policies}
         rounds = max(1, args.rounds)
@@ -290,7 +237,7 @@ async def part_faults(args: argparse.Namespace, stream: bool) -> dict[str, Any]:
             order = policies if i % 2 == 0 else policies[::-1]
             for policy in order:
                 await open_loop(calls[policy], per_round, rate, args.seed + 10 + i, tallies[policy])
-        after = [await f.counters() for f in fleets]
+        after = [(await f.stats())["counters"] for f in fleets]
         stats = lb.stats()
         await lb.aclose()
     results: dict[str, Any] = {}
@@ -334,7 +281,7 @@ async def part_overhead(args: argparse.Namespace) -> dict[str, Any]:
     ).encode()
     headers = {"content-type": "application/json"}
     replica = {"base_latency": 0.002, "sigma": 0.0, "capacity": 64}
-    async with Fleet([replica], args.seed) as fleet:
+    async with FleetProcess([replica], args.seed, 600) as fleet:
         url = fleet.urls[0]
         plain = httpx.AsyncClient()
         lb = lbclient.Balancer([url])
@@ -391,7 +338,7 @@ async def part_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def part_fallback(args: argparse.Namespace) -> dict[str, Any]:
-    async with Fleet([{}, {}], args.seed + 1) as vendor_fleet:
+    async with FleetProcess([{}, {}], args.seed + 1, 600) as vendor_fleet:
         vendor = lbclient.Balancer(vendor_fleet.urls, name="vendor", retry=lbclient.Retry())
         down = [f"http://127.0.0.1:{_free_port()}" for _ in range(2)]  # nothing listens
         primary = lbclient.Balancer(
