@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._context import CallContext
-from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable, Overloaded
+from .._errors import BalancerClosed, DeadlineExceeded, NoEndpointAvailable
 from .attempt import cut_error, record, settle, start
 from .retrying import acquire_once
 from .route import admit, error_type, release
@@ -86,15 +86,8 @@ class PickedEndpoint:
             engine.budget.deposit(t)
         if call.timeout is not None:
             call.deadline = t + call.timeout
-        gate = engine.gate
-        if gate is not None:
-            try:
-                self._permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
-            except Overloaded as exc:
-                engine.counters.failed(f"shed: {exc.reason}")
-                raise
-            if self._permit is None:
-                self._permit = await admit(engine, call)
+        if engine.gate is not None:
+            self._permit = await admit(engine, call, t)
         try:
             lease = await acquire_once(engine, call)
         except BaseException as exc:  # no endpoint, a strategy's bug, a close meanwhile

@@ -687,14 +687,7 @@ async def _run_call(
         finally:
             CURRENT.reset(token)
     if permit is None:
-        if not waiting:
-            try:
-                permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
-            except Overloaded as exc:
-                engine.counters.failed(f"shed: {exc.reason}")
-                raise
-        if permit is None:
-            permit = await admit(engine, call)
+        permit = await admit(engine, call, None if waiting else t)
     current = CURRENT.set(call) if call.tokens is not None else None
     try:
         if call.timeout is None:
@@ -711,12 +704,18 @@ async def _run_call(
     return result
 
 
-async def admit(engine: Engine, call: CallContext) -> Permit:
-    """Wait for a permit in the admission queue (``gate.try_admit`` said there is no
-    room now, and charged the call's quota once), or be shed: :class:`Overloaded`."""
+async def admit(engine: Engine, call: CallContext, t: float | None = None) -> Permit:
+    """A permit for the call: at once when the gate has room at ``t`` (now), else after
+    waiting in the admission queue -- or shed, :class:`Overloaded` (counted).  ``t=None``:
+    the call already asked ``gate.try_admit``, which said wait (and charged its quota
+    once)."""
     gate = engine.gate
     assert gate is not None
     try:
+        if t is not None:
+            permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
+            if permit is not None:
+                return permit
         return await gate.wait(
             call.tenant, call.tokens or 0.0, call.priority, call.left(engine.now())
         )

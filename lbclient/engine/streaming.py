@@ -149,21 +149,12 @@ def make_stream_route(
         gate = engine.gate
         if gate is not None:
             try:
-                permit = gate.try_admit(call.tenant, call.tokens or 0.0, call.priority, t)
+                permit = await admit(engine, call, t)
             except Overloaded as exc:
-                counters.failed(f"shed: {exc.reason}")
                 rec = engine.recorder
                 if rec is not None and rec.traffic:
                     rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
                 raise
-            if permit is None:
-                try:
-                    permit = await admit(engine, call)
-                except Overloaded as exc:
-                    rec = engine.recorder
-                    if rec is not None and rec.traffic:
-                        rec.traffic_only(now() - t, False, None, error_type(exc), True, call)
-                    raise
         ok = ended = False
         span = None
         engine.active += 1
