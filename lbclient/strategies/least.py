@@ -11,14 +11,15 @@ Randomized Load Balancing", Mitzenmacher 2001).  Ties are broken at random.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 
-from ..pool.load import LoadMetric, inflight_load, peak_ewma_load, peak_ewma_ttft_load, token_loads
+from ..pool.load import inflight_load, peak_ewma_load, peak_ewma_ttft_load
 from ..pool.state import EndpointState
 from ._base import PickContext
+from .p2c import P2CPicker
 
 if TYPE_CHECKING:
     from .._context import CallContext
@@ -27,35 +28,16 @@ LEAST_CONNECTIONS = "least_connections"
 LEAST_RESPONSE_TIME = "least_response_time"
 
 
-class _ArgminPicker:
-    __slots__ = ("_load", "_n", "_now", "_random", "_states", "_stream_load", "_tokens")
+class _ArgminPicker(P2CPicker):
+    """The least loaded of every endpoint (the metric chosen per call as for P2C)."""
 
-    def __init__(
-        self,
-        states: Sequence[EndpointState],
-        ctx: PickContext,
-        load: LoadMetric,
-        stream_load: LoadMetric | None = None,
-    ):
-        self._states = tuple(states)
-        self._n = len(self._states)
-        self._load = load
-        self._stream_load = stream_load or load
-        self._now: Callable[[], float] = ctx.clock.now
-        self._random = ctx.rng.random
-        inflight_t, peak_t, ttft_t = token_loads(ctx.totals)
-        self._tokens = (inflight_t, inflight_t) if load is inflight_load else (peak_t, ttft_t)
+    __slots__ = ()
 
     def pick(
         self, call: CallContext | None, exclude: Collection[EndpointState] | None
     ) -> EndpointState | None:
         states, n = self._states, self._n
-        if call is None:
-            load = self._load
-        elif call.tokens:
-            load = self._tokens[1] if call.stream else self._tokens[0]
-        else:
-            load = self._stream_load if call.stream else self._load
+        load = self._load_for(call)
         now = self._now()
         start = int(self._random() * n)  # random start: random tie-breaking
         best: EndpointState | None = None
