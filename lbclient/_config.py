@@ -22,6 +22,7 @@ from ._errors import ConfigError
 from ._numbers import is_int, is_number
 from .admission.policy import Admission
 from .engine.engine import Engine
+from .engine.route import check_timeout
 from .observe.observer import EventHandler, to_listeners
 from .policies.breaker import Breaker
 from .policies.cost import CostPolicy, Price
@@ -86,23 +87,14 @@ def _strategy(value: object) -> Strategy:
     return _strategies.resolve(value)
 
 
-def _seconds(value: object, name: str, *, optional: bool) -> float | None:
-    if value is None and optional:
-        return None
+def _ewma_decay(value: object) -> float:
     if not is_number(value) or value <= 0:
-        more = " or None" if optional else ""
-        raise ConfigError(f"{name} must be a finite number of seconds > 0{more}, got {value!r}")
+        raise ConfigError(f"ewma_decay must be a finite number of seconds > 0, got {value!r}")
     return float(value)
 
 
-def _ewma_decay(value: object) -> float:
-    out = _seconds(value, "ewma_decay", optional=False)
-    assert out is not None
-    return out
-
-
 def _slow_start(value: object) -> float | None:
-    return _seconds(value, "slow_start", optional=True)
+    return check_timeout(value, "slow_start")
 
 
 def _region(value: object) -> str | None:
