@@ -354,12 +354,24 @@ class ChatClient:
         """
         self._check_open()
         body = _encode_body(messages, model, params, stream=False)
-        estimate = estimate_tokens(messages, params) if tokens is None else tokens
-        if prefix is None and self._prefix:
-            prefix = prompt_text(messages)
+        estimate, prefix = self._estimate(messages, params, tokens, prefix)
         return await self._lb.call(
             self._create_attempt, body, key=key, tenant=tenant, tokens=estimate, prefix=prefix
         )
+
+    def _estimate(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        tokens: float | None,
+        prefix: str | None,
+    ) -> tuple[float, str | None]:
+        """The call's token estimate and prompt text (when the strategy wants it),
+        unless given."""
+        estimate = estimate_tokens(messages, params) if tokens is None else tokens
+        if prefix is None and self._prefix:
+            prefix = prompt_text(messages)
+        return estimate, prefix
 
     def stream(
         self,
@@ -392,9 +404,7 @@ class ChatClient:
         """
         self._check_open()
         body = _encode_body(messages, model, params, stream=True)
-        estimate = estimate_tokens(messages, params) if tokens is None else tokens
-        if prefix is None and self._prefix:
-            prefix = prompt_text(messages)
+        estimate, prefix = self._estimate(messages, params, tokens, prefix)
         return self._relay(body, key, tenant, estimate, prefix)
 
     async def text(
