@@ -108,7 +108,10 @@ class FleetBudget:
         peers, connected = self.status()
         if connected and self.leased and not self.grace:
             return self.granted
-        return max(self.granted, self.ceiling / max(1, peers))
+        # The most peers seen in the window, not the last count: a Redis that just
+        # restarted counts the fleet again from one as processes reconnect, and a local
+        # share of the whole ceiling then would let each of them spend it.
+        return max(self.granted, self.ceiling / max(1, peers, self.peers))
 
     def room(self) -> float:
         return self.allowance() - self.used

@@ -86,3 +86,17 @@ def test_a_new_window_starts_over_with_the_calls_in_flight() -> None:
     assert b.reserve(4.0)
     b.roll(1)
     assert b.granted == 0 and b.used == pytest.approx(1.5) and not b.leased
+
+
+def test_a_restarted_redis_counting_peers_from_one_does_not_grow_the_local_share() -> None:
+    """Back from an outage, the restarted Redis has seen one heartbeat so far: the local
+    share stays the ceiling over the most peers seen in the window, not the whole
+    ceiling (CI caught 3 processes spending 10.5 of 10 this way)."""
+    link = Link(peers=3)
+    b = budget(link)
+    link.connected = False
+    assert b.reserve(2.5) and b.allowance() == pytest.approx(10.0 / 3)
+    link.connected, link.peers = True, 1  # reconnected; only this process counted yet
+    b.reconnected(5)
+    assert b.allowance() == pytest.approx(10.0 / 3)
+    assert not b.reserve(1.0)  # 2.5 + 1.0 > 10 / 3
