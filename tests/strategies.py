@@ -65,6 +65,15 @@ def states(weights: Sequence[float]) -> list[EndpointState]:
     return [state_of(lbclient.Endpoint(url(i), weight=w)) for i, w in enumerate(weights)]
 
 
+def put(s: EndpointState, **fields: object) -> EndpointState:
+    """Write ``fields`` on ``s`` as the pool would: the pick key follows
+    (:meth:`EndpointState.rekey`)."""
+    for name, value in fields.items():
+        setattr(s, name, value)
+    s.rekey()
+    return s
+
+
 def ctx(
     seed: int = 0, *, clock: FakeClock | None = None, totals: Totals | None = None
 ) -> PickContext:

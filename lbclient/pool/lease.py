@@ -249,6 +249,8 @@ class Lease:
         if ran > est.cost:
             est.cost = ran
             est.stamp = t
+            if est is s:
+                s.rekey(t)
 
     def abandon(self) -> None:
         """The attempt was never sent (a backup that found only tried endpoints): give

@@ -27,7 +27,7 @@ from ..observe.events import BreakerEvent, CooldownEvent, MembershipEvent, Panic
 from ..strategies import PickContext, Strategy, Totals
 from .lease import PANIC_PICK, Lease
 from .snapshot import MIN_RAMP, Snapshot, build
-from .state import EndpointState
+from .state import LN1, EndpointState, ln1
 
 if TYPE_CHECKING:
     from .._context import CallContext
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_COST", "Handoff", "Pool"]
 
 _exp = math.exp
+_log = math.log
 
 DEFAULT_COST = 0.05  # seconds: the latency prior of a pool with no samples yet
 _TYPICAL_SAMPLE = 64  # endpoints sampled for the pool's typical latency (O(1) at any size)
@@ -75,6 +76,9 @@ class Pool:
         cooldown_cap: float | None,
     ) -> None:
         self.strategy = strategy
+        # Keep EndpointState.score current on every in-flight change and latency sample
+        # once a picker reads it (totals.scored: peak_ewma's); other pools skip that work.
+        self.scored = False
         self.breaker = breaker
         self.ejecting = breaker is not None or health
         self.slow_start = slow_start
@@ -127,7 +131,7 @@ class Pool:
             s.limit.share(self.shared, s.url)
         if self.slow_start is not None and not initial:
             s.ramp_from = now
-            s.weight = ep.weight * MIN_RAMP
+            s.set_weight(ep.weight * MIN_RAMP)
         if self.breaker is not None:
             from ..policies.breaker import BreakerState
 
@@ -215,7 +219,7 @@ class Pool:
             if s.endpoint != ep or s.endpoint.metadata != ep.metadata:
                 ratio = s.weight / s.endpoint.weight
                 s.endpoint = ep
-                s.weight = ep.weight * ratio
+                s.set_weight(ep.weight * ratio)
                 s.configure(ep, self.shared)
                 self._filters_changed()
                 self.invalidate()
@@ -252,8 +256,7 @@ class Pool:
         except (TypeError, ValueError):
             return
         if math.isfinite(value) and value >= 0:
-            s.server_load = value
-            s.server_load_at = self.now()
+            s.set_server_load(value, self.now())
 
     def retry_denied(self, url: str) -> None:
         """A failure on ``url`` could not be retried (the retry budget was spent)."""
@@ -329,6 +332,10 @@ class Pool:
             previous=old,
         )
         self.snap = snap
+        if self.totals.scored and not self.scored:
+            self.scored = True
+            for s in self.members.values():
+                s.rekey()  # fresh from here on
         self.pick_now = self._pick_probe if snap.probes_due else snap.pick_now
         self.next_refresh = -math.inf if self.closed else snap.next_refresh
         if snap.panic != old.panic:
@@ -388,7 +395,8 @@ class Pool:
         if probes:
             s = self._due_probe(probes, exclude)
         if s is None:
-            s = picker.pick(call, exclude)
+            # a call that carries nothing for the picker: the fast path's pick, at ``now``
+            s = picker.pick(call, exclude) if call is not None or exclude else snap.pick_now(now)
             if s is None:
                 s = picker.pick(call, None)  # everything excluded: reuse beats failing
                 if s is None:
@@ -549,6 +557,8 @@ class Pool:
             self.next_refresh = -math.inf  # a half-open probe slot was taken
         n = s.inflight + 1
         s.inflight = n
+        if self.scored:
+            s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
         if n > s.peak_inflight:
             s.peak_inflight = n
         s.requests += 1
@@ -595,6 +605,8 @@ class Pool:
             lim.charge(now, None)
         n = s.inflight + 1
         s.inflight = n
+        if self.scored:
+            s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
         if n > s.peak_inflight:
             s.peak_inflight = n
         s.requests += 1
@@ -668,6 +680,8 @@ class Pool:
         n = s.inflight - 1
         if n >= 0:
             s.inflight = n
+            if self.scored:
+                s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
             totals = self.totals
             if totals.inflight > 0:
                 totals.inflight -= 1
@@ -719,6 +733,12 @@ class Pool:
             else:
                 s._ring[i & 255] = rtt
             s._i = i + 1
+            if self.scored:  # EndpointState.rekey, inlined for the plain case
+                cost = s.cost
+                if s.penalty or s.server_load is not None or not cost > 0.0:
+                    s.rekey(t)
+                else:
+                    s.key = _log(cost / s.weight) + t / s.decay
         s.successes += 1
         # release, inlined
         self.outcomes += 1
@@ -728,6 +748,8 @@ class Pool:
             totals = self.totals
             if totals.inflight > 0:
                 totals.inflight -= 1
+        if self.scored:
+            s.score = s.key + (LN1[n] if 0 <= n < 1024 else ln1(n))
         if tokens:
             s.tokens -= tokens
             self.totals.tokens -= tokens
@@ -763,7 +785,7 @@ class Pool:
                 self._hasten_probes(now)
                 if self.slow_start is not None:
                     s.ramp_from = now
-                    s.weight = s.endpoint.weight * MIN_RAMP
+                    s.set_weight(s.endpoint.weight * MIN_RAMP)
 
     def _hasten_probes(self, now: float) -> None:
         """One ejected endpoint just recovered: outages are often shared (a deploy, a

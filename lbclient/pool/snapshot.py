@@ -108,9 +108,9 @@ def build(
             f = (now - s.ramp_from) / slow_start
             if f >= 1.0:
                 s.ramp_from = None
-                s.weight = s.endpoint.weight
+                s.set_weight(s.endpoint.weight)
             else:
-                s.weight = s.endpoint.weight * max(MIN_RAMP, f)
+                s.set_weight(s.endpoint.weight * max(MIN_RAMP, f))
                 next_refresh = min(next_refresh, now + slow_start / 10)
         b = s.breaker
         if s.health_down:

@@ -21,13 +21,22 @@ if TYPE_CHECKING:
     from ..shared.protocol import Shared
     from .limits import LimitState
 
-__all__ = ["PENALTY_DECAY", "EndpointState", "Latency"]
+__all__ = ["PENALTY_DECAY", "EndpointState", "Latency", "ln1"]
 
 PENALTY_DECAY = 2.0
 """Seconds for a failure penalty to fade by 1/e (a 4x penalty is back to 1x in ~3 s)."""
 
 _RING = 256  # recent latencies kept per endpoint for p50/p99 (power of two)
 _exp = math.exp
+_log = math.log
+_NEG_INF = -math.inf
+LN1 = tuple(math.log(n + 1.0) for n in range(1024))
+"""``LN1[n] == log(n + 1)``: the in-flight term of :attr:`EndpointState.score`, looked up."""
+
+
+def ln1(n: int) -> float:
+    """``log(n + 1)``, from :data:`LN1` when it is there."""
+    return LN1[n] if 0 <= n < 1024 else _log(n + 1.0 if n > 0 else 1.0)
 
 
 class Latency:
@@ -109,6 +118,16 @@ class EndpointState(Latency):
     second :class:`Latency` for the time to the first chunk of streams, so a pool serving
     both compares like with like (a stream's first token and a whole answer differ by
     orders of magnitude).  A failure adds a ``penalty`` beside them (see :meth:`ewma`).
+
+    ``score`` is ``peak_ewma``'s load in a form that does not change with time:
+    ``log(cost / weight) + stamp / decay + log(inflight + 1)``.  The decay for idle time
+    multiplies every endpoint's load by the same ``exp(-now / decay)``, so comparing
+    scores compares loads at any ``now`` -- and a pick is a ``min`` over a slot, with no
+    clock arithmetic per endpoint.  It is ``-inf`` while the plain formula does not hold
+    (a failure penalty, a server-reported load): the picker then computes the load in
+    full.  Whoever writes ``cost``, ``stamp``, ``weight``, ``penalty`` or
+    ``server_load`` calls :meth:`rekey`; whoever writes ``inflight`` refreshes
+    ``score`` (``key + ln1(inflight)``).  Only the pool does either.
     """
 
     __slots__ = (
@@ -127,6 +146,7 @@ class EndpointState(Latency):
         "hedges_won",
         "ignored",
         "inflight",
+        "key",
         "last_failure",
         "limit",
         "lost",
@@ -139,6 +159,7 @@ class EndpointState(Latency):
         "requests",
         "retries_denied",
         "retries_sent",
+        "score",
         "server_load",
         "server_load_at",
         "started",
@@ -196,6 +217,9 @@ class EndpointState(Latency):
         self._idle: list[asyncio.Event] = []
         self.limit: LimitState | None = None
         self.max_context: float | None = None
+        self.key = 0.0
+        self.score = 0.0
+        self.rekey()
         self.configure(endpoint)
 
     def configure(self, endpoint: Endpoint, shared: Shared | None = None) -> None:
@@ -250,9 +274,27 @@ class EndpointState(Latency):
 
     # -- written by the pool only ---------------------------------------------------------
 
+    def rekey(self, now: float | None = None) -> None:
+        """Recompute ``key`` and ``score`` (see the class docstring) after ``cost``,
+        ``stamp``, ``weight``, ``penalty`` or ``server_load`` changed.  Given ``now``, a
+        penalty that has faded to nothing (20 s after the failure, under 0.1% of the
+        latency estimate) is dropped first, so the endpoint is back on the plain formula."""
+        if self.penalty and now is not None and now - self.penalty_at >= 10.0 * PENALTY_DECAY:
+            p = self.penalty * _exp(-(now - self.penalty_at) / PENALTY_DECAY)
+            if p < 1e-3 * self.ewma(now):
+                self.penalty = 0.0
+        cost = self.cost
+        if self.penalty or self.server_load is not None or not cost > 0.0:
+            self.key = _NEG_INF
+        else:
+            self.key = _log(cost / self.weight) + self.stamp / self.decay
+        n = self.inflight
+        self.score = self.key + (LN1[n] if 0 <= n < 1024 else ln1(n))
+
     def observe(self, rtt: float, now: float) -> None:
         """Record one whole-call latency sample (seconds)."""
         self.sample(rtt, now, self.inflight)
+        self.rekey(now)
 
     def observe_ttft(self, ttft: float, now: float) -> None:
         """Record one time-to-first-chunk sample (seconds)."""
@@ -275,12 +317,25 @@ class EndpointState(Latency):
                 rtt = doubled
         self.penalty = rtt
         self.penalty_at = now
+        self.rekey()
 
     def reset_cost(self, cost: float, now: float) -> None:
         """Start the call estimate afresh (an endpoint back from ejection)."""
         self.cost = cost
         self.stamp = now
         self.penalty = 0.0
+        self.rekey()
+
+    def set_weight(self, weight: float) -> None:
+        """The effective weight (slow start ramps it; a changed endpoint rescales it)."""
+        self.weight = weight
+        self.rekey()
+
+    def set_server_load(self, value: float, now: float) -> None:
+        """The server's own report of its queue depth, at ``now``."""
+        self.server_load = value
+        self.server_load_at = now
+        self.rekey()
 
     def recent_latencies(self) -> list[float]:
         """The most recent whole-call latencies (up to 256), in no particular order."""

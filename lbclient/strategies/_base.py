@@ -21,14 +21,19 @@ __all__ = ["PickContext", "Picker", "Strategy", "Totals"]
 class Totals:
     """Pool-wide counters the pool keeps current (read by bounded-load hashing and the
     token-aware load metrics): calls in flight, estimated tokens in flight (calls that
-    gave ``tokens=``) and the running mean of such calls' tokens."""
+    gave ``tokens=``) and the running mean of such calls' tokens.
 
-    __slots__ = ("inflight", "mean_tokens", "tokens")
+    ``scored`` is set by a picker that reads
+    :attr:`~lbclient.pool.state.EndpointState.score` (``peak_ewma``'s): from then on the
+    pool keeps every state's score current; other pools skip that work."""
+
+    __slots__ = ("inflight", "mean_tokens", "scored", "tokens")
 
     def __init__(self) -> None:
         self.inflight = 0
         self.tokens = 0.0
         self.mean_tokens = 0.0  # running mean of the calls that gave tokens=
+        self.scored = False
 
 
 @attrs.frozen(kw_only=True)

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 
 import pytest
-from strategies import acquire
+from strategies import acquire, put
 
 import lbclient
 from lbclient import Balancer, ConfigError, Endpoint, GeoTable, Locality
@@ -51,6 +51,7 @@ def sampled(s: EndpointState, latency: float, now: float = 0.0) -> EndpointState
         s.observe(latency, now)
     s.call.cost = s.cost = latency  # exactly this estimate (observe blends towards it)
     s.call.stamp = s.stamp = now
+    s.rekey()
     return s
 
 
@@ -244,19 +245,20 @@ def test_saturated_local_endpoints_lose_to_a_remote_one() -> None:
     remote = [sampled(state(2 + i, EU_WEST), 0.09 + proc) for i in range(2)]
     ss = local + remote
     for s in local:
-        s.inflight = 10  # local score 0.01 + 0.05 x 11 = 0.56 s vs remote 0.09 + 0.05
+        put(s, inflight=10)  # local score 0.01 + 0.05 x 11 = 0.56 s vs remote 0.09 + 0.05
     picker = Geo().picker(ss, geo_ctx(US_EAST))
     assert pick_regions(picker) == Counter({EU_WEST: 200})
     # The queue is priced through processing: one call queued locally is still cheaper
     # (0.01 + 0.05 x 2 = 0.11 < 0.14), two are not (0.16).
     for s in local:
-        s.inflight = 1
+        put(s, inflight=1)
     assert pick_regions(picker) == Counter({US_EAST: 200})
     for s in local:
-        s.inflight = 2
+        put(s, inflight=2)
     assert pick_regions(picker) == Counter({EU_WEST: 200})
     # Only one local replica saturated: the other local one takes the pick.
-    local[0].inflight, local[1].inflight = 10, 0
+    put(local[0], inflight=10)
+    put(local[1], inflight=0)
     assert Counter(picker.pick(None, None) for _ in range(200)) == Counter({local[1]: 200})
 
 
@@ -266,7 +268,7 @@ def test_server_reported_load_saturates_a_local_endpoint() -> None:
     s_remote = sampled(state(1, EU_WEST), 0.14, now=100.0)
     picker = Geo().picker([s_local, s_remote], geo_ctx(US_EAST, clock=clock))
     assert picker.pick(None, None) is s_local
-    s_local.server_load, s_local.server_load_at = 20.0, clock.now()
+    put(s_local, server_load=20.0, server_load_at=clock.now())
     assert picker.pick(None, None) is s_remote
     clock.advance(2.5)  # the report is stale after 2 s
     assert picker.pick(None, None) is s_local
@@ -316,7 +318,7 @@ def test_queue_still_counts_when_measured_latency_beats_the_table() -> None:
     # Two us-west-2 replicas answering in 50 ms, under the table's 70 ms from us-east-1.
     busy = sampled(state(0, US_WEST), 0.05)
     idle = sampled(state(1, US_WEST), 0.05)
-    busy.inflight = 20
+    put(busy, inflight=20)
     picker = Geo().picker([busy, idle], geo_ctx(US_EAST))
     picks = Counter(picker.pick(None, None) for _ in range(200))
     assert picks[idle] >= 190

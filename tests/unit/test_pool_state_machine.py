@@ -122,11 +122,17 @@ class PoolMachine(RuleBasedStateMachine):
         strategy=st.sampled_from(STRATEGIES),
         first=st.lists(indices, min_size=1, max_size=4, unique=True),
         seed=st.integers(min_value=0, max_value=2**16),
+        slow_start=st.sampled_from([None, 1.0]),
     )
-    def setup(self, strategy: str, first: list[int], seed: int) -> None:
+    def setup(self, strategy: str, first: list[int], seed: int, slow_start: float | None) -> None:
         urls = [UNIVERSE[i] for i in first]
         self.lb = lbclient.Balancer(
-            urls, strategy=strategy, breaker=self.BREAKER, clock=self.clock, rng=seed
+            urls,
+            strategy=strategy,
+            breaker=self.BREAKER,
+            clock=self.clock,
+            rng=seed,
+            slow_start=slow_start,
         )
         for url in urls:
             self._adopt(url)
@@ -250,6 +256,13 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.0, 0.01, 0.3, 0.6, 1.0, 1.2, 3.0]))
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
+
+    @rule(i=indices, load=st.sampled_from([0, 1, 5, 50]))
+    def report_load(self, i: int, load: int) -> None:
+        """A replica's own queue depth (``x-queue-depth``): counted by load-aware
+        pickers for a while, changes no membership or counter."""
+        assert self.lb is not None
+        self.lb.report_load(UNIVERSE[i], load)
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -524,6 +537,17 @@ class PoolMachine(RuleBasedStateMachine):
             assert s.inflight >= 0
             assert s.inflight == n, f"{s.url}: inflight {s.inflight}, {n} open lease(s)"
         assert self.pool.totals.inflight == len(self.leases)
+
+    @invariant()
+    def pick_keys_are_current(self) -> None:
+        """``peak_ewma`` compares a cached score: every write the pool made to cost,
+        stamp, weight, penalty, server load or in-flight must have refreshed it."""
+        if self.lb is None or not self.pool.scored:
+            return
+        for s in self.states:
+            key, score = s.key, s.score
+            s.rekey()
+            assert (s.key, s.score) == (key, score), f"{s.url}: stale pick key"
 
     @invariant()
     def counters_add_up(self) -> None:

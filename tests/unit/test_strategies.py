@@ -24,10 +24,11 @@ from collections import Counter
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import DECAY, PRIOR, acquire, call_of, ctx, states, weight_lists
+from strategies import DECAY, PRIOR, acquire, call_of, ctx, put, states, weight_lists
 
 import lbclient
 from lbclient import strategies as lbstrategies
+from lbclient.pool.load import peak_ewma_load
 from lbclient.pool.state import EndpointState
 from lbclient.strategies import (
     ConsistentHash,
@@ -190,14 +191,15 @@ def test_random_uniform_weights_reach_everyone() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_power_of_two_prefers_less_loaded(seed: int) -> None:
     busy, idle = states([1.0, 1.0])
-    busy.inflight = 5
+    put(busy, inflight=5)
     picker = PowerOfTwo().picker([busy, idle], ctx(seed))
     assert all(picker.pick(None, None) is idle for _ in range(200))
 
 
 def test_power_of_two_divides_load_by_weight() -> None:
     big, small = states([10.0, 1.0])
-    big.inflight, small.inflight = 5, 1  # 0.5 per unit of weight vs 1.0
+    put(big, inflight=5)  # 0.5 per unit of weight vs 1.0
+    put(small, inflight=1)
     picker = PowerOfTwo().picker([big, small], ctx(0))
     assert all(picker.pick(None, None) is big for _ in range(100))
 
@@ -210,7 +212,7 @@ def test_power_of_two_divides_load_by_weight() -> None:
 def test_power_of_two_never_picks_the_most_loaded(loads: list[int], seed: int) -> None:
     ss = states([1.0] * len(loads))
     for s, q in zip(ss, loads, strict=True):
-        s.inflight = q
+        put(s, inflight=q)
     worst = ss[loads.index(max(loads))]
     picker = PowerOfTwo().picker(ss, ctx(seed))
     picks = [picker.pick(None, None) for _ in range(100)]
@@ -224,10 +226,10 @@ def test_power_of_two_never_picks_the_most_loaded(loads: list[int], seed: int) -
 def test_server_reported_load_counts_until_it_expires(name: str) -> None:
     clock = FakeClock(100.0)
     reported, quiet = states([1.0, 1.0])
-    reported.server_load, reported.server_load_at = 10.0, 100.0  # x-queue-depth: 10
+    put(reported, server_load=10.0, server_load_at=100.0)  # x-queue-depth: 10
     picker = lbstrategies.resolve(name).picker([reported, quiet], ctx(4, clock=clock))
     assert all(picker.pick(None, None) is quiet for _ in range(50))
-    quiet.inflight = 3  # our own count is below the server's: the server wins
+    put(quiet, inflight=3)  # our own count is below the server's: the server wins
     assert all(picker.pick(None, None) is quiet for _ in range(50))
     clock.advance(2.5)  # past SERVER_LOAD_TTL: the report is forgotten
     assert all(picker.pick(None, None) is reported for _ in range(50))
@@ -250,7 +252,7 @@ def test_peak_ewma_weighs_latency_against_queue() -> None:
     slow, fast = states([1.0, 1.0])
     slow.observe(0.100, 0.0)
     fast.observe(0.010, 0.0)
-    fast.inflight = 20  # 0.010 x 21 = 0.21 s expected wait > 0.100 x 1
+    put(fast, inflight=20)  # 0.010 x 21 = 0.21 s expected wait > 0.100 x 1
     picker = PeakEwma().picker([slow, fast], ctx(0))
     assert all(picker.pick(None, None) is slow for _ in range(50))
 
@@ -287,9 +289,10 @@ def test_peak_ewma_slow_endpoint_is_tried_again_once_decayed() -> None:
     fast.observe(0.05, 0.0)
     picker = PeakEwma().picker([slow, fast], ctx(0, clock=clock))
     assert all(picker.pick(None, None) is fast for _ in range(50))
-    fast.stamp = slow.stamp = 0.0
+    put(fast, stamp=0.0)
+    put(slow, stamp=0.0)
     clock.advance(DECAY * 4)  # slow decays to 1.0/e^4 = 0.018 s; fast to 0.0009 s ...
-    fast.inflight = 30  # ... but fast is now queued 31 deep: 0.028 s
+    put(fast, inflight=30)  # ... but fast is now queued 31 deep: 0.028 s
     assert all(picker.pick(None, None) is slow for _ in range(50))
 
 
@@ -301,7 +304,7 @@ def test_peak_ewma_slow_endpoint_is_tried_again_once_decayed() -> None:
 def test_least_connections_picks_an_argmin(loads: list[int], seed: int) -> None:
     ss = states([1.0] * len(loads))
     for s, q in zip(ss, loads, strict=True):
-        s.inflight = q
+        put(s, inflight=q)
     picker = LeastConnections().picker(ss, ctx(seed))
     for _ in range(20):
         assert picker.pick(None, None).inflight == min(loads)  # type: ignore[union-attr]
@@ -311,7 +314,7 @@ def test_least_connections_picks_an_argmin(loads: list[int], seed: int) -> None:
 def test_least_connections_breaks_ties_randomly(seed: int) -> None:
     ss = states([1.0] * 5)
     for s, q in zip(ss, [3, 1, 4, 1, 5], strict=True):
-        s.inflight = q
+        put(s, inflight=q)
     picker = LeastConnections().picker(ss, ctx(seed))
     counts = Counter(picker.pick(None, None) for _ in range(400))
     assert set(counts) == {ss[1], ss[3]}
@@ -320,7 +323,8 @@ def test_least_connections_breaks_ties_randomly(seed: int) -> None:
 
 def test_least_connections_divides_by_weight() -> None:
     a, b = states([4.0, 1.0])
-    a.inflight, b.inflight = 3, 1  # 0.75 vs 1.0 per unit of weight
+    put(a, inflight=3)  # 0.75 vs 1.0 per unit of weight
+    put(b, inflight=1)
     picker = LeastConnections().picker([a, b], ctx(0))
     assert all(picker.pick(None, None) is a for _ in range(50))
 
@@ -328,7 +332,7 @@ def test_least_connections_divides_by_weight() -> None:
 def _with_latency(latencies: list[float], inflight: list[int]) -> list[EndpointState]:
     ss = states([1.0] * len(latencies))
     for s, lat, q in zip(ss, latencies, inflight, strict=True):
-        s.cost, s.inflight = lat, q
+        put(s, cost=lat, inflight=q)
     return ss
 
 
@@ -506,7 +510,7 @@ def test_exclude_is_honoured_when_another_exists(
 ) -> None:
     ss = states(ws)
     for s, q in zip(ss, loads, strict=False):
-        s.inflight = q
+        put(s, inflight=q)
     excluded = {s for s, out in zip(ss, mask, strict=False) if out} or {ss[0]}
     if len(excluded) == len(ss):
         excluded.discard(ss[-1])
@@ -564,3 +568,54 @@ def test_fresh_state_defaults() -> None:
     (s,) = states([2.0])
     assert (s.inflight, s.requests, s.failures, s.weight) == (0, 0, 0, 2.0)
     assert s.ewma(0.0) == PRIOR
+
+
+# -- peak_ewma's cached score equals the load it stands for ---------------------------------
+
+
+@SETTINGS
+@given(
+    ends=st.lists(
+        st.tuples(
+            st.floats(0.001, 5.0),  # latency sample
+            st.floats(0.0, 60.0),  # when it was taken
+            st.integers(0, 40),  # in flight
+            st.sampled_from([0.5, 1.0, 3.0]),  # weight
+            st.sampled_from([None] * 8 + [0.0, 4.0]),  # server-reported load
+            st.sampled_from([None] * 8 + [0.2, 3.0]),  # a failure penalty
+        ),
+        min_size=2,
+        max_size=12,
+    ),
+    later=st.floats(0.0, 120.0),
+    seed=seeds,
+)
+@example(  # decay matters: the slow one sampled long ago is now the better pick
+    ends=[(1.0, 0.0, 0, 1.0, None, None), (0.1, 50.0, 0, 1.0, None, None)], later=0.0, seed=0
+)
+def test_peak_ewma_picks_the_least_load_at_any_time(
+    ends: list[tuple[float, float, int, float, float | None, float | None]],
+    later: float,
+    seed: int,
+) -> None:
+    """The score a pick compares (``log`` of the load, without the ``now`` every
+    endpoint shares) orders endpoints exactly as :func:`peak_ewma_load` does, at any
+    time after the samples, with penalties and server loads in the mix."""
+    ss = states([w for *_, w, _, _ in ends])
+    last = 0.0
+    for s, (latency, at, q, _w, load, penalty) in zip(ss, ends, strict=True):
+        s.observe(latency, at)
+        if penalty is not None:
+            s.penalize(penalty, at)
+        if load is not None:
+            s.set_server_load(load, at)
+        put(s, inflight=q)
+        last = max(last, at)
+    clock = FakeClock(last + later)
+    picker = PeakEwma().picker(ss, ctx(seed, clock=clock))
+    now = clock.now()
+    loads = [peak_ewma_load(s, now) for s in ss]
+    for _ in range(5):
+        picked = picker.pick(None, None)
+        assert picked is not None
+        assert peak_ewma_load(picked, now) == pytest.approx(min(loads), rel=1e-9)
