@@ -59,6 +59,7 @@ class CallContext:
         "key",
         "sample",
         "sent",
+        "served_by",
         "started",
         "stream",
         "tenant",
@@ -73,7 +74,6 @@ class CallContext:
     overloaded = False
     rejected = False
     usage: tuple[float, float] | None = None
-    served_by: str | None = None  # the URL of the endpoint whose answer the call got
     ttft: float | None = None  # a stream's time to first chunk (set for traffic recording)
     tracer: Any = None  # the engine's tracer while spans are on (see lbclient.metrics)
     span: Any = None  # this call's span, parent of its attempts' spans
@@ -105,6 +105,7 @@ class CallContext:
         self.attempts: Sequence[Attempt] = ()
         self.sent = 0
         self.sample: float | None = None
+        self.served_by: str | None = None  # the URL of the endpoint whose answer it got
         if prefix is not None:
             self.prefix = prefix
         if priority:

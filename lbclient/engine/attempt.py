@@ -34,8 +34,10 @@ def cut_error(lease: Lease) -> TimeoutError:
 
 def start(call: CallContext, lease: Lease) -> None:
     """The call is about to send an attempt under ``lease``."""
-    call.sent += 1
-    lease.number = call.sent
+    n = call.sent + 1
+    call.sent = n
+    if n != 1:  # the first is the class default: no per-lease __dict__ for it
+        lease.number = n
     call.add_tried(lease.state)
     if call.tracer is not None:
         lease.on_done = call.tracer.attempt(call, lease)

@@ -42,7 +42,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbclient")
 
-__all__ = ["Hedger", "LatencyWindow", "hedged_try", "prefer_elsewhere", "send_backup"]
+__all__ = [
+    "Hedger",
+    "LatencyWindow",
+    "begin_race",
+    "end_race",
+    "hedged_try",
+    "prefer_elsewhere",
+    "primary_raised",
+    "primary_returned",
+    "send_backup",
+]
 
 R = TypeVar("R")
 
@@ -156,6 +166,7 @@ class Hedger:
         "_engine",
         "_queue",
         "_seq",
+        "adaptive",
         "budget",
         "policy",
         "tasks",
@@ -165,6 +176,7 @@ class Hedger:
 
     def __init__(self, policy: Hedge, clock: Clock) -> None:
         self.policy = policy
+        self.adaptive = policy.delay is None  # a fixed delay needs no latency window
         # Recompute every 64 calls (window/8 for bigger windows): a 512-sample sort every
         # 64 calls costs about half a microsecond per call.
         every = max(16, min(64, policy.window // 8))
@@ -323,25 +335,30 @@ def hedge_won(engine: Engine, lease: Lease, delay: float) -> None:
 class _Race:
     """One hedged try in progress: its primary, its backups, and who won."""
 
+    # Every race sets the slots; what only a race with a backup sets lives in a lazily
+    # made __dict__ and reads its class default until then (as Lease does).
     __slots__ = (
+        "__dict__",
         "args",
-        "backups",
         "call",
         "caller",
+        "cancelling",
         "context",
         "delay",
         "done",
         "due",
-        "fatal",
         "fn",
         "kwargs",
         "left",
         "primary",
         "primary_running",
-        "result",
-        "winner",
-        "won_in",
     )
+
+    winner: asyncio.Task[Any] | None = None
+    result: Any = None
+    won_in: float | None = None  # the winning backup's own latency
+    fatal: BaseException | None = None  # a backup's BaseException, for the caller
+    backups: list[tuple[asyncio.Task[Any], Lease]] | tuple[()] = ()  # a list once one runs
 
     def __init__(
         self,
@@ -354,6 +371,7 @@ class _Race:
         left: int,
         due: float,
         primary: Lease,
+        cancelling: int,
     ) -> None:
         self.call = call
         self.caller: asyncio.Task[Any] | None = caller
@@ -366,28 +384,14 @@ class _Race:
         self.primary = primary
         self.primary_running = True
         self.done = False
-        self.winner: asyncio.Task[Any] | None = None
-        self.result: Any = None
-        self.won_in: float | None = None  # the winning backup's own latency
-        self.fatal: BaseException | None = None  # a backup's BaseException, for the caller
-        self.backups: list[tuple[asyncio.Task[Any], Lease]] = []
+        self.cancelling = cancelling  # the caller's cancel requests when the race began
         # Backups run in the caller's context (its contextvars: report_usage's current
         # call, a cost policy's meter), not in whichever call's context armed the timer.
         self.context = contextvars.copy_context()
 
 
 _EMPTY = contextvars.Context()
-
-
-def _finish(race: _Race) -> None:
-    """The race is over: drop what it holds of the call (its arguments, the caller's
-    task, the result), so a race still queued on the hedge timer keeps nothing alive."""
-    race.done = True
-    race.args = ()
-    race.kwargs = {}
-    race.result = None
-    race.caller = None
-    race.context = _EMPTY
+_NO_KWARGS: dict[str, Any] = {}  # shared by every ended race: never written
 
 
 def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
@@ -407,7 +411,10 @@ def _fire(engine: Engine, race: _Race, loop: asyncio.AbstractEventLoop) -> None:
         return
     task = loop.create_task(_backup(engine, race, lease), context=race.context)
     task.add_done_callback(_finisher(lease))
-    race.backups.append((task, lease))
+    if race.backups:
+        race.backups.append((task, lease))
+    else:
+        race.backups = [(task, lease)]
     hedger.tasks.add(task)
 
 
@@ -484,7 +491,31 @@ async def hedged_try(
     However the round ends, no backup is left running: a winner cancels the rest, a
     failure or cancel of the call cuts or cancels them.  A backup's ``BaseException``
     (not an ``Exception``) ends the round and reaches the caller, as a primary's would.
+    The decorator's hedged path runs these same lines in its own frame
+    (:func:`~lbclient.engine.route._hedged`): :func:`begin_race`, the primary, then
+    :func:`primary_returned` or :func:`primary_raised`, and :func:`end_race` always.
     """
+    race = begin_race(engine, call, lease, fn, args, kwargs)
+    try:
+        result = await fn(lease.endpoint, *args, **kwargs)
+    except BaseException as exc:
+        return await primary_raised(engine, race, exc)  # type: ignore[no-any-return]
+    else:
+        return primary_returned(engine, race, result)  # type: ignore[no-any-return]
+    finally:
+        end_race(race)
+
+
+def begin_race(
+    engine: Engine,
+    call: CallContext,
+    lease: Lease,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _Race:
+    """Start a hedged round whose primary, under ``lease``, the caller runs next: its
+    first backup is queued on the hedge timer."""
     hedger = engine.hedger
     assert hedger is not None
     loop = engine.bind()
@@ -493,72 +524,97 @@ async def hedged_try(
     hedger.budget.deposit(lease.t0)
     start(call, lease)
     delay = hedger.current_delay()
+    due = loop.time() + delay
     race = _Race(
-        call, caller, fn, args, kwargs, delay, hedger.policy.max_hedges, loop.time() + delay, lease
-    )
+        call, caller, fn, args, kwargs, delay, hedger.policy.max_hedges, due, lease,
+        caller.cancelling(),
+    )  # fmt: skip
     hedger.schedule(engine, loop, race)
-    cancelling = caller.cancelling()
+    return race
+
+
+def primary_returned(engine: Engine, race: _Race, result: Any) -> Any:
+    """The primary returned ``result``: it won, unless a backup ended the race first."""
+    race.primary_running = False
+    lease = race.primary
+    t = engine.now()
+    if race.winner is not None or race.fatal is not None:  # _backup_ended_it, inlined
+        # The function swallowed the cancel a backup sent: the backup's verdict
+        # stands, and this answer is given back like a lost one's.
+        caller = race.caller
+        if caller is not None and caller.cancelling() > race.cancelling:
+            caller.uncancel()
+        return _backup_ended(engine, race, lease, lease.t0)
+    call = race.call
+    lease.ok(t)
+    latency = t - lease.t0
+    hedger = engine.hedger
+    if hedger is not None and hedger.adaptive:
+        hedger.observe(latency, t)
+    call.sample = latency
+    call.served_by = lease.state.url
+    if race.backups:
+        _end(engine, race, "lost", latency)
+    race.done = True
+    return result
+
+
+async def primary_raised(engine: Engine, race: _Race, exc: BaseException) -> Any:
+    """The primary raised ``exc``: a backup that won (or is still running and wins)
+    answers the call; else ``exc`` (or the last attempt's error) is raised."""
+    race.primary_running = False
+    call = race.call
+    lease = race.primary
     t0 = lease.t0
+    caller = race.caller
+    assert caller is not None
+    cancelling = race.cancelling
+    if isinstance(exc, asyncio.CancelledError):
+        if _backup_ended_it(race) and caller.uncancel() <= cancelling:
+            # A backup won (or raised a BaseException) and cancelled us out of the
+            # primary: the primary lost the race.
+            return _backup_ended(engine, race, lease, t0)
+        settle(call, lease, exc, engine.now())
+        _end(engine, race, "cut" if call.expired() else "cancel")
+        raise exc
+    if isinstance(exc, Exception) and caller.cancelling() > cancelling:
+        # Cancelled -- by a backup that won, or by the caller -- and the function
+        # turned the cancel into its own error.
+        if _backup_ended_it(race) and caller.uncancel() <= cancelling:
+            return _backup_ended(engine, race, lease, t0)
+        _end(engine, race, "cut" if call.expired() else "cancel")
+        converted_cancel(call, lease, exc, engine.now())
+    settle(call, lease, exc, engine.now())
+    if not isinstance(exc, Exception):
+        _end(engine, race, "cancel")
+        raise exc
+    # The primary failed: a backup may have won meanwhile, or may still win.
     try:
-        try:
-            result = await fn(lease.endpoint, *args, **kwargs)
-        except asyncio.CancelledError as exc:
-            race.primary_running = False
-            if _backup_ended_it(race) and caller.uncancel() <= cancelling:
-                # A backup won (or raised a BaseException) and cancelled us out of the
-                # primary: the primary lost the race.
-                return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
-            settle(call, lease, exc, engine.now())
-            _end(engine, race, "cut" if call.expired() else "cancel")
-            raise
-        except BaseException as exc:
-            race.primary_running = False
-            if isinstance(exc, Exception) and caller.cancelling() > cancelling:
-                # Cancelled -- by a backup that won, or by the caller -- and the function
-                # turned the cancel into its own error.
-                if _backup_ended_it(race) and caller.uncancel() <= cancelling:
-                    return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
-                _end(engine, race, "cut" if call.expired() else "cancel")
-                converted_cancel(call, lease, exc, engine.now())
-            settle(call, lease, exc, engine.now())
-            if not isinstance(exc, Exception):
-                _end(engine, race, "cancel")
-                raise
-        else:
-            race.primary_running = False
-            t = engine.now()
-            if _backup_ended_it(race):
-                # The function swallowed the cancel a backup sent: the backup's verdict
-                # stands, and this answer is given back like a lost one's.
-                if caller.cancelling() > cancelling:
-                    caller.uncancel()
-                return _backup_ended(engine, race, lease, t0)  # type: ignore[no-any-return]
-            lease.ok(t)
-            hedger.observe(t - t0, t)
-            call.sample = t - t0
-            call.served_by = lease.state.url
-            if race.backups:
-                _end(engine, race, "lost", t - t0)
-            race.done = True
-            return result
-        # The primary failed: a backup may have won meanwhile, or may still win.
-        try:
-            while not race.done:
-                pending = [task for task, _ in race.backups if not task.done()]
-                if not pending:
-                    break
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            _end(engine, race, "cut" if call.expired() else "cancel")
-            raise
-        if _backup_ended_it(race):
-            if caller.cancelling() > cancelling:  # sent while the primary was failing
-                caller.uncancel()
-            return _backup_ended(engine, race, None, t0)  # type: ignore[no-any-return]
-        race.done = True
-        raise call.attempts[-1].error
-    finally:
-        _finish(race)
+        while not race.done:
+            pending = [task for task, _ in race.backups if not task.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        _end(engine, race, "cut" if call.expired() else "cancel")
+        raise
+    if _backup_ended_it(race):
+        if caller.cancelling() > cancelling:  # sent while the primary was failing
+            caller.uncancel()
+        return _backup_ended(engine, race, None, t0)
+    race.done = True
+    raise call.attempts[-1].error
+
+
+def end_race(race: _Race) -> None:
+    """The race is over: drop what it holds of the call (its arguments, the caller's
+    task, the result), so a race still queued on the hedge timer keeps nothing alive."""
+    race.done = True
+    race.args = ()
+    race.kwargs = _NO_KWARGS
+    race.result = None
+    race.caller = None
+    race.context = _EMPTY
 
 
 def _backup_ended_it(race: _Race) -> bool:
@@ -580,7 +636,8 @@ def _backup_ended(engine: Engine, race: _Race, primary: Lease | None, t0: float)
         primary.lose(t, race.won_in)
         hedger = engine.hedger
         assert hedger is not None
-        hedger.observe(t - t0, t)  # the primary's latency is at least this
+        if hedger.adaptive:
+            hedger.observe(t - t0, t)  # the primary's latency is at least this
     _end(engine, race, "lost", race.won_in)
     race.call.sample = race.won_in
     return race.result

@@ -539,7 +539,7 @@ def _hedged(
 ) -> Callable[..., Any]:
     """Hedging without a deadline: the first round straight into the race; only a
     failure enters the retry loop."""
-    from .hedging import hedged_try
+    from .hedging import begin_race, end_race, primary_raised, primary_returned
 
     pool = engine.pool
     now = engine.now
@@ -557,7 +557,8 @@ def _hedged(
         if budget is not None:
             budget.deposit(t0)
         try:
-            lease = pool.acquire(ctx, None, t0)
+            # without a key, nothing in the context is for the picker: its fast pick
+            lease = pool.acquire(ctx if ctx.key is not None else None, None, t0)
         except NoEndpointAvailable as exc:
             if exc.reason != "cooling":
                 counters.failed("no endpoint")
@@ -567,7 +568,16 @@ def _hedged(
             counters.failed("error")
             raise
         try:
-            result = await hedged_try(engine, ctx, lease, fn, args, kwargs)
+            # hedging.hedged_try, in this frame
+            race = begin_race(engine, ctx, lease, fn, args, kwargs)
+            try:
+                result = await fn(lease.endpoint, *args, **kwargs)
+            except BaseException as exc:
+                result = await primary_raised(engine, race, exc)
+            else:
+                result = primary_returned(engine, race, result)
+            finally:
+                end_race(race)
         except Exception as exc:
             return await _recorded(engine, ctx, rounds(engine, ctx, fn, args, kwargs, exc))
         counters.ok += 1
