@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from ._balancer import Balancer
+from ._config import chain_of
 from ._context import report_usage
 from ._endpoint import Endpoint
 from ._errors import BalancerClosed, ConfigError
@@ -306,8 +307,12 @@ class ChatClient:
         ] = lb.route(key=_affinity, tenant=_tenant_of, tokens=_tokens_of, prefix=_prefix_of)(
             self._stream_attempt
         )
-        # The prompt text is derived only for a strategy that reads it (``prefix``).
-        self._prefix = bool(getattr(lb._pool.strategy, "uses_prefix", False))
+        # The prompt text is derived only for a strategy that reads it (``prefix``), in
+        # this balancer or any fallback a call may end up on.
+        self._prefix = any(
+            getattr(b._pool.strategy, "uses_prefix", False)  # type: ignore[attr-defined]
+            for b in chain_of(lb)
+        )
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""

@@ -211,3 +211,26 @@ async def test_prefix_beats_round_robin_on_replica_hit_ratio(
     print(f"hit ratio: prefix {prefix:.3f}, round_robin {rr:.3f}")
     assert prefix > 0.6
     assert prefix > rr + 0.2, (prefix, rr)
+
+
+async def test_chat_client_derives_the_prompt_text_for_a_prefix_fallback(
+    fleet_factory: FleetFactory,
+) -> None:
+    """The primary picks without prompts, its fallback by prefix: calls that fall back
+    still carry the prompt text (the client looks at the whole chain, as the transport
+    does)."""
+    down = await fleet_factory([ReplicaConfig(base_latency=0.001, error_rate=1.0)])
+    up = await fleet_factory([ReplicaConfig(base_latency=0.001) for _ in range(3)])
+    fallback = lbclient.Balancer(up.urls, strategy="prefix")
+    lb = lbclient.Balancer(down.urls, strategy="power_of_two", fallback=fallback)
+    async with ChatClient(lb) as chat:
+        m = msgs("You are terse. " * 30, 1, 7)
+        await chat.create(messages=m)
+        p = fallback._pool.snap.base
+        assert isinstance(p, PrefixPicker)
+        text = lbclient.prompt_text(m)
+        held = p.tree.lengths(p.tree.match(text), 3)
+        assert sorted(held.values()) == [len(text)]
+    assert down.total_served == 0 and up.total_served == 1
+    await lb.aclose()
+    await fallback.aclose()
