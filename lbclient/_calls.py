@@ -251,6 +251,7 @@ class Calls:
         nothing can be picked (or admission sheds the call), the pick comes from the
         ``fallback=`` pool unless ``fallback=False``; a block already entered is not re-run
         anywhere."""
+        seconds = check_timeout(timeout)
         call = call_context(
             key,
             tenant,
@@ -258,10 +259,10 @@ class Calls:
             check_priority(priority),
             check_eligible(eligible) if eligible is not None else None,
             check_prefix(prefix),
-            check_timeout(timeout),
+            seconds,
         )(self._engine)
         if not isinstance(fallback, bool):
             raise ConfigError(f"fallback must be a bool, got {fallback!r}")
         if self._meter is not None:
-            return self._meter.pick(call, fallback)
-        return PickedEndpoint(self._engine, call, fallback)
+            return self._meter.pick(call, fallback, seconds)
+        return PickedEndpoint(self._engine, call, fallback, seconds)

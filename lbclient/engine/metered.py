@@ -208,8 +208,10 @@ class Meter:
             _CHARGE.reset(token)
             self.settle(charge)
 
-    def pick(self, call: CallContext, fallback: bool = True) -> MeteredPick:
-        return MeteredPick(self, call, fallback)
+    def pick(
+        self, call: CallContext, fallback: bool = True, timeout: float | None = None
+    ) -> MeteredPick:
+        return MeteredPick(self, call, fallback, timeout)
 
 
 class MeteredPick(PickedEndpoint):
@@ -219,8 +221,14 @@ class MeteredPick(PickedEndpoint):
 
     __slots__ = ("_begun", "_charge", "_meter", "_token")
 
-    def __init__(self, meter: Meter, call: CallContext, fallback: bool = True) -> None:
-        super().__init__(meter.engine, call, fallback)
+    def __init__(
+        self,
+        meter: Meter,
+        call: CallContext,
+        fallback: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(meter.engine, call, fallback, timeout)
         self._meter = meter
         self._charge: Charge | None = None
         self._begun: Any = None

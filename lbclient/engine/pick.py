@@ -32,11 +32,18 @@ class PickedEndpoint:
     """What ``lb.pick(key=..., timeout=...)`` returns: an async context manager giving
     the picked :class:`~lbclient.Endpoint`.  Single use."""
 
-    __slots__ = ("_call", "_elsewhere", "_engine", "_fallback", "_lease", "_permit")
+    __slots__ = ("_asked", "_call", "_elsewhere", "_engine", "_fallback", "_lease", "_permit")
 
-    def __init__(self, engine: Engine, call: CallContext, fallback: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        call: CallContext,
+        fallback: bool = True,
+        timeout: float | None = None,
+    ) -> None:
         self._engine = engine
         self._call = call
+        self._asked = timeout  # the caller's own timeout; None: each pool's Retry.timeout
         self._lease: Lease | None = None
         self._permit: Permit | None = None
         self._fallback = fallback
@@ -63,7 +70,7 @@ class PickedEndpoint:
         async def elsewhere(other: Any) -> Endpoint:
             picked: PickedEndpoint = other.pick(
                 key=call.key,
-                timeout=call.timeout,
+                timeout=self._asked,
                 tenant=call.tenant,
                 tokens=call.tokens,
                 priority=call.priority,

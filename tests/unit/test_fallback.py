@@ -215,6 +215,22 @@ async def test_pick_falls_back_when_nothing_can_be_picked() -> None:
     assert vendor.stats().endpoint(V1).ignored == 1
 
 
+async def test_a_fallback_pick_takes_its_own_pools_timeout_unless_one_was_given() -> None:
+    """``lb.pick()`` without ``timeout=`` is bounded by each pool's ``Retry.timeout`` --
+    the pool that picks, as ``lb.call`` does; a timeout given applies everywhere."""
+    vendor = lbclient.Balancer([V1], name="vendor", retry=lbclient.Retry(timeout=5.0))
+    lb = lbclient.Balancer([P1], fallback=vendor, retry=lbclient.Retry(timeout=0.05))
+    lb.drain(P1)
+    async with lb.pick() as endpoint:
+        assert endpoint.url == V1
+        await asyncio.sleep(0.15)  # past the primary's 0.05 s, well inside the vendor's
+    assert vendor.stats().endpoint(V1).successes == 1
+    with pytest.raises(lbclient.DeadlineExceeded):
+        async with lb.pick(timeout=0.05) as endpoint:
+            assert endpoint.url == V1
+            await asyncio.sleep(1.0)
+
+
 async def test_streams_fall_back_before_their_first_chunk_never_after() -> None:
     lb, _ = chain(retry=lbclient.Retry(attempts=2))
     broken_after_first = {P1, P2}
