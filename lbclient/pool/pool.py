@@ -712,17 +712,21 @@ class Pool:
         sample (unless ``sample`` is false: a stream's is its time to first chunk), the
         slot back, the breaker told.  Every successful attempt ends here."""
         if sample:
-            # EndpointState.sample, inlined: this is every successful call.
+            # EndpointState.observe, inlined: this is every successful call.
             rtt = t - t0
             cost = s.cost
+            decay = s.decay
+            stamp = s.stamp
+            if t0 - stamp >= 0.01 * decay:  # as the pick at t0 read it (see observe)
+                cost *= _exp((stamp - t0) / decay)
+                stamp = t0
             n = s.inflight
             if n > s.cap_seen and rtt <= 2.0 * cost:
                 s.cap_seen = n
             if rtt > cost:
                 s.cost = rtt
             else:
-                decay = s.decay
-                dt = t - s.stamp
+                dt = t - stamp
                 # exp(-dt/decay) > 0.97 (the clamp) whenever dt < 0.0304 decay: skip the exp.
                 w = 0.97 if dt < 0.0304 * decay else _exp(-dt / decay)
                 s.cost = cost * w + rtt * (1.0 - w)

@@ -292,7 +292,16 @@ class EndpointState(Latency):
         self.score = self.key + (LN1[n] if 0 <= n < 1024 else ln1(n))
 
     def observe(self, rtt: float, now: float) -> None:
-        """Record one whole-call latency sample (seconds)."""
+        """Record one whole-call latency sample (seconds).
+
+        The estimate is first decayed to when the call started (``now - rtt``) -- the
+        value its pick compared, as Finagle's ``PeakEwma`` decays it on every read --
+        so a sample after idle time is measured against what had been forgotten, not
+        against a stale peak.  (Skipped for under 1% of the decay time.)"""
+        t0 = now - rtt
+        if t0 - self.stamp >= 0.01 * self.decay:
+            self.cost *= _exp((self.stamp - t0) / self.decay)
+            self.stamp = t0
         self.sample(rtt, now, self.inflight)
         self.rekey(now)
 
