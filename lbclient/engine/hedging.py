@@ -497,11 +497,13 @@ async def hedged_try(
     """
     race = begin_race(engine, call, lease, fn, args, kwargs)
     try:
-        result = await fn(lease.endpoint, *args, **kwargs)
-    except BaseException as exc:
-        return await primary_raised(engine, race, exc)  # type: ignore[no-any-return]
-    else:
-        return primary_returned(engine, race, result)  # type: ignore[no-any-return]
+        try:
+            result = await fn(lease.endpoint, *args, **kwargs)
+        except BaseException as exc:
+            error = exc  # handled below, outside this block: no implicit __context__
+        else:
+            return primary_returned(engine, race, result)  # type: ignore[no-any-return]
+        return await primary_raised(engine, race, error)  # type: ignore[no-any-return]
     finally:
         end_race(race)
 
@@ -612,7 +614,8 @@ def end_race(race: _Race) -> None:
     race.done = True
     race.args = ()
     race.kwargs = _NO_KWARGS
-    race.result = None
+    if race.winner is not None:
+        race.result = None
     race.caller = None
     race.context = _EMPTY
 

@@ -570,12 +570,17 @@ def _hedged(
         try:
             # hedging.hedged_try, in this frame
             race = begin_race(engine, ctx, lease, fn, args, kwargs)
+            error: BaseException | None
             try:
-                result = await fn(lease.endpoint, *args, **kwargs)
-            except BaseException as exc:
-                result = await primary_raised(engine, race, exc)
-            else:
-                result = primary_returned(engine, race, result)
+                try:
+                    result = await fn(lease.endpoint, *args, **kwargs)
+                except BaseException as exc:
+                    error = exc  # handled outside the except block: no implicit __context__
+                else:
+                    error = None
+                    result = primary_returned(engine, race, result)
+                if error is not None:
+                    result = await primary_raised(engine, race, error)
             finally:
                 end_race(race)
         except Exception as exc:

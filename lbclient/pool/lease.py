@@ -246,7 +246,7 @@ class Lease:
         s = self.state
         ran = t - self.t0
         est = s.ttft if self.stream else s
-        if ran > est.cost:
+        if ran > est.at(t):  # above the estimate as a pick reads it now (decayed)
             est.cost = ran
             est.stamp = t
             if est is s:
@@ -304,7 +304,8 @@ class Lease:
         s.failures += 1
         s.last_failure = t
         ran = t - self.t0
-        s.penalize(max(ran, min(FAILURE_PENALTY * s.cost, MAX_PENALTY)), t, MAX_PENALTY)
+        # priced from the estimate its pick compared (decayed to the attempt's start)
+        s.penalize(max(ran, min(FAILURE_PENALTY * s.at(self.t0), MAX_PENALTY)), t, MAX_PENALTY)
         b = s.breaker
         if b is not None:
             before = b.state

@@ -76,9 +76,10 @@ class Pool:
         cooldown_cap: float | None,
     ) -> None:
         self.strategy = strategy
-        # Keep EndpointState.score current on every in-flight change and latency sample
-        # once a picker reads it (totals.scored: peak_ewma's); other pools skip that work.
-        self.scored = False
+        # EndpointState.score is kept current on every in-flight change and latency
+        # sample once a picker reads it (totals.scored, set by peak_ewma's picker); the
+        # pool rekeys every member when that first happens (``refresh``).
+        self._scored_all = False
         self.breaker = breaker
         self.ejecting = breaker is not None or health
         self.slow_start = slow_start
@@ -332,10 +333,10 @@ class Pool:
             previous=old,
         )
         self.snap = snap
-        if self.totals.scored and not self.scored:
-            self.scored = True
+        if self.totals.scored and not self._scored_all:
+            self._scored_all = True
             for s in self.members.values():
-                s.rekey()  # fresh from here on
+                s.rekey()  # fresh from here on, pickable or not
         self.pick_now = self._pick_probe if snap.probes_due else snap.pick_now
         self.next_refresh = -math.inf if self.closed else snap.next_refresh
         if snap.panic != old.panic:
@@ -557,12 +558,12 @@ class Pool:
             self.next_refresh = -math.inf  # a half-open probe slot was taken
         n = s.inflight + 1
         s.inflight = n
-        if self.scored:
+        totals = self.totals
+        if totals.scored:
             s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
         if n > s.peak_inflight:
             s.peak_inflight = n
         s.requests += 1
-        totals = self.totals
         totals.inflight += 1
         lease = Lease(self, s, now, probe)
         lim = s.limit
@@ -605,12 +606,13 @@ class Pool:
             lim.charge(now, None)
         n = s.inflight + 1
         s.inflight = n
-        if self.scored:
+        totals = self.totals
+        if totals.scored:
             s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
         if n > s.peak_inflight:
             s.peak_inflight = n
         s.requests += 1
-        self.totals.inflight += 1
+        totals.inflight += 1
         return s
 
     @staticmethod
@@ -680,9 +682,9 @@ class Pool:
         n = s.inflight - 1
         if n >= 0:
             s.inflight = n
-            if self.scored:
-                s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
             totals = self.totals
+            if totals.scored:
+                s.score = s.key + (LN1[n] if n < 1024 else ln1(n))
             if totals.inflight > 0:
                 totals.inflight -= 1
         if tokens:
@@ -737,7 +739,7 @@ class Pool:
             else:
                 s._ring[i & 255] = rtt
             s._i = i + 1
-            if self.scored:  # EndpointState.rekey, inlined for the plain case
+            if self.totals.scored:  # EndpointState.rekey, inlined for the plain case
                 cost = s.cost
                 if s.penalty or s.server_load is not None or not cost > 0.0:
                     s.rekey(t)
@@ -747,12 +749,12 @@ class Pool:
         # release, inlined
         self.outcomes += 1
         n = s.inflight - 1
+        totals = self.totals
         if n >= 0:
             s.inflight = n
-            totals = self.totals
             if totals.inflight > 0:
                 totals.inflight -= 1
-        if self.scored:
+        if totals.scored:
             s.score = s.key + (LN1[n] if 0 <= n < 1024 else ln1(n))
         if tokens:
             s.tokens -= tokens

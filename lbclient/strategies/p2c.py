@@ -172,7 +172,10 @@ class _PeakEwma(P2CPicker):
         stream_load: LoadMetric | None = None,
     ):
         super().__init__(states, ctx, load, stream_load)
-        ctx.totals.scored = True  # the pool keeps the scores this picker reads current
+        if not ctx.totals.scored:  # from now on the pool keeps the scores read here current
+            ctx.totals.scored = True
+            for s in self._states:
+                s.rekey()
         self._window = min(self._n, SCAN_WINDOW)
         # The states twice over: a window from any start is one slice.
         self._ring = self._states + self._states[: self._window - 1]

@@ -542,7 +542,7 @@ class PoolMachine(RuleBasedStateMachine):
     def pick_keys_are_current(self) -> None:
         """``peak_ewma`` compares a cached score: every write the pool made to cost,
         stamp, weight, penalty, server load or in-flight must have refreshed it."""
-        if self.lb is None or not self.pool.scored:
+        if self.lb is None or not self.pool.totals.scored:
             return
         for s in self.states:
             key, score = s.key, s.score
