@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["ATTEMPT", "CURRENT", "CallContext", "UsageSink", "report_usage"]
 
 _NONE_TRIED: frozenset[Any] = frozenset()
+_new = object.__new__
 
 
 class CallContext:
@@ -110,6 +111,25 @@ class CallContext:
             self.prefix = prefix
         if priority:
             self.priority = priority
+
+    @staticmethod
+    def keyed(key: object, started: float) -> CallContext:
+        """``CallContext(key=key, started=started)`` without the keyword parsing: half
+        the cost, for the hedged path's per-call context (a test keeps the two equal)."""
+        c = _new(CallContext)
+        c.key = key
+        c.tenant = None
+        c.tokens = None
+        c.stream = False
+        c.started = started
+        c.timeout = None
+        c.deadline = None
+        c.tried = _NONE_TRIED
+        c.attempts = ()
+        c.sent = 0
+        c.sample = None
+        c.served_by = None
+        return c
 
     def add_tried(self, s: EndpointState) -> None:
         """The call sent an attempt to ``s``."""

@@ -550,7 +550,7 @@ def _hedged(
         if pool.closed:
             raise BalancerClosed("this lbclient.Balancer is closed; create a new one")
         t0 = now()
-        ctx = CallContext(key=key(*args, **kwargs) if key is not None else None, started=t0)
+        ctx = CallContext.keyed(key(*args, **kwargs) if key is not None else None, t0)
         if engine.tracer is not None:  # spans: the full path
             return await run_call(engine, fn, args, kwargs, ctx)
         counters.calls += 1

@@ -111,3 +111,18 @@ def test_only_pools_whose_picker_reads_the_score_keep_it() -> None:
         lb = lbclient.Balancer([A, B], strategy=strategy)
         lb._pool.refresh()
         assert lb._pool.totals.scored is scored, strategy
+
+
+def test_the_hedged_paths_context_is_a_plain_call_context() -> None:
+    """``CallContext.keyed`` builds what ``CallContext(key=, started=)`` does, field by
+    field (slots and what reads a class default), so the two cannot drift apart."""
+    fast, slow = lbclient.CallContext.keyed("k", 12.5), lbclient.CallContext(key="k", started=12.5)
+    names = {n for cls in type(slow).__mro__ for n in getattr(cls, "__slots__", ())}
+    names |= {n for n in vars(lbclient.CallContext) if not n.startswith("_")}
+    names -= {"__dict__", "__weakref__"}
+    for name in sorted(names):
+        a, b = getattr(fast, name), getattr(slow, name)
+        if callable(b) and not isinstance(b, type):  # methods: bound to each object
+            continue
+        assert a == b, name
+    assert vars(fast) == vars(slow) == {}  # nothing rare was set
