@@ -141,7 +141,11 @@ def test_overhead_tiny_writes_json(tmp_path: Path) -> None:
     if data.get("shared_ab"):  # redis-server installed: shared= timed beside its twin
         assert any("shared=" in v for v in variants)
         for ab in data["shared_ab"]:
-            assert ab["link"]["mode"] == "connected" and abs(ab["median_extra_ns"]) < 50_000
+            # A loaded CI machine can stretch a Redis reply past the link's 50 ms timeout
+            # (it then degrades, as designed, and the benchmark says so): the smoke test
+            # checks that the A/B ran and reports the link, not how busy the machine is.
+            assert ab["link"]["mode"] in ("connected", "degraded"), ab["link"]
+            assert abs(ab["median_extra_ns"]) < 50_000
 
     http = data["http"]
     assert http["ratio"] > 0
