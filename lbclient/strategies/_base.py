@@ -74,7 +74,9 @@ class Strategy(Protocol):
     The pool calls ``picker()`` whenever membership or availability changes; the states
     it passes are the pickable ones (never empty).  Picks read live load from them
     (``inflight``, ``tokens``, ``ewma(now)``, ``ttft_ewma(now)``, ``weight``,
-    ``server_load``) but never mutate them.
+    ``server_load``, ``score``) but never mutate them.  (A picker that reads ``score``
+    sets :attr:`Totals.scored` when it is built and refreshes the scores of its states
+    once, the first time: from then on the pool keeps them current.)
     """
 
     name: str
