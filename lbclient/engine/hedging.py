@@ -166,7 +166,6 @@ class Hedger:
         "_engine",
         "_queue",
         "_seq",
-        "adaptive",
         "budget",
         "policy",
         "tasks",
@@ -176,7 +175,6 @@ class Hedger:
 
     def __init__(self, policy: Hedge, clock: Clock) -> None:
         self.policy = policy
-        self.adaptive = policy.delay is None  # a fixed delay needs no latency window
         # Recompute every 64 calls (window/8 for bigger windows): a 512-sample sort every
         # 64 calls costs about half a microsecond per call.
         every = max(16, min(64, policy.window // 8))
@@ -277,8 +275,10 @@ class Hedger:
         return max(p.min_delay, value)
 
     def observe(self, latency: float, now: float, stream: bool = False) -> None:
-        """One call's latency (or time to first chunk), for the adaptive delay."""
-        (self.ttft_window if stream else self.window).add(latency, now)
+        """One call's latency (or time to first chunk), for the adaptive delay (a fixed
+        delay keeps no window)."""
+        if self.policy.delay is None:
+            (self.ttft_window if stream else self.window).add(latency, now)
 
 
 def prefer_elsewhere(pool: Pool, tried: AbstractSet[EndpointState]) -> AbstractSet[EndpointState]:
@@ -540,7 +540,7 @@ def primary_returned(engine: Engine, race: _Race, result: Any) -> Any:
     race.primary_running = False
     lease = race.primary
     t = engine.now()
-    if race.winner is not None or race.fatal is not None:  # _backup_ended_it, inlined
+    if _backup_ended_it(race):
         # The function swallowed the cancel a backup sent: the backup's verdict
         # stands, and this answer is given back like a lost one's.
         caller = race.caller
@@ -551,7 +551,7 @@ def primary_returned(engine: Engine, race: _Race, result: Any) -> Any:
     lease.ok(t)
     latency = t - lease.t0
     hedger = engine.hedger
-    if hedger is not None and hedger.adaptive:
+    if hedger is not None:
         hedger.observe(latency, t)
     call.sample = latency
     call.served_by = lease.state.url
@@ -639,8 +639,7 @@ def _backup_ended(engine: Engine, race: _Race, primary: Lease | None, t0: float)
         primary.lose(t, race.won_in)
         hedger = engine.hedger
         assert hedger is not None
-        if hedger.adaptive:
-            hedger.observe(t - t0, t)  # the primary's latency is at least this
+        hedger.observe(t - t0, t)  # the primary's latency is at least this
     _end(engine, race, "lost", race.won_in)
     race.call.sample = race.won_in
     return race.result

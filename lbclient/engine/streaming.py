@@ -309,7 +309,7 @@ async def _stream_call(
             live[:] = [att]
             if att.lease.hedge:
                 hedge_won(engine, att.lease, delay)
-            if hedger is not None and hedger.adaptive:
+            if hedger is not None:
                 hedger.observe(t - call.started, t, stream=True)
             if kind == _END:
                 return

@@ -122,8 +122,8 @@ class EndpointState(Latency):
     ``score`` is ``peak_ewma``'s load in a form that does not change with time:
     ``log(cost / weight) + stamp / decay + log(inflight + 1)``.  The decay for idle time
     multiplies every endpoint's load by the same ``exp(-now / decay)``, so comparing
-    scores compares loads at any ``now`` -- and a pick is a ``min`` over a slot, with no
-    clock arithmetic per endpoint.  It is ``-inf`` while the plain formula does not hold
+    scores compares loads at any ``now`` -- and a pick reads one slot per endpoint, with
+    no clock arithmetic.  It is ``-inf`` while the plain formula does not hold
     (a failure penalty, a server-reported load): the picker then computes the load in
     full.  Whoever writes ``cost``, ``stamp``, ``weight``, ``penalty`` or
     ``server_load`` calls :meth:`rekey`; whoever writes ``inflight`` refreshes
@@ -288,8 +288,7 @@ class EndpointState(Latency):
             self.key = _NEG_INF
         else:
             self.key = _log(cost / self.weight) + self.stamp / self.decay
-        n = self.inflight
-        self.score = self.key + (LN1[n] if 0 <= n < 1024 else ln1(n))
+        self.score = self.key + ln1(self.inflight)
 
     def observe(self, rtt: float, now: float) -> None:
         """Record one whole-call latency sample (seconds).
